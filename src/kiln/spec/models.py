@@ -6,7 +6,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]i?B?|[kmgt]|B)?$")
@@ -16,14 +25,14 @@ _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 def parse_duration(value: str | float | int) -> float:
     """``"1s"``, ``"250ms"``, ``"2m"`` or a number of seconds → seconds."""
     if isinstance(value, bool):
-        raise ValueError("must be a duration such as \"1s\" or \"250ms\"")
+        raise ValueError('must be a duration such as "1s" or "250ms"')
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("must be ≥ 0")
         return float(value)
     m = _DURATION.match(value.strip())
     if not m:
-        raise ValueError(f"{value!r} is not a duration such as \"1s\", \"250ms\" or \"2m\"")
+        raise ValueError(f'{value!r} is not a duration such as "1s", "250ms" or "2m"')
     n, unit = float(m.group(1)), m.group(2)
     return n * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
 
@@ -31,14 +40,14 @@ def parse_duration(value: str | float | int) -> float:
 def parse_size(value: str | int) -> int:
     """``"256MiB"``, ``"1G"``, ``512`` (bytes) → bytes."""
     if isinstance(value, bool):
-        raise ValueError("must be a size such as \"256MiB\"")
+        raise ValueError('must be a size such as "256MiB"')
     if isinstance(value, int):
         if value < 0:
             raise ValueError("must be ≥ 0")
         return value
     m = _SIZE.match(value.strip())
     if not m:
-        raise ValueError(f"{value!r} is not a size such as \"256MiB\" or \"1G\"")
+        raise ValueError(f'{value!r} is not a size such as "256MiB" or "1G"')
     n, unit = float(m.group(1)), (m.group(2) or "B")
     letter = unit[0].upper()
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[letter]
@@ -90,7 +99,27 @@ class WorkdirStep(_Model):
     workdir: str
 
 
-Step = CopyStep | RunStep | EnvStep | WorkdirStep
+def _step_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kinds = [k for k in ("copy", "run", "env", "workdir") if k in value]
+        return kinds[0] if len(kinds) == 1 else None
+    for kind, model in (("copy", CopyStep), ("run", RunStep), ("env", EnvStep)):
+        if isinstance(value, model):
+            return kind
+    return "workdir" if isinstance(value, WorkdirStep) else None
+
+
+Step = Annotated[
+    Annotated[CopyStep, Tag("copy")]
+    | Annotated[RunStep, Tag("run")]
+    | Annotated[EnvStep, Tag("env")]
+    | Annotated[WorkdirStep, Tag("workdir")],
+    Discriminator(
+        _step_kind,
+        custom_error_type="step_kind",
+        custom_error_message="a step needs exactly one of copy, run, env, workdir",
+    ),
+]
 
 
 class ImageHealthcheck(_Model):
@@ -102,9 +131,7 @@ class ImageHealthcheck(_Model):
     interval: float = 1.0
     timeout: float = 1.0
 
-    _durations = field_validator("interval", "timeout", mode="before")(
-        lambda v: parse_duration(v)
-    )
+    _durations = field_validator("interval", "timeout", mode="before")(lambda v: parse_duration(v))
 
 
 class Recipe(_Model):
@@ -122,30 +149,6 @@ class Recipe(_Model):
     labels: dict[str, str] = {}
     healthcheck: ImageHealthcheck | None = None
     tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-    @field_validator("steps", mode="before")
-    @classmethod
-    def _step_kind(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            return v
-        out = []
-        for i, item in enumerate(v):
-            if isinstance(item, dict):
-                kinds = [k for k in ("copy", "run", "env", "workdir") if k in item]
-                if len(kinds) != 1:
-                    raise ValueError(
-                        f"step {i + 1}: needs exactly one of copy, run, env, workdir"
-                    )
-                model: type[_Model] = {
-                    "copy": CopyStep,
-                    "run": RunStep,
-                    "env": EnvStep,
-                    "workdir": WorkdirStep,
-                }[kinds[0]]
-                out.append(model.model_validate(item))
-            else:
-                out.append(item)
-        return out
 
 
 class Health(_Model):
@@ -210,9 +213,7 @@ class Resources(_Model):
     memory: int | None = None
     cpu: float | None = Field(default=None, gt=0)
 
-    _size = field_validator("memory", mode="before")(
-        lambda v: None if v is None else parse_size(v)
-    )
+    _size = field_validator("memory", mode="before")(lambda v: None if v is None else parse_size(v))
 
 
 class Volume(_Model):
@@ -261,9 +262,22 @@ class Spec(_Model):
     services: dict[str, Service] = {}
     environments: dict[str, Environment] = {}
 
-    path: Path = Field(default=Path("kiln.toml"), exclude=True)
-    text: str = Field(default="", exclude=True, repr=False)
-    environment: str | None = Field(default=None, exclude=True)
+    _path: Path = PrivateAttr(default=Path("kiln.toml"))
+    _text: str = PrivateAttr(default="")
+    _environment: str | None = PrivateAttr(default=None)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def text(self) -> str:
+        """The file as written: revisions keep it so a rollback knows what it restores."""
+        return self._text
+
+    @property
+    def environment(self) -> str | None:
+        return self._environment
 
     @property
     def root(self) -> Path:

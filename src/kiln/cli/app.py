@@ -1,0 +1,169 @@
+"""Command definitions. Each command parses its arguments and calls one function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kiln.errors import KilnError
+
+app = typer.Typer(
+    name="kiln",
+    help="Bake golden images, deploy them by replacement, never repair in place.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+image_app = typer.Typer(help="Work with images in the local store.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+Target = Annotated[
+    Path | None, typer.Argument(help="kiln.toml or the directory holding it (default: .)")
+]
+EnvOption = Annotated[
+    str | None, typer.Option("--env", "-e", help="Apply [environments.NAME] overlays.")
+]
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _store() -> Any:
+    from kiln.image.store import ImageStore
+
+    return ImageStore.default()
+
+
+@app.command()
+def bake(
+    target: Target = None,
+    image: Annotated[
+        list[str] | None, typer.Option("--image", "-i", help="Bake only NAME (and its bases).")
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Ignore the layer cache.")] = False,
+    update_lock: Annotated[
+        bool, typer.Option("--update-lock", help="Re-resolve Debian package versions.")
+    ] = False,
+    env: EnvOption = None,
+) -> None:
+    """Bake the recipes of kiln.toml; prints NAME@sha256:… per image."""
+    from kiln.image.bake import bake_project
+
+    results = bake_project(
+        target or Path.cwd(), image or None, no_cache=no_cache, update_lock=update_lock, env=env
+    )
+    for name, result in results.items():
+        print(f"{name}@{result.digest}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of kiln.toml."""
+    from kiln.spec import json_schema
+
+    emit_json(json_schema())
+
+
+@app.command()
+def images(as_json: JsonFlag = False) -> None:
+    """List the images in the store."""
+    from kiln.cli.render import print_images
+
+    print_images(_store().images(), as_json)
+
+
+@image_app.command("inspect")
+def image_inspect(ref: str) -> None:
+    """Show an image's manifest and config (always JSON)."""
+    from kiln.cli.render import inspect_image
+
+    emit_json(inspect_image(_store(), ref))
+
+
+@image_app.command("rm")
+def image_rm(ref: str) -> None:
+    """Remove a tag, or every tag of a digest; blobs go at the next gc."""
+    for name in _store().remove(ref):
+        print(f"untagged {name}")
+
+
+@image_app.command("gc")
+def image_gc(as_json: JsonFlag = False) -> None:
+    """Delete blobs that no tag and no cached layer needs."""
+    from kiln.image.bake import collect_garbage
+
+    result = collect_garbage(_store())
+    if as_json:
+        emit_json({"removed_blobs": result.removed_blobs, "freed_bytes": result.freed_bytes})
+    else:
+        print(f"removed {result.removed_blobs} blobs, freed {result.freed_bytes} bytes")
+
+
+@image_app.command("verify")
+def image_verify(ref: str, as_json: JsonFlag = False) -> None:
+    """Re-hash every blob reachable from REF; exit 1 naming each corrupt one."""
+    problems = _store().verify(ref)
+    if as_json:
+        emit_json({"ref": ref, "ok": not problems, "problems": problems})
+    else:
+        for line in problems:
+            print(line, file=sys.stderr)
+        if not problems:
+            print(f"{ref}: every blob matches its digest")
+    if problems:
+        raise typer.Exit(1)
+
+
+@image_app.command("export")
+def image_export(
+    ref: str,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The archive to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="oci or docker")] = "oci",
+) -> None:
+    """Write REF as an OCI archive or a `docker load` archive."""
+    from kiln.image.export import export_image
+
+    if fmt not in ("oci", "docker"):
+        raise KilnError(f"--format: {fmt!r} is not one of oci, docker")
+    export_image(_store(), ref, fmt, output)  # type: ignore[arg-type]
+    print(f"wrote {output}")
+
+
+@image_app.command("unpack")
+def image_unpack(ref: str, dest: Path) -> None:
+    """Extract REF's root filesystem into DEST (refuses anything that escapes it)."""
+    from kiln.image.unpack import unpack_image
+
+    unpack_image(_store(), ref, dest)
+    print(f"unpacked {ref} into {dest}")
+
+
+def run(args: list[str]) -> int:
+    try:
+        from kiln.cli import deploy as _deploy  # noqa: F401  (registers the deploy commands)
+
+        app(args, standalone_mode=False)
+    except KilnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except typer.Exit as e:
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code if e.exit_code != 0 else 1
+        raise
+    return 0

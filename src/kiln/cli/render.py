@@ -1,0 +1,64 @@
+"""How read commands show things to people; ``--json`` bypasses all of this."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def short(digest: str, n: int = 12) -> str:
+    return digest.removeprefix("sha256:")[:n]
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """Plain aligned columns: readable in a terminal, stable in a pipe."""
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    for line in [headers, *rows]:
+        sys.stdout.write(
+            "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n"
+        )
+
+
+def print_images(entries: list[Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(
+            json.dumps([_image_json(e) for e in entries], indent=2, sort_keys=True) + "\n"
+        )
+        return
+    rows = []
+    for e in entries:
+        name, _, tag = e.ref_name.partition(":")
+        rows.append([name, tag, short(e.digest), e.created or "-", human_size(e.size)])
+    print_table(["NAME", "TAG", "DIGEST", "CREATED", "SIZE"], rows)
+
+
+def _image_json(entry: Any) -> dict[str, Any]:
+    return {
+        "ref": entry.ref_name,
+        "digest": entry.digest,
+        "size": entry.size,
+        "created": entry.created,
+    }
+
+
+def inspect_image(store: Any, ref: str) -> dict[str, Any]:
+    desc = store.resolve(ref)
+    manifest = store.manifest(desc.digest)
+    return {
+        "ref": ref,
+        "digest": desc.digest,
+        "tags": [e.ref_name for e in store.images() if e.digest == desc.digest],
+        "manifest": manifest,
+        "config": store.config(desc.digest),
+    }

@@ -1,0 +1,192 @@
+"""Table-driven: a minimal valid file plus one mistake, asserting the exact message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln.spec import SpecError, json_schema, load_spec, parse_spec
+from kiln.spec.models import CopyStep, RunStep, parse_duration, parse_size
+
+VALID = """\
+[project]
+name = "shop"
+
+[images.web]
+from = "debian:bookworm"
+packages = ["python3-minimal"]
+steps = [
+  { copy = "app/", to = "/srv/app" },
+  { run = "python3 -m compileall -q /srv/app" },
+]
+cmd = ["python3", "server.py"]
+
+[services.web]
+image = "web"
+replicas = 3
+listen = 8000
+health = { http = "/healthz", interval = "1s", timeout = "1s" }
+update = { strategy = "rolling", max_surge = 1, max_unavailable = 0 }
+
+[environments.production.services.web]
+replicas = 5
+"""
+
+
+def test_valid_file_parses_into_typed_models() -> None:
+    spec = parse_spec(VALID, Path("/p/kiln.toml"))
+    web = spec.images["web"]
+    assert isinstance(web.steps[0], CopyStep) and web.steps[0].to == "/srv/app"
+    assert isinstance(web.steps[1], RunStep) and not web.steps[1].network
+    svc = spec.services["web"]
+    assert (svc.replicas, svc.health.interval, svc.update.max_surge) == (3, 1.0, 1)
+    assert svc.update.auto_rollback is True
+    assert spec.root == Path("/p") and spec.text == VALID
+
+
+def test_environment_overlay_is_merged() -> None:
+    spec = parse_spec(VALID, Path("kiln.toml"), env="production")
+    assert spec.services["web"].replicas == 5
+    assert spec.services["web"].listen == 8000
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "max_surge = 1",
+            "max_surj = 1",
+            "kiln.toml:18: services.web.update.max_surj: unknown key; did you mean 'max_surge'?",
+        ),
+        (
+            "max_surge = 1",
+            "max_surge = -1",
+            "kiln.toml:18: services.web.update.max_surge: must be ≥ 0",
+        ),
+        (
+            "replicas = 3",
+            'replicas = "three"',
+            "kiln.toml:15: services.web.replicas: must be an integer",
+        ),
+        (
+            'to = "/srv/app"',
+            'to = "srv/app"',
+            "kiln.toml:8: images.web.steps[0].to: must be an absolute path in the image, "
+            "not 'srv/app'",
+        ),
+        (
+            "{ run =",
+            "{ runn =",
+            "kiln.toml:9: images.web.steps[1]: a step needs exactly one of copy, run, env, workdir",
+        ),
+        (
+            'image = "web"',
+            'image = "wbe"',
+            "kiln.toml:14: services.web.image: no recipe images.wbe in this file; "
+            "did you mean 'web'?",
+        ),
+        (
+            'interval = "1s"',
+            'interval = "1 sec"',
+            "kiln.toml:17: services.web.health.interval: '1 sec' is not a duration such as "
+            '"1s", "250ms" or "2m"',
+        ),
+        (
+            'from = "debian:bookworm"',
+            'from = "image:web"',
+            "kiln.toml:5: images.web.from: an image cannot be its own base",
+        ),
+        (
+            'from = "debian:bookworm"',
+            'from = "ubuntu:24.04"',
+            "kiln.toml:5: images.web.from: unknown base 'ubuntu:24.04': use scratch, "
+            "debian:SUITE, image:NAME or oci:PATH[:REF]",
+        ),
+        (
+            'strategy = "rolling"',
+            'strategy = "yolo"',
+            "kiln.toml:18: services.web.update.strategy: must be one of 'rolling'",
+        ),
+        (
+            'name = "shop"',
+            'nme = "shop"',
+            "kiln.toml:2: project.nme: unknown key; did you mean 'name'?",
+        ),
+    ],
+)
+def test_one_bad_key_gives_one_exact_message(old: str, new: str, message: str) -> None:
+    assert old in VALID
+    with pytest.raises(SpecError) as err:
+        parse_spec(VALID.replace(old, new, 1), Path("kiln.toml"))
+    assert str(err.value).split(" (and ")[0] == message
+
+
+def test_malformed_toml_names_line_and_column() -> None:
+    with pytest.raises(Exception) as err:
+        parse_spec(VALID.replace('name = "shop"', "name = shop"), Path("kiln.toml"))
+    assert str(err.value) == "kiln.toml:2:8: malformed TOML: Invalid value"
+
+
+def test_unknown_environment_lists_the_known_ones() -> None:
+    with pytest.raises(
+        SpecError, match=r"environments.staging: no such environment \(production\)"
+    ):
+        parse_spec(VALID, Path("kiln.toml"), env="staging")
+
+
+def test_listen_port_clash_between_services() -> None:
+    text = VALID + '\n[services.api]\nimage = "web"\nlisten = 8000\n'
+    with pytest.raises(SpecError, match=r"kiln.toml:\d+: services.api.listen: port 8000"):
+        parse_spec(text, Path("kiln.toml"))
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="no such file"):
+        load_spec(tmp_path)
+    (tmp_path / "kiln.toml").write_text(VALID)
+    assert load_spec(tmp_path).path == tmp_path / "kiln.toml"
+
+
+def test_binary_garbage_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "kiln.toml").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_spec(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("1s", 1.0), ("250ms", 0.25), ("2m", 120.0), ("1.5h", 5400.0), (3, 3.0)]
+)
+def test_durations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_sizes() -> None:
+    assert parse_size("256MiB") == 256 * 1024**2
+    assert parse_size("1G") == 1024**3
+    assert parse_size(512) == 512
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_schema_is_published_and_describes_the_file() -> None:
+    schema = json_schema()
+    assert schema["title"] == "kiln.toml"
+    assert {"project", "images", "services"} <= set(schema["properties"])
+    out = subprocess.run(
+        [sys.executable, "-m", "kiln.cli.main", "schema"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout)["title"] == "kiln.toml"
+
+
+def test_example_project_is_valid() -> None:
+    root = Path(__file__).resolve().parents[2] / "examples" / "shop"
+    spec = load_spec(root)
+    assert spec.services["web"].replicas == 3
+    assert load_spec(root, env="production").services["web"].replicas == 5

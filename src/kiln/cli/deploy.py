@@ -1,0 +1,193 @@
+"""Deployment commands: thin clients of ``kiln.agent.workflow`` and the agent API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kiln.cli.app import EnvOption, JsonFlag, Target, app, emit_json
+from kiln.errors import KilnError
+from kiln.paths import kiln_home
+
+
+def _client() -> Any:
+    from kiln.agent.client import AgentClient
+
+    return AgentClient(kiln_home())
+
+
+def _finish(record: dict[str, Any]) -> None:
+    outcome = record.get("outcome")
+    if outcome not in ("succeeded", "unchanged", None):
+        raise KilnError(f"deployment {outcome}: {record.get('reason') or 'see kiln events'}")
+
+
+@app.command()
+def up(target: Target = None, env: EnvOption = None) -> None:
+    """Bake, start the agent if none runs, plan and apply."""
+    from kiln.agent.workflow import up as run_up
+
+    _finish(run_up(kiln_home(), target or Path.cwd(), env))
+
+
+@app.command()
+def plan(
+    target: Target = None,
+    env: EnvOption = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Save the plan.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show what apply would do; exit 2 when changes are pending."""
+    from kiln.agent.workflow import make_plan
+
+    outcome = make_plan(kiln_home(), target or Path.cwd(), env)
+    if out is not None:
+        out.write_text(json.dumps(outcome.plan, indent=2, sort_keys=True) + "\n")
+    if as_json:
+        emit_json(outcome.plan)
+    else:
+        print(outcome.text)
+        if out is not None:
+            print(f"saved to {out}; apply it with: kiln apply {out}")
+    if not outcome.empty:
+        raise typer.Exit(2)
+
+
+@app.command()
+def apply(
+    plan_file: Annotated[
+        Path | None, typer.Argument(help="A plan saved by kiln plan -o (default: plan now).")
+    ] = None,
+    target: Annotated[Path | None, typer.Option("--file", "-f", help="kiln.toml or dir.")] = None,
+    env: EnvOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Carry out a plan: new instances first, health-gated, old ones drained."""
+    from kiln.agent.workflow import apply_plan, load_plan_file, make_plan
+
+    home = kiln_home()
+    if plan_file is not None:
+        chosen = load_plan_file(plan_file)
+    else:
+        outcome = make_plan(home, target or Path.cwd(), env)
+        print(outcome.text)
+        if outcome.empty:
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                raise KilnError("refusing to apply without --yes when stdin is not a terminal")
+            if not typer.confirm("Apply this plan?"):
+                raise typer.Exit(1)
+        chosen = outcome.plan
+    _finish(apply_plan(home, chosen))
+
+
+@app.command()
+def status(as_json: JsonFlag = False) -> None:
+    """Services, revisions and instances with state, health, age and digest."""
+    from kiln.cli.render import print_status
+
+    with _client() as client:
+        data = client.status()
+    if as_json:
+        emit_json(data)
+    else:
+        print_status(data)
+
+
+@app.command()
+def history(service: str, as_json: JsonFlag = False) -> None:
+    """The revisions of SERVICE, newest last."""
+    from kiln.cli.render import print_history
+
+    with _client() as client:
+        data = client.history(service)
+    if as_json:
+        emit_json(data)
+    else:
+        print_history(data)
+
+
+@app.command()
+def rollback(
+    service: str,
+    revision: Annotated[str | None, typer.Argument(help="r3 or 3 (default: previous)")] = None,
+) -> None:
+    """Deploy the previous (or named) revision at once, with new instances."""
+    from kiln.agent.workflow import follow_deployment
+
+    number = int(revision.lstrip("r")) if revision else None
+    with _client() as client:
+        started = client.rollback(service, number)
+    _finish(follow_deployment(kiln_home(), started))
+
+
+@app.command()
+def logs(
+    service: str,
+    instance: Annotated[str | None, typer.Option("--instance", help="One instance.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+    since: Annotated[str | None, typer.Option("--since", help="e.g. 5m, 1h")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Logs of SERVICE's instances, also of instances that are gone."""
+    from kiln.observe.logs import LogStore
+    from kiln.spec.models import parse_duration
+
+    store = LogStore(kiln_home() / "logs")
+    start = time.time() - parse_duration(since) if since else None
+    lines = (
+        store.follow(service, instance, start) if follow else store.read(service, instance, start)
+    )
+    try:
+        for line in lines:
+            if as_json:
+                sys.stdout.write(json.dumps(line.__dict__) + "\n")
+            else:
+                ts = time.strftime("%H:%M:%S", time.localtime(line.ts))
+                sys.stdout.write(f"{ts} {line.instance} {line.line}\n")
+            sys.stdout.flush()
+    except ValueError as e:
+        raise KilnError(f"--since: {e}") from None
+
+
+@app.command()
+def events(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """What the agent did and why."""
+    from kiln.agent.workflow import format_event
+
+    with _client() as client:
+        stream = client.follow_events() if follow else iter(client.events())
+        for event in stream:
+            if as_json:
+                sys.stdout.write(json.dumps(event, sort_keys=True) + "\n")
+            else:
+                sys.stdout.write(format_event(event) + "\n")
+            sys.stdout.flush()
+
+
+@app.command()
+def agent() -> None:
+    """Run the control-plane daemon in the foreground."""
+    from kiln.agent.daemon import run_agent
+
+    run_agent(kiln_home())
+
+
+@app.command()
+def down() -> None:
+    """Stop every service, the proxy and the agent."""
+    with _client() as client:
+        if not client.running():
+            print("no agent runs; nothing to stop")
+            return
+        result = client.down()
+    print(f"stopped {result.get('stopped', 0)} instances, the proxy and the agent")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 
@@ -62,3 +63,54 @@ def inspect_image(store: Any, ref: str) -> dict[str, Any]:
         "manifest": manifest,
         "config": store.config(desc.digest),
     }
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+def print_status(data: dict[str, Any]) -> None:
+    services = data.get("services") or {}
+    if not services:
+        print("no services; run kiln up")
+        return
+    items = services.items() if isinstance(services, dict) else ((s["name"], s) for s in services)
+    for name, svc in items:
+        rev = svc.get("revision") or svc.get("active_revision")
+        print(
+            f"{name}: r{rev} · {svc.get('ready', '?')}/{svc.get('replicas', '?')} ready"
+            f" · listen :{svc.get('listen') or '-'}"
+            + (f" · rollout: {svc['rollout']}" if svc.get("rollout") else "")
+        )
+        rows = [
+            [
+                str(i.get("id")),
+                f"r{i.get('revision')}",
+                str(i.get("state")),
+                str(i.get("health", "-")),
+                _age(i.get("age")),
+                str(i.get("port", "-")),
+                str(i.get("pid") or "-"),
+                short(str(i.get("image_digest") or i.get("digest") or "")),
+            ]
+            for i in svc.get("instances", [])
+        ]
+        print_table(["INSTANCE", "REV", "STATE", "HEALTH", "AGE", "PORT", "PID", "IMAGE"], rows)
+
+
+def print_history(data: dict[str, Any]) -> None:
+    rows = [
+        [
+            f"r{r.get('number')}",
+            str(r.get("status")),
+            short(str(r.get("image_digest", ""))),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(r.get("created", 0)))),
+            str(r.get("git_commit") or "-")[:10],
+            str(r.get("reason") or ""),
+        ]
+        for r in data.get("revisions", [])
+    ]
+    print_table(["REV", "STATUS", "IMAGE", "CREATED", "COMMIT", "REASON"], rows)

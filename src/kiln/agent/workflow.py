@@ -1,0 +1,145 @@
+"""The user's verbs — up, plan, apply — as functions the CLI (and tests) call.
+
+They run in the CLI process: bake locally (the cache makes it free), turn the
+spec into desired services, and hand the rest to the agent over its API.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.agent.client import AgentClient, start_background
+from kiln.errors import KilnError
+
+Say = Callable[[str], None]
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class PlanOutcome:
+    plan: dict[str, Any]
+    text: str
+
+    @property
+    def empty(self) -> bool:
+        return not self.plan.get("actions")
+
+
+def git_commit(root: Path) -> str | None:
+    """The commit the spec came from, recorded in every revision."""
+    try:
+        from dulwich.repo import Repo
+
+        repo = Repo.discover(str(root))
+        try:
+            return repo.head().decode()
+        finally:
+            repo.close()
+    except Exception:
+        return None
+
+
+def desired_request(target: Path, env: str | None, say: Say = _stderr) -> dict[str, Any]:
+    """Bake what the services use and describe the desired state for the agent."""
+    from kiln.deploy.plan import desired_from_spec
+    from kiln.image.bake import bake_project
+    from kiln.spec import load_spec
+
+    spec = load_spec(target, env)
+    needed = sorted({s.image for s in spec.services.values()})
+    results = bake_project(spec.path, needed or None, env=env) if needed else {}
+    digests = {name: r.digest for name, r in results.items()}
+    for name in needed:
+        say(f"baked {name}@{digests[name]}")
+    desired = desired_from_spec(spec, digests)
+    return {
+        "spec_path": str(spec.path),
+        "environment": env,
+        "spec_text": spec.text,
+        "git_commit": git_commit(spec.root),
+        "digests": digests,
+        "services": {name: d.to_json() for name, d in desired.items()},
+    }
+
+
+def make_plan(home: Path, target: Path, env: str | None, say: Say = _stderr) -> PlanOutcome:
+    request = desired_request(target, env, say)
+    with AgentClient(home) as client:
+        if not client.running():
+            start_background(home)
+        answer = client.plan(**request)
+    return PlanOutcome(plan=answer["plan"], text=answer["text"])
+
+
+def load_plan_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KilnError(f"{path}: no such plan file") from None
+    except json.JSONDecodeError as e:
+        raise KilnError(f"{path}:{e.lineno}: not a plan file ({e.msg})") from None
+    if not isinstance(data, dict) or "actions" not in data:
+        raise KilnError(f"{path}: not a plan file (no actions); write one with kiln plan -o")
+    return data
+
+
+def apply_plan(home: Path, plan: dict[str, Any], say: Say = _stderr) -> dict[str, Any]:
+    """Start the rollouts and follow their events until they end."""
+    with AgentClient(home) as client:
+        after = max((e["id"] for e in client.events(limit=100000)), default=0)
+        started = client.apply(plan)
+        deployment = started.get("deployment")
+        if not deployment:
+            return started
+        while True:
+            for event in client.events(after=after):
+                after = max(after, int(event["id"]))
+                say(format_event(event))
+            record = client.deployment(str(deployment))
+            if record.get("outcome") != "running":
+                for event in client.events(after=after):
+                    say(format_event(event))
+                return record
+            time.sleep(0.25)
+
+
+def format_event(event: dict[str, Any]) -> str:
+    ts = time.strftime("%H:%M:%S", time.localtime(float(event.get("ts", 0))))
+    where = "/".join(str(event[k]) for k in ("service", "instance") if event.get(k))
+    return f"{ts} {event.get('kind', '')} {where}: {event.get('message', '')}".rstrip()
+
+
+def up(home: Path, target: Path, env: str | None, say: Say = _stderr) -> dict[str, Any]:
+    """bake → start the agent when none runs → plan → apply, without a question."""
+    outcome = make_plan(home, target, env, say)
+    say(outcome.text)
+    if outcome.empty:
+        return {"outcome": "unchanged"}
+    return apply_plan(home, outcome.plan, say)
+
+
+def follow_deployment(home: Path, started: dict[str, Any], say: Say = _stderr) -> dict[str, Any]:
+    """Follow a deployment the agent already started (a rollback) to its end."""
+    deployment = started.get("deployment")
+    if not deployment:
+        return started
+    with AgentClient(home) as client:
+        after = 0
+        while True:
+            record = client.deployment(str(deployment))
+            for event in client.events(after=after):
+                after = max(after, int(event["id"]))
+                if event.get("ts", 0) >= started.get("started", 0):
+                    say(format_event(event))
+            if record.get("outcome") != "running":
+                return record
+            time.sleep(0.25)

@@ -42,7 +42,10 @@ def serve(conn):
             head, _, buf = buf.partition(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
             method, path, _version = lines[0].split(" ", 2)
-            headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines[1:] if ":" in h)}
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, v in (h.split(":", 1) for h in lines[1:] if ":" in h)
+            }
             length = int(headers.get("content-length", "0"))
             while len(buf) < length:
                 buf += conn.recv(65536)
@@ -56,7 +59,10 @@ def serve(conn):
                     time.sleep(1.0)
                     status, body = "200 OK", b"slow\n"
                 else:
-                    status, body = "200 OK", f"{GREETING} from {HOST} (version {VERSION})\n".encode()
+                    status, body = (
+                        "200 OK",
+                        f"{GREETING} from {HOST} (version {VERSION})\n".encode(),
+                    )
                 keep = headers.get("connection", "").lower() != "close" and not stopping.is_set()
                 respond(conn, status, body if method != "HEAD" else b"", keep)
                 if path != "/healthz":
@@ -88,7 +94,7 @@ def main():
     while not stopping.is_set():
         try:
             conn, _ = sock.accept()
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             break

@@ -145,25 +145,16 @@ def image_unpack(ref: str, dest: Path) -> None:
 
 
 def run(args: list[str]) -> int:
-    try:
-        from kiln.cli import deploy as _deploy  # noqa: F401  (registers the deploy commands)
+    from kiln.cli import deploy as _deploy  # noqa: F401  (registers the deploy commands)
 
-        app(args, standalone_mode=False)
+    try:
+        app(args, prog_name="kiln", standalone_mode=True)
     except KilnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except typer.Exit as e:
-        return int(e.exit_code)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
-            return 1
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code if e.exit_code != 0 else 1
-        raise
     return 0

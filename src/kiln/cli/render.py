@@ -77,13 +77,14 @@ def print_status(data: dict[str, Any]) -> None:
     if not services:
         print("no services; run kiln up")
         return
-    items = services.items() if isinstance(services, dict) else ((s["name"], s) for s in services)
-    for name, svc in items:
-        rev = svc.get("revision") or svc.get("active_revision")
+    for name, svc in services.items():
+        ready = sum(1 for i in svc.get("instances", []) if i.get("state") == "ready")
+        rollout = svc.get("rollout")
         print(
-            f"{name}: r{rev} · {svc.get('ready', '?')}/{svc.get('replicas', '?')} ready"
+            f"{name}: r{svc.get('active_revision')} · {ready}/{svc.get('desired_replicas')} ready"
             f" · listen :{svc.get('listen') or '-'}"
-            + (f" · rollout: {svc['rollout']}" if svc.get("rollout") else "")
+            + (f" · rollout: {rollout}" if rollout else "")
+            + "".join(f" · ALARM: {a}" for a in svc.get("alarms", []))
         )
         rows = [
             [

@@ -49,7 +49,7 @@ INSTANCE_KEYS = (
     "health",
 )
 """Service keys that shape an instance; a change to any of them replaces instances."""
-SETTING_KEYS = ("listen", "drain_timeout", "stop_grace", "update")
+SETTING_KEYS = ("listen", "drain_timeout", "stop_grace", "update", "heal")
 """Service keys that change routing or rollout only: a new revision, no replacement."""
 
 

@@ -209,6 +209,19 @@ class Update(_Model):
         return self
 
 
+class Heal(_Model):
+    """The reconciler's knobs, with BOSH's meltdown breaker as the default."""
+
+    max_parallel: int = Field(default=4, ge=1)
+    meltdown_fraction: float = Field(default=0.2, gt=0)
+    meltdown_window: float = 600.0
+    backoff_cap: float = 60.0
+
+    _durations = field_validator("meltdown_window", "backoff_cap", mode="before")(
+        lambda v: parse_duration(v)
+    )
+
+
 class Resources(_Model):
     memory: int | None = None
     cpu: float | None = Field(default=None, gt=0)
@@ -241,6 +254,7 @@ class Service(_Model):
     stop_grace: float = 10.0
     drain_timeout: float = 10.0
     update: Update = Update()
+    heal: Heal = Heal()
 
     _durations = field_validator("stop_grace", "drain_timeout", mode="before")(
         lambda v: parse_duration(v)

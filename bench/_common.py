@@ -78,7 +78,7 @@ def private_dockerd(timeout: float = 30.0) -> Iterator[str | None]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-        subprocess.run(["umount", "-R", str(root / "data")], capture_output=True)
+        unmount_below(root)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -89,3 +89,15 @@ def docker(
     return subprocess.run(
         ["docker", *args], env=env, text=True, capture_output=True, check=check, **kw
     )  # type: ignore[call-overload]
+
+
+def unmount_below(root: Path) -> None:
+    """dockerd leaves netns and overlay mounts behind; unmount them deepest first."""
+    mounts = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            point = line.split()[1]
+            if point == str(root) or point.startswith(f"{root}/"):
+                mounts.append(point)
+    for point in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)

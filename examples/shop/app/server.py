@@ -82,6 +82,8 @@ def main():
     port = int(os.environ.get("PORT", "8080"))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # lets a replacement bind the same port before this one leaves (host networking)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("0.0.0.0", port))
     sock.listen(128)
     sock.settimeout(0.2)

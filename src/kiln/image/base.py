@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from kiln.image.digest import (
     check_digest,
 )
 from kiln.image.store import ImageStore
+from kiln.image.unpack import apply_layer
 
 _CHUNK = 1 << 20
 _OCI_ARCH = {
@@ -228,6 +231,7 @@ def oci_layout_base(store: ImageStore, source: str, project_root: Path) -> BaseI
     except (KeyError, TypeError) as e:
         raise KilnError(f"{source}: manifest {entry.digest} is malformed: {e}") from e
     config = layout.json(config_desc.digest)
+    _refuse_hostile_layers(store, source, layout, layer_descs)
     for layer in layer_descs:
         if not store.has(layer.digest):
             stored = store.put_file(layout.verified(layer.digest), layer.media_type)
@@ -236,3 +240,19 @@ def oci_layout_base(store: ImageStore, source: str, project_root: Path) -> BaseI
     store.put_file(layout.verified(config_desc.digest), config_desc.media_type)
     store.put_file(layout.verified(entry.digest), entry.media_type)
     return _from_manifest(store, source, manifest, config)
+
+
+def _refuse_hostile_layers(
+    store: ImageStore, source: str, layout: _Layout, layers: list[Descriptor]
+) -> None:
+    """Every foreign layer goes through the one safe extractor before anything is stored,
+
+    so a traversal attempt is refused even when no later step would unpack it.
+    """
+    scratch = Path(tempfile.mkdtemp(dir=store.tmp_dir, prefix="oci-check-"))
+    try:
+        for layer in layers:
+            with open(layout.verified(layer.digest), "rb") as blob:
+                apply_layer(blob, scratch, source=f"{source}: layer {layer.digest}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

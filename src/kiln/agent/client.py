@@ -1,0 +1,245 @@
+"""The one way the CLI talks to the agent: HTTP+JSON over ``KILN_HOME/agent.sock``.
+
+httpx is imported on first use so that ``kiln --version`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = ["AgentClient", "AgentUnavailable", "agent_command", "start_background"]
+
+SOCKET_NAME = "agent.sock"
+LOG_NAME = "agent.log"
+
+
+class AgentUnavailable(KilnError):
+    """No agent answers on the socket of this KILN_HOME."""
+
+
+def agent_command(home: Path) -> list[str]:
+    """The detached agent process: ``kiln agent`` for this home, without relying on PATH."""
+    return [sys.executable, "-m", "kiln.agent", "--home", str(home)]
+
+
+class AgentClient:
+    """A method per API endpoint; every failure is a KilnError with the agent's message."""
+
+    def __init__(self, home: Path, timeout: float = 30.0) -> None:
+        self.home = Path(home)
+        self.socket = self.home / SOCKET_NAME
+        self.timeout = timeout
+        self._http: httpx.Client | None = None
+
+    def _client(self) -> httpx.Client:
+        if self._http is None:
+            import httpx
+
+            self._http = httpx.Client(
+                transport=httpx.HTTPTransport(uds=str(self.socket)),
+                base_url="http://kiln-agent",
+                timeout=self.timeout,
+            )
+        return self._http
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        import httpx
+
+        try:
+            resp = self._client().request(
+                method,
+                path,
+                json=body,
+                params=params,
+                timeout=timeout if timeout is not None else self.timeout,
+            )
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as e:
+            raise AgentUnavailable(
+                f"no agent answers on {self.socket}; start one with `kiln agent` or `kiln up`"
+            ) from e
+        except httpx.TimeoutException as e:
+            raise KilnError(f"agent at {self.socket}: {method} {path} timed out") from e
+        except httpx.HTTPError as e:
+            raise KilnError(f"agent at {self.socket}: {method} {path}: {e}") from e
+        return _decode(resp, method, path)
+
+    def running(self) -> bool:
+        try:
+            self._request("GET", "/v1/health", timeout=2.0)
+        except KilnError:
+            return False
+        return True
+
+    def health(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/health"))
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/status"))
+
+    def plan(
+        self,
+        *,
+        spec_path: str,
+        environment: str | None,
+        spec_text: str,
+        git_commit: str | None,
+        digests: dict[str, str],
+        services: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Returns ``{"plan": <plan JSON>, "text": <rendered plan>}``."""
+        body = {
+            "spec_path": spec_path,
+            "environment": environment,
+            "spec_text": spec_text,
+            "git_commit": git_commit,
+            "digests": digests,
+            "services": services,
+        }
+        return dict(self._request("POST", "/v1/plan", body))
+
+    def apply(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """Returns ``{"deployment": <id>, "services": [...]}``; 409 → KilnError (stale plan)."""
+        return dict(self._request("POST", "/v1/apply", {"plan": plan}))
+
+    def deployment(self, deployment_id: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/deployments/{deployment_id}"))
+
+    def wait_deployment(
+        self, deployment_id: str, timeout: float = 600.0, poll: float = 0.25
+    ) -> dict[str, Any]:
+        """Poll until the deployment leaves ``running``; returns its final record."""
+        deadline = time.monotonic() + timeout
+        while True:
+            record = self.deployment(deployment_id)
+            if record.get("outcome") != "running":
+                return record
+            if time.monotonic() > deadline:
+                raise KilnError(f"deployment {deployment_id}: still running after {timeout:.0f}s")
+            time.sleep(poll)
+
+    def rollback(self, service: str, revision: int | None = None) -> dict[str, Any]:
+        return dict(
+            self._request("POST", "/v1/rollback", {"service": service, "revision": revision})
+        )
+
+    def history(self, service: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/history/{service}"))
+
+    def events(self, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        out = self._request("GET", "/v1/events", params={"after": after, "limit": limit})
+        return list(out["events"])
+
+    def follow_events(self, after: int = 0) -> Generator[dict[str, Any], None, None]:
+        """Every event after ``after``, then new ones as they happen (NDJSON stream)."""
+        import httpx
+
+        try:
+            with self._client().stream(
+                "GET",
+                "/v1/events",
+                params={"after": after, "follow": 1},
+                timeout=httpx.Timeout(self.timeout, read=None),
+            ) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _decode(resp, "GET", "/v1/events")
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.ConnectError as e:
+            raise AgentUnavailable(f"no agent answers on {self.socket}") from e
+        except httpx.RemoteProtocolError:
+            return
+
+    def down(self) -> dict[str, Any]:
+        """Stop every instance and the proxy; the agent exits after answering."""
+        return dict(self._request("POST", "/v1/down", timeout=max(self.timeout, 300.0)))
+
+
+def _decode(resp: httpx.Response, method: str, path: str) -> Any:
+    try:
+        payload = resp.json()
+    except ValueError:
+        payload = None
+    if resp.status_code >= 400:
+        detail = payload.get("detail") if isinstance(payload, dict) else None
+        if not isinstance(detail, str):
+            detail = resp.text.strip() or f"HTTP {resp.status_code}"
+        raise KilnError(detail)
+    if payload is None:
+        raise KilnError(f"agent: {method} {path}: answer is not JSON")
+    return payload
+
+
+def start_background(home: Path, timeout: float = 20.0) -> None:
+    """Spawn ``kiln agent`` detached (it outlives the CLI) and wait until it answers."""
+    home = Path(home).absolute()
+    home.mkdir(parents=True, exist_ok=True)
+    client = AgentClient(home)
+    try:
+        if client.running():
+            return
+        log_path = home / LOG_NAME
+        env = dict(os.environ, KILN_HOME=str(home))
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                agent_command(home),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                close_fds=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if client.running():
+                return
+            if proc.poll() is not None:
+                if client.running():
+                    return
+                break
+            time.sleep(0.1)
+        raise KilnError(
+            f"the agent for {home} did not start; last lines of {log_path}:\n" + _tail(log_path)
+        )
+    finally:
+        client.close()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"

@@ -1,0 +1,198 @@
+"""``kiln agent``: one asyncio process that owns the state, the instances and the proxy.
+
+Everything that blocks (runtime calls, unpacking, proxy control calls) runs
+in a thread pool so health checks and the API stay responsive. The agent is
+disposable: instances and the proxy run in their own sessions and outlive
+it, and a new agent adopts them from the state store on start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kiln.agent._lock import AgentLock
+from kiln.agent.engine import Engine
+from kiln.agent.errors import Conflict
+from kiln.errors import KilnError
+
+__all__ = ["Agent", "run_agent"]
+
+log = logging.getLogger("kiln.agent")
+
+
+class Agent:
+    """The composition root: lock, state, runtime, proxy, engine, API server."""
+
+    def __init__(self, home: Path, runtime: Any | None = None) -> None:
+        self.home = home
+        self.runtime = runtime
+        self.stopping = asyncio.Event()
+        self.started = time.time()
+        self.engine: Engine | None = None
+        self._new_event = asyncio.Event()
+        self._down = False
+
+    # lifecycle
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kiln-agent")
+        loop.set_default_executor(pool)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        from kiln.deploy.state import StateStore
+
+        state = StateStore(self.home / "state.db")
+        if self.runtime is None:
+            from kiln.runtime.local import LocalRuntime
+
+            self.runtime = LocalRuntime(self.home)
+        engine = Engine(self.home, state, self.runtime, on_event=self._new_event.set)
+        self.engine = engine
+        sock = _bind_socket(self.home / "agent.sock")
+        server = None
+        try:
+            await engine.start()
+            server = _api_server(self)
+            api = asyncio.create_task(server.serve(sockets=[sock]))
+            engine.emit("agent.started", f"agent started (pid {os.getpid()})")
+            log.info("agent ready home=%s pid=%d", self.home, os.getpid())
+            stop = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait({api, stop}, return_when=asyncio.FIRST_COMPLETED)
+            server.should_exit = True
+            await engine.stop()
+            engine.emit(
+                "agent.stopped",
+                "agent stopped; instances and proxy keep running"
+                if not self._down
+                else "agent stopped after kiln down",
+            )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(api, 5.0)
+        finally:
+            if server is not None:
+                server.should_exit = True
+            with contextlib.suppress(FileNotFoundError):
+                (self.home / "agent.sock").unlink()
+            sock.close()
+            state.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # API surface (called by kiln.agent.api)
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise KilnError("agent is starting")
+        return self.engine
+
+    def health(self) -> dict[str, Any]:
+        from kiln import __version__
+
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "home": str(self.home),
+            "version": __version__,
+            "uptime": time.time() - self.started,
+            "proxy_pid": self._engine().proxy.pid,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return self._engine().status()
+
+    async def plan(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._engine().plan(body)
+
+    async def apply(self, plan: dict[str, Any]) -> dict[str, Any]:
+        return await self._engine().apply(plan)
+
+    def deployment(self, deployment_id: str) -> dict[str, Any]:
+        return self._engine().deployment(deployment_id)
+
+    async def rollback(self, service: str, revision: int | None) -> dict[str, Any]:
+        return await self._engine().rollback(service, revision)
+
+    def history(self, service: str) -> dict[str, Any]:
+        return self._engine().history(service)
+
+    def events(self, after: int, limit: int) -> list[dict[str, Any]]:
+        return [e.to_json() for e in self._engine().state.events(after, limit)]
+
+    async def wait_for_event(self, timeout: float) -> None:
+        self._new_event.clear()
+        stop = asyncio.create_task(self.stopping.wait())
+        new = asyncio.create_task(self._new_event.wait())
+        _, pending = await asyncio.wait(
+            {stop, new}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+
+    async def down(self) -> dict[str, Any]:
+        if self._down:
+            raise Conflict("kiln down is already in progress")
+        self._down = True
+        summary = await self._engine().down()
+        asyncio.get_running_loop().call_later(0.2, self.stopping.set)
+        return summary
+
+
+def _bind_socket(path: Path) -> socket.socket:
+    """Mode 0600 from the first instant (umask), and a stale socket of a dead agent removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _api_server(agent: Agent) -> Any:
+    import uvicorn
+
+    from kiln.agent.api import build_app
+
+    class _Server(uvicorn.Server):
+        """The agent handles SIGTERM/SIGINT itself; uvicorn must not re-raise them."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            yield
+
+    config = uvicorn.Config(build_app(agent), log_level="warning", access_log=False, lifespan="off")
+    return _Server(config)
+
+
+def run_agent(home: Path) -> None:
+    """Run until SIGTERM/SIGINT (instances and the proxy keep running) or ``POST /v1/down``."""
+    home = Path(home).absolute()
+    lock = AgentLock(home)
+    lock.acquire()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        asyncio.run(Agent(home).run())
+    finally:
+        lock.release()

@@ -1,0 +1,285 @@
+"""The main job against a real agent: real sandboxes, the real proxy, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from agent_harness import ImageFactory, RunningAgent, deploy, get, plan_request, service_spec
+
+from kiln.agent.client import start_background
+from kiln.deploy.state import StateStore
+from kiln.errors import KilnError
+
+pytestmark = pytest.mark.e2e
+
+V1 = {"healthz": "ok\n", "index.html": "v1\n"}
+V2 = {"healthz": "ok\n", "index.html": "v2\n"}
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def instances(agent: RunningAgent) -> list[dict[str, Any]]:
+    return list(agent.client.status()["services"]["web"]["instances"])
+
+
+def events_of(agent: RunningAgent, kind: str) -> list[dict[str, Any]]:
+    return [e for e in agent.client.events() if e["kind"] == kind]
+
+
+class Load:
+    """Requests in a loop through the proxy; counts every failure."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=5.0) as http:
+            while not self._stop.is_set():
+                try:
+                    resp = http.get(f"http://127.0.0.1:{self.port}/")
+                    if resp.status_code == 200:
+                        self.ok += 1
+                    else:
+                        self.failures.append(f"HTTP {resp.status_code}")
+                except Exception as e:
+                    self.failures.append(repr(e))
+                time.sleep(0.01)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_apply_serves_and_a_killed_instance_is_replaced(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    digest = busybox_image("web:v1", V1)
+    listen = free_port()
+    spec = service_spec(digest, listen=listen, health={"http": "/healthz", "interval": "0.5s"})
+    record = deploy(agent.client, spec)
+    assert record["outcome"] == "succeeded", record
+    assert get(listen) == (200, "v1\n")
+    running = instances(agent)
+    assert len(running) == 3 and {i["state"] for i in running} == {"ready"}
+    assert {i["digest"] for i in running} == {digest}
+
+    victim = running[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    recovered = wait_for(
+        lambda: [
+            e for e in events_of(agent, "instance.recovered") if e["instance"] == victim["id"]
+        ],
+        10,
+        "the replacement of the killed instance",
+    )
+    seconds = recovered[0]["data"]["time_to_recovery"]
+    print(f"time to recovery {seconds:.2f}s")
+    assert 0 < seconds < 3.0, f"time to recovery {seconds:.2f}s (health interval 0.5s)"
+    now = instances(agent)
+    assert victim["id"] not in {i["id"] for i in now}
+    assert len([i for i in now if i["state"] == "ready"]) == 3
+    store = StateStore(agent.home / "state.db")
+    try:
+        assert [r.instance for r in store.recoveries("web")] == [victim["id"]]
+    finally:
+        store.close()
+
+
+def test_agent_killed_and_restarted_adopts_everything_while_the_proxy_serves(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    listen = free_port()
+    assert (
+        deploy(agent.client, service_spec(busybox_image("web:v1", V1), listen=listen))["outcome"]
+        == "succeeded"
+    )
+    before = {i["id"]: i["pid"] for i in instances(agent)}
+    with Load(listen) as load:
+        time.sleep(0.3)
+        os.kill(agent.pid(), signal.SIGKILL)
+        time.sleep(1.0)
+        start_background(agent.home)
+        wait_for(lambda: len(events_of(agent, "instance.adopted")) == 3, 10, "adoption")
+        time.sleep(1.5)
+    after = {i["id"]: i["pid"] for i in instances(agent)}
+    assert after == before, "the restarted agent must keep the running instances"
+    assert all(i["state"] == "ready" for i in instances(agent))
+    assert not events_of(agent, "reconcile.replace")
+    assert not load.failures, load.failures[:5]
+    assert load.ok > 20
+
+
+def test_a_plan_made_against_an_older_state_is_refused(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    digest = busybox_image("web:v1", V1)
+    listen = free_port()
+    first = agent.client.plan(**plan_request(service_spec(digest, listen=listen, replicas=1)))
+    stale = agent.client.plan(**plan_request(service_spec(digest, listen=listen, replicas=2)))
+    assert "1 to create" in first["text"]
+    started = agent.client.apply(first["plan"])
+    assert agent.client.wait_deployment(started["deployment"])["outcome"] == "succeeded"
+    with pytest.raises(
+        KilnError, match=r"^the state changed since this plan was made; run kiln plan again$"
+    ):
+        agent.client.apply(stale["plan"])
+    assert len(instances(agent)) == 1
+
+
+def test_a_health_check_that_never_passes_rolls_back_to_the_previous_revision(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    listen = free_port()
+    good = busybox_image("web:v1", V1)
+    broken = busybox_image("web:v2", {"index.html": "v2\n"})  # no /healthz: 404 forever
+    assert deploy(agent.client, service_spec(good, listen=listen))["outcome"] == "succeeded"
+    r1_ids = {i["id"] for i in instances(agent)}
+    with Load(listen) as load:
+        record = deploy(agent.client, service_spec(broken, listen=listen))
+    assert record["outcome"] == "rolled_back", record
+    auto = events_of(agent, "rollback.auto")
+    assert len(auto) == 1
+    assert "auto-rollback to r1 because r2 failed" in auto[0]["message"]
+    assert "healthy_deadline" in auto[0]["message"]
+    history = {r["number"]: r for r in agent.client.history("web")["revisions"]}
+    assert history[2]["status"] == "failed" and history[1]["status"] == "active"
+    status = agent.client.status()["services"]["web"]
+    assert status["active_revision"] == 1
+    assert {i["revision"] for i in status["instances"]} == {1}
+    assert {i["id"] for i in status["instances"]} == r1_ids, "healthy r1 instances were kept"
+    assert get(listen) == (200, "v1\n")
+    assert not load.failures, load.failures[:5]
+
+
+def test_rollback_starts_new_instances_of_the_previous_revision(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    listen = free_port()
+    v1, v2 = busybox_image("web:v1", V1), busybox_image("web:v2", V2)
+    assert (
+        deploy(agent.client, service_spec(v1, listen=listen, replicas=2))["outcome"] == "succeeded"
+    )
+    assert (
+        deploy(agent.client, service_spec(v2, listen=listen, replicas=2))["outcome"] == "succeeded"
+    )
+    assert get(listen) == (200, "v2\n")
+    started = agent.client.rollback("web")
+    assert started["revision"] == 1
+    assert agent.client.wait_deployment(started["deployment"])["outcome"] == "succeeded"
+    assert get(listen) == (200, "v1\n")
+    history = {r["number"]: r["status"] for r in agent.client.history("web")["revisions"]}
+    assert history == {1: "active", 2: "rolled_back"}
+
+
+def test_a_taken_listen_port_fails_the_apply_and_loses_nothing(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    digest = busybox_image("web:v1", V1)
+    listen = free_port()
+    assert (
+        deploy(agent.client, service_spec(digest, listen=listen, replicas=2))["outcome"]
+        == "succeeded"
+    )
+    before = instances(agent)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("0.0.0.0", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        planned = agent.client.plan(**plan_request(service_spec(digest, listen=taken, replicas=2)))
+        with pytest.raises(
+            KilnError, match=rf"service web: cannot listen on port {taken} .*nothing was changed"
+        ):
+            agent.client.apply(planned["plan"])
+    assert [(i["id"], i["pid"]) for i in instances(agent)] == [(i["id"], i["pid"]) for i in before]
+    assert [r["number"] for r in agent.client.history("web")["revisions"]] == [1]
+    assert get(listen) == (200, "v1\n")
+
+
+def test_a_dead_proxy_is_restarted_with_its_routes(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    listen = free_port()
+    spec = service_spec(busybox_image("web:v1", V1), listen=listen, replicas=1)
+    assert deploy(agent.client, spec)["outcome"] == "succeeded"
+    old = agent.client.health()["proxy_pid"]
+    os.kill(old, signal.SIGKILL)
+    restarted = wait_for(lambda: events_of(agent, "proxy.restarted"), 10, "proxy restart")
+    assert restarted[0]["data"]["old_pid"] == old
+    assert agent.client.health()["proxy_pid"] not in (None, old)
+    assert wait_for(lambda: _serves(listen), 5, "the route after the restart") == (200, "v1\n")
+
+
+def _serves(port: int) -> tuple[int, str] | None:
+    try:
+        return get(port)
+    except Exception:
+        return None
+
+
+def test_a_rollout_interrupted_by_an_agent_crash_is_resumed(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    listen = free_port()
+    v1, v2 = busybox_image("web:v1", V1), busybox_image("web:v2", V2)
+    slow = {"min_healthy_time": "1s", "healthy_deadline": "10s"}
+    assert deploy(agent.client, service_spec(v1, listen=listen, update=slow))["outcome"] == (
+        "succeeded"
+    )
+    planned = agent.client.plan(**plan_request(service_spec(v2, listen=listen, update=slow)))
+    deployment = agent.client.apply(planned["plan"])["deployment"]
+    wait_for(lambda: events_of(agent, "instance.ready")[3:], 10, "the first new instance")
+    os.kill(agent.pid(), signal.SIGKILL)
+    time.sleep(0.5)
+    start_background(agent.home)
+    resumed = events_of(agent, "rollout.resumed")
+    assert resumed and resumed[0]["revision"] == 2
+    record = agent.client.wait_deployment(deployment, timeout=60)
+    assert record["outcome"] == "succeeded", record
+    status = agent.client.status()["services"]["web"]
+    assert status["active_revision"] == 2
+    assert [i["revision"] for i in status["instances"]] == [2, 2, 2]
+    assert get(listen) == (200, "v2\n")
+
+
+def test_too_many_deaths_trip_the_meltdown_breaker(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    listen = free_port()
+    spec = service_spec(busybox_image("web:v1", V1), listen=listen)
+    assert deploy(agent.client, spec)["outcome"] == "succeeded"
+    first, second, _ = instances(agent)
+    os.kill(first["pid"], signal.SIGKILL)
+    os.kill(second["pid"], signal.SIGKILL)
+    meltdown = wait_for(lambda: events_of(agent, "meltdown"), 10, "the meltdown alarm")
+    assert "2 instances died within 10 min" in meltdown[0]["message"]
+    time.sleep(1.0)
+    status = agent.client.status()["services"]["web"]
+    assert status["alarms"] and "replacing stopped" in status["alarms"][0]
+    assert len(status["instances"]) == 1, "no replacement while the breaker is open"
+    assert get(listen) == (200, "v1\n")

@@ -13,6 +13,7 @@ the absolute numbers say little; the ratios are the point.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import socket
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kiln.traffic import Backend, ProxyClient, Route, proxy_command
@@ -53,6 +54,21 @@ class Result:
     rps: float
     p99_ms: float
     errors: int
+    requests: int = 0
+    cpu_seconds: float | None = None
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        """CPU the proxy process spent per request: steadier than req/s on a shared machine."""
+        if self.cpu_seconds is None or not self.requests:
+            return None
+        return self.cpu_seconds / self.requests * 1e6
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -120,19 +136,32 @@ def parse_wrk(name: str, output: str) -> Result:
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     if non2xx:
         errors += int(non2xx.group(1))
-    return Result(name, float(rps.group(1)), float(p99.group(1)) * _UNITS[p99.group(2)], errors)
+    total = re.search(r"(\d+) requests in", output)
+    return Result(
+        name,
+        float(rps.group(1)),
+        float(p99.group(1)) * _UNITS[p99.group(2)],
+        errors,
+        int(total.group(1)) if total else 0,
+    )
 
 
-def run_wrk(name: str, port: int, duration: float, connections: int, threads: int) -> Result:
+def run_wrk(
+    name: str, port: int, duration: float, connections: int, threads: int, pid: int | None = None
+) -> Result:
     url = f"http://127.0.0.1:{port}/"
     subprocess.run(wrk_command(url, 1, connections, threads), capture_output=True, check=True)
+    cpu_before = process_cpu_seconds(pid) if pid is not None else 0.0
     out = subprocess.run(
         wrk_command(url, duration, connections, threads),
         capture_output=True,
         text=True,
         check=True,
     )
-    return parse_wrk(name, out.stdout)
+    result = parse_wrk(name, out.stdout)
+    if pid is None:
+        return result
+    return replace(result, cpu_seconds=process_cpu_seconds(pid) - cpu_before)
 
 
 def main() -> int:
@@ -140,6 +169,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the Kiln proxy's event loop (its --loop)",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "haproxy"):
         if shutil.which(tool) is None:
@@ -165,9 +200,12 @@ def main() -> int:
                         "127.0.0.1",
                         "--log-level",
                         "WARNING",
+                        "--loop",
+                        args.loop,
                     ]
                 )
             )
+            kiln_pid = procs[-1].pid
             with ProxyClient(control) as client:
                 client.wait_ready(10)
                 client.put_service(
@@ -185,13 +223,14 @@ def main() -> int:
             cfg = work / "haproxy.cfg"
             cfg.write_text(haproxy_config(haproxy_port, backend_ports))
             procs.append(subprocess.Popen(haproxy_command(cfg), stdout=subprocess.DEVNULL))
+            haproxy_pid = procs[-1].pid
             wait_port(haproxy_port)
 
             d, c, t = args.duration, args.connections, args.threads
             results = [
                 run_wrk("direct", backend_ports[0], d, c, t),
-                run_wrk("kiln", kiln_port, d, c, t),
-                run_wrk("haproxy", haproxy_port, d, c, t),
+                run_wrk("kiln", kiln_port, d, c, t, kiln_pid),
+                run_wrk("haproxy", haproxy_port, d, c, t, haproxy_pid),
             ]
         finally:
             for proc in reversed(procs):
@@ -205,11 +244,13 @@ def main() -> int:
 
     print(
         f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, keep-alive, "
-        "12-byte body, 2 backends"
+        f"22-byte body, 2 backends, kiln --loop {args.loop}"
     )
-    print(f"{'target':<10}{'req/s':>12}{'p99 ms':>10}{'errors':>8}")
+    print(f"{'target':<10}{'req/s':>12}{'p99 ms':>10}{'errors':>8}{'cpu us/req':>12}")
     for r in results:
-        print(f"{r.name:<10}{r.rps:>12.0f}{r.p99_ms:>10.2f}{r.errors:>8}")
+        cpu = r.cpu_us_per_request
+        cpu_text = "-" if cpu is None else f"{cpu:.1f}"
+        print(f"{r.name:<10}{r.rps:>12.0f}{r.p99_ms:>10.2f}{r.errors:>8}{cpu_text:>12}")
     by = {r.name: r for r in results}
     print(
         f"kiln/direct  req/s {by['kiln'].rps / by['direct'].rps:.2f}   "
@@ -219,6 +260,9 @@ def main() -> int:
         f"kiln/haproxy req/s {by['kiln'].rps / by['haproxy'].rps:.2f}   "
         f"p99 {by['kiln'].p99_ms / by['haproxy'].p99_ms:.2f}"
     )
+    kiln_cpu, haproxy_cpu = by["kiln"].cpu_us_per_request, by["haproxy"].cpu_us_per_request
+    if kiln_cpu and haproxy_cpu:
+        print(f"kiln/haproxy cpu per request {kiln_cpu / haproxy_cpu:.2f}")
     return 0
 
 

@@ -74,6 +74,10 @@ def fetch(url: str) -> str:
         return resp.read().decode().strip()
 
 
+def version_of(body: str) -> str:
+    return body.rsplit("(", 1)[-1].strip().rstrip(")")
+
+
 def fresh_copy(dest: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
@@ -119,7 +123,7 @@ def main() -> int:
     server = project / "app" / "server.py"
     server.write_text(server.read_text().replace('VERSION = "1"', 'VERSION = "2"'))
     kiln("plan", str(project), ok=(2,))
-    with LoadGenerator("127.0.0.1", 8000, workers=4) as load:
+    with LoadGenerator("127.0.0.1", 8000, workers=4, classify=version_of) as load:
         time.sleep(1)
         kiln("apply", "--file", str(project), "--yes")
         time.sleep(1)
@@ -157,7 +161,7 @@ def main() -> int:
     kiln("status")
 
     banner("6. Logs of an instance that no longer exists")
-    kiln("logs", "web", "--instance", victim["id"])
+    kiln("logs", "web", "--instance", victim["id"], "--tail", "8")
 
     banner("Still running")
     print(

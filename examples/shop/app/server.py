@@ -66,7 +66,9 @@ def serve(conn):
                 keep = headers.get("connection", "").lower() != "close" and not stopping.is_set()
                 respond(conn, status, body if method != "HEAD" else b"", keep)
                 if path != "/healthz":
-                    print(f"{method} {path} 200", flush=True)
+                    # one write per line: print() from threads interleaves its pieces
+                    sys.stdout.write(f"{method} {path} 200\n")
+                    sys.stdout.flush()
             finally:
                 with lock:
                     in_flight -= 1

@@ -133,6 +133,7 @@ def logs(
     instance: Annotated[str | None, typer.Option("--instance", help="One instance.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
     since: Annotated[str | None, typer.Option("--since", help="e.g. 5m, 1h")] = None,
+    tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Logs of SERVICE's instances, also of instances that are gone."""

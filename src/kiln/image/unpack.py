@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
 import zlib
@@ -45,12 +46,30 @@ _LAYER_TYPES = {
 }
 
 
-def unpack_image(store: ImageStore, ref: str, dest: Path) -> None:
+def image_layers(store: ImageStore, ref: str) -> list[str]:
+    """The layer digests of ``ref``, bottom first: what a seed tree must share."""
+    manifest = store.read_json(store.resolve(ref).digest)
+    return [str(layer["digest"]) for layer in manifest.get("layers", [])]
+
+
+def clone_command(seed: Path, dest: Path) -> list[str]:
+    """Hard-linked copy: files are shared, directories are new."""
+    return ["cp", "-a", "--link", "--no-target-directory", str(seed), str(dest)]
+
+
+def unpack_image(
+    store: ImageStore, ref: str, dest: Path, *, seed: Path | None = None, seed_layers: int = 0
+) -> None:
     """Extract every layer of ``ref`` into ``dest``, which must not exist yet.
 
     The tree is built in a temp dir beside ``dest`` and renamed into place,
     so a failure (hostile entry, corrupt blob, full disk) leaves nothing.
     Each layer's bytes are checked against its digest as they stream.
+
+    ``seed`` is an already unpacked tree of the first ``seed_layers`` layers
+    (a previous image of the same recipe): it is cloned with hard links and
+    only the remaining layers are applied. That is safe because applying a
+    layer never writes into an existing file — it removes the path first.
     """
     dest = Path(dest).absolute()
     descriptor = store.resolve(ref)
@@ -65,7 +84,14 @@ def unpack_image(store: ImageStore, ref: str, dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpack-"))
     try:
         os.chmod(tmp, 0o755)
+        if seed is not None and seed_layers > 0:
+            os.rmdir(tmp)
+            done = subprocess.run(clone_command(seed, tmp), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise KilnError(f"cannot clone {seed} for {ref}: {done.stderr.strip()}")
         for number, layer in enumerate(layers, start=1):
+            if number <= seed_layers and seed is not None:
+                continue
             source = f"layer {number} ({layer.digest[:19]}…) of {ref}"
             if layer.media_type not in _LAYER_TYPES:
                 raise KilnError(f"{source}: unsupported media type {layer.media_type}")

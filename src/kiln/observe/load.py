@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -44,9 +45,11 @@ class LoadGenerator:
         workers: int = 4,
         expect: int = 200,
         pause: float = 0.0,
+        classify: Callable[[str], str] | None = None,
     ) -> None:
         self.host, self.port, self.path = host, port, path
         self.workers, self.expect, self.pause = workers, expect, pause
+        self.classify = classify
         self.report = LoadReport()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -75,8 +78,10 @@ class LoadGenerator:
                 resp = live.getresponse()
                 data = resp.read()
                 ok = resp.status == self.expect
-                first = data.decode(errors="replace").split(" from ")[0][:40] if ok else None
-                self._record(ok, time.perf_counter() - start, f"HTTP {resp.status}", first)
+                kind = (
+                    self.classify(data.decode(errors="replace")) if ok and self.classify else None
+                )
+                self._record(ok, time.perf_counter() - start, f"HTTP {resp.status}", kind)
                 if resp.will_close:
                     live.close()
                     conn = None

@@ -12,12 +12,22 @@ from __future__ import annotations
 import asyncio
 import re
 
+from kiln.traffic._conn import READ_CHUNK, BufferedConn
+
 MAX_HEAD = 64 * 1024
 MAX_CHUNK_LINE = 4096
 
 _HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_BLOCK = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*")
+# Headers the proxy acts on, found in "\n" + the lower-cased block (lines end in
+# CRLF); the leading newline gives the regex engine a literal prefix to scan for.
+_SPECIAL = re.compile(
+    rb"\n(content-length|transfer-encoding|connection|host|expect|x-forwarded-for"
+    rb"|x-forwarded-proto|keep-alive|proxy-connection|te|upgrade):[ \t]*([^\r\n]*?)[ \t]*\r"
+)
+_XFF = re.compile(rb"(?:^|\n)x-forwarded-for:[ \t]*([^\r\n]*?)[ \t]*\r", re.IGNORECASE)
 
 # Meaningful only for one hop; never forwarded. Transfer-Encoding is kept
 # because bodies are relayed in their original framing.
@@ -37,36 +47,37 @@ class HTTPParseError(Exception):
 
 
 class Head:
-    """One parsed request or response head; ``lines`` keeps the raw header lines."""
+    """One parsed request or response head.
 
-    __slots__ = (
-        "close",
-        "connection_tokens",
-        "expect_continue",
-        "framing",
-        "has_host",
-        "length",
-        "lines",
-        "method",
-        "status",
-        "target",
-        "version",
-        "xff",
-    )
+    ``block`` is the raw header block (every line with its CRLF). ``hop`` says
+    it holds a hop-by-hop header and ``forwarded`` an X-Forwarded-* header:
+    without either, the block is forwarded as it is, which is the common case.
+    """
 
-    def __init__(self) -> None:
-        self.method = b""
-        self.target = b""
-        self.status = 0
-        self.version = 11
-        self.lines: list[tuple[bytes, bytes]] = []
-        self.framing = NO_BODY
-        self.length = 0
-        self.close = False
-        self.connection_tokens: frozenset[bytes] = frozenset()
-        self.expect_continue = False
-        self.has_host = False
-        self.xff = b""
+    # Class-level defaults: a parse only writes what differs, which keeps the
+    # per-request cost of a head down.
+    method = b""
+    target = b""
+    status = 0
+    version = 11
+    block = b""
+    hop = False
+    forwarded = False
+    framing = NO_BODY
+    length = 0
+    close = False
+    connection_tokens: frozenset[bytes] = frozenset()
+    expect_continue = False
+    has_host = False
+    xff = b""
+
+    @property
+    def lines(self) -> list[tuple[bytes, bytes]]:
+        """(lower-case name, raw line without CRLF) for every header line."""
+        out = []
+        for line in self.block.split(b"\r\n")[:-1]:
+            out.append((line.partition(b":")[0].lower(), line))
+        return out
 
 
 def _version(raw: bytes) -> int:
@@ -77,35 +88,48 @@ def _version(raw: bytes) -> int:
     raise HTTPParseError(f"unsupported HTTP version {raw[:16]!r}")
 
 
-def _headers(head: Head, lines: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-    """Fills ``head.lines``; returns the Transfer-Encoding and Content-Length values."""
+def _headers(head: Head, block: bytes) -> tuple[list[bytes], list[bytes]]:
+    """Fills ``head`` from the header block; returns the Transfer-Encoding and
+    Content-Length values.
+
+    One regular expression validates every line (a token, a colon, no bare CR
+    or LF); a second finds only the headers the proxy acts on.
+    """
+    if not _BLOCK.fullmatch(block):
+        for line in block.split(b"\r\n")[:-1]:
+            if not _HEADER.fullmatch(line) or b"\r" in line or b"\n" in line:
+                raise HTTPParseError(f"malformed header line {line[:40]!r}")
+        raise HTTPParseError(f"malformed header block {block[:40]!r}")
+    head.block = block
     te: list[bytes] = []
     cl: list[bytes] = []
+    if not block:
+        if head.version == 10:
+            head.close = True
+        return te, cl
     connection: list[bytes] = []
-    out = head.lines
-    match = _HEADER.fullmatch
-    for line in lines:
-        m = match(line)
-        if m is None or b"\r" in line or b"\n" in line:
-            raise HTTPParseError(f"malformed header line {line[:40]!r}")
-        lname = m.group(1).lower()
-        out.append((lname, line))
+    for lname, value in _SPECIAL.findall(b"\n" + block.lower()):
         if lname == b"content-length":
-            cl.append(m.group(2))
-        elif lname == b"transfer-encoding":
-            te.append(m.group(2))
-        elif lname == b"connection":
-            connection.append(m.group(2))
+            cl.append(value)
         elif lname == b"host":
             head.has_host = True
-        elif lname == b"expect":
-            head.expect_continue = m.group(2).lower() == b"100-continue"
+        elif lname == b"transfer-encoding":
+            te.append(value)
+        elif lname == b"connection":
+            connection.append(value)
+            head.hop = True
         elif lname == b"x-forwarded-for":
-            head.xff = m.group(2)
+            # The value as sent, not lower-cased; the last one wins, as before.
+            head.xff = _XFF.findall(block)[-1]
+            head.forwarded = True
+        elif lname == b"x-forwarded-proto":
+            head.forwarded = True
+        else:
+            head.hop = True
+            if lname == b"expect":
+                head.expect_continue = value == b"100-continue"
     if connection:
-        tokens = frozenset(
-            t.strip().lower() for v in connection for t in v.split(b",") if t.strip()
-        )
+        tokens = frozenset(t.strip() for v in connection for t in v.split(b",") if t.strip())
         head.connection_tokens = tokens
         if b"close" in tokens or (head.version == 10 and b"keep-alive" not in tokens):
             head.close = True
@@ -115,6 +139,10 @@ def _headers(head: Head, lines: list[bytes]) -> tuple[list[bytes], list[bytes]]:
 
 
 def _length(values: list[bytes]) -> int:
+    if len(values) == 1:
+        value = values[0]
+        if value.isdigit() and len(value) <= 18:
+            return int(value)
     parts = {p.strip() for v in values for p in v.split(b",")}
     if len(parts) != 1:
         raise HTTPParseError("conflicting Content-Length values")
@@ -131,19 +159,21 @@ def _chunked(values: list[bytes]) -> bool:
 
 def parse_request(raw: bytes) -> Head:
     """Parses a request head ending in CRLFCRLF (leading empty lines are ignored)."""
-    lines = raw.lstrip(b"\r\n").split(b"\r\n")
-    del lines[-2:]
-    if not lines:
+    if raw[:2] == b"\r\n" or raw[:1] == b"\n":
+        raw = raw.lstrip(b"\r\n")
+    eol = raw.find(b"\r\n")
+    if eol <= 0:
         raise HTTPParseError("empty request")
-    parts = lines[0].split(b" ")
+    request_line = raw[:eol]
+    parts = request_line.split(b" ")
     if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1]:
-        raise HTTPParseError(f"malformed request line {lines[0][:60]!r}")
-    if b"\n" in lines[0] or b"\r" in lines[0]:
+        raise HTTPParseError(f"malformed request line {request_line[:60]!r}")
+    if b"\n" in request_line or b"\r" in request_line:
         raise HTTPParseError("bare CR or LF in request line")
     head = Head()
     head.method, head.target = parts[0], parts[1]
     head.version = _version(parts[2])
-    te, cl = _headers(head, lines[1:])
+    te, cl = _headers(head, raw[eol + 2 : -2])
     if te:
         if cl:
             raise HTTPParseError("both Transfer-Encoding and Content-Length")
@@ -160,22 +190,20 @@ def parse_request(raw: bytes) -> Head:
 
 def parse_response(raw: bytes, method: bytes) -> Head:
     """Parses a response head; the request method decides whether a body follows."""
-    lines = raw.split(b"\r\n")
-    del lines[-2:]
-    if not lines:
+    eol = raw.find(b"\r\n")
+    if eol <= 0:
         raise HTTPParseError("empty response")
-    status_line = lines[0]
+    status_line = raw[:eol]
     version, _, rest = status_line.partition(b" ")
     code = rest[:3]
     if not code.isdigit() or len(code) != 3:
         raise HTTPParseError(f"malformed status line {status_line[:60]!r}")
     head = Head()
     head.version = _version(version)
-    head.status = int(code)
+    head.status = status = int(code)
     head.target = rest
-    te, cl = _headers(head, lines[1:])
-    status = head.status
-    if method == b"HEAD" or status < 200 or status in (204, 304):
+    te, cl = _headers(head, raw[eol + 2 : -2])
+    if method == b"HEAD" or status < 200 or status == 204 or status == 304:
         head.framing = NO_BODY
     elif te:
         head.framing = CHUNKED if _chunked(te) else UNTIL_CLOSE
@@ -194,18 +222,15 @@ class ChunkError(Exception):
     """A chunked body that does not follow the chunk grammar."""
 
 
-async def _maybe_drain(writer: asyncio.StreamWriter) -> None:
-    transport = writer.transport
-    if transport.get_write_buffer_size() > 256 * 1024:
-        await writer.drain()
-    elif transport.is_closing():
-        raise ConnectionResetError("peer closed the connection")
+async def _maybe_drain(dst: BufferedConn) -> None:
+    if dst.write_paused or dst.closed or dst.transport.is_closing():
+        await dst.drain()
 
 
-async def copy_length(src: asyncio.StreamReader, dst: asyncio.StreamWriter, length: int) -> int:
+async def copy_length(src: BufferedConn, dst: BufferedConn, length: int) -> int:
     left = length
     while left:
-        data = await src.read(min(left, 256 * 1024))
+        data = await src.read_some(min(left, READ_CHUNK))
         if not data:
             raise asyncio.IncompleteReadError(b"", left)
         dst.write(data)
@@ -214,18 +239,17 @@ async def copy_length(src: asyncio.StreamReader, dst: asyncio.StreamWriter, leng
     return length
 
 
-async def copy_chunked(
-    src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, dechunk: bool = False
-) -> int:
+async def copy_chunked(src: BufferedConn, dst: BufferedConn, *, dechunk: bool = False) -> int:
     """Relays a chunked body up to and including its trailers; returns payload bytes.
 
     With ``dechunk`` only the payload is written (for HTTP/1.0 clients).
     """
     total = 0
     while True:
-        line = await src.readuntil(b"\r\n")
-        if len(line) > MAX_CHUNK_LINE:
-            raise ChunkError("chunk size line too long")
+        try:
+            line = await src.read_until(b"\r\n", MAX_CHUNK_LINE)
+        except asyncio.LimitOverrunError as e:
+            raise ChunkError("chunk size line too long") from e
         size_field = line[:-2].split(b";", 1)[0].strip()
         if not _HEX.fullmatch(size_field):
             raise ChunkError(f"invalid chunk size {size_field[:20]!r}")
@@ -233,7 +257,10 @@ async def copy_chunked(
         if size == 0:
             trailer = bytearray()
             while True:
-                tline = await src.readuntil(b"\r\n")
+                try:
+                    tline = await src.read_until(b"\r\n", MAX_HEAD)
+                except asyncio.LimitOverrunError as e:
+                    raise ChunkError("trailers too long") from e
                 trailer += tline
                 if tline == b"\r\n":
                     break
@@ -246,16 +273,16 @@ async def copy_chunked(
             dst.write(line)
         await copy_length(src, dst, size)
         total += size
-        if await src.readexactly(2) != b"\r\n":
+        if await src.read_exactly(2) != b"\r\n":
             raise ChunkError("chunk not followed by CRLF")
         if not dechunk:
             dst.write(b"\r\n")
 
 
-async def copy_until_close(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> int:
+async def copy_until_close(src: BufferedConn, dst: BufferedConn) -> int:
     total = 0
     while True:
-        data = await src.read(256 * 1024)
+        data = await src.read_some(READ_CHUNK)
         if not data:
             return total
         dst.write(data)

@@ -13,6 +13,7 @@ import bisect
 import logging
 from typing import Any
 
+from kiln.traffic._conn import HIGH_WATER, BufferedConn
 from kiln.traffic._routes import Backend, Route
 
 log = logging.getLogger("kiln.traffic.proxy")
@@ -21,17 +22,62 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 MAX_IDLE_PER_BACKEND = 128
 
 
-class Upstream:
-    """One connection to a backend, pooled between requests when keep-alive allows."""
+class UpstreamListener:
+    """What an exchange on callbacks hears from the upstream connection it is using."""
 
-    __slots__ = ("reader", "writer")
+    def upstream_data(self) -> None:
+        raise NotImplementedError
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def upstream_closed(self) -> None:
+        raise NotImplementedError
 
-    def abort(self) -> None:
-        self.writer.transport.abort()
+
+class Upstream(BufferedConn):
+    """One connection to a backend, pooled between requests when keep-alive allows.
+
+    While an exchange drives it on callbacks, ``listener`` hears every byte and
+    the end of the connection; otherwise bytes wait in ``buf`` for a coroutine.
+    A pooled connection that receives anything is discarded: a backend has
+    nothing to say between requests except that it is closing.
+    """
+
+    def __init__(self, backend: BackendState) -> None:
+        super().__init__()
+        self.backend = backend
+        self.listener: UpstreamListener | None = None
+        self.pooled = False
+
+    def data_received(self, data: bytes) -> None:
+        listener = self.listener
+        if listener is None:
+            super().data_received(data)
+            if self.pooled:
+                self.backend.discard(self)
+            return
+        buf = self.buf
+        buf += data
+        if len(buf) > HIGH_WATER and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+        listener.upstream_data()
+
+    def eof_received(self) -> bool | None:
+        super().eof_received()
+        self._ended()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._ended()
+        self.backend.conns.discard(self)
+
+    def _ended(self) -> None:
+        listener = self.listener
+        if listener is not None:
+            self.listener = None
+            listener.upstream_closed()
+        elif self.pooled:
+            self.backend.discard(self)
 
 
 class BackendStats:
@@ -98,6 +144,8 @@ class BackendState:
         "drain_timer",
         "draining",
         "host",
+        "host_header",
+        "id_header",
         "idle",
         "port",
         "service",
@@ -119,6 +167,8 @@ class BackendState:
         self.idle: list[Upstream] = []
         self.conns: set[Upstream] = set()
         self.stats = BackendStats()
+        self.id_header = b"X-Kiln-Backend: " + spec.id.encode() + b"\r\n"
+        self.host_header = b"Host: " + spec.address.encode() + b"\r\n"
 
     @property
     def id(self) -> str:
@@ -128,33 +178,46 @@ class BackendState:
         idle = self.idle
         while idle:
             up = idle.pop()
-            if not up.reader.at_eof() and not up.writer.transport.is_closing():
+            up.pooled = False
+            if not up.eof and not up.buf and not up.transport.is_closing():
                 return up
             self.discard(up)
         return None
 
     async def connect(self, timeout: float) -> Upstream:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port, limit=2 * 65536), timeout
+        loop = asyncio.get_running_loop()
+        _, up = await asyncio.wait_for(
+            loop.create_connection(self._new_upstream, self.host, self.port), timeout
         )
-        up = Upstream(reader, writer)
+        if up.closed:
+            raise ConnectionResetError(f"backend {self.spec.id} closed the connection at once")
         self.conns.add(up)
         return up
 
+    def _new_upstream(self) -> Upstream:
+        return Upstream(self)
+
     def release(self, up: Upstream, reusable: bool) -> None:
         """Hands a connection back after a complete exchange."""
+        up.listener = None
         if (
             reusable
             and not self.draining
             and len(self.idle) < MAX_IDLE_PER_BACKEND
-            and not up.reader.at_eof()
+            and not up.eof
+            and not up.buf
         ):
+            up.pooled = True
             self.idle.append(up)
         else:
             self.discard(up)
 
     def discard(self, up: Upstream) -> None:
+        """Closes ``up`` for good; a listener still attached hears about it."""
         self.conns.discard(up)
+        if up.pooled:
+            up.pooled = False
+            self.idle.remove(up)
         up.abort()
 
     def finished(self) -> None:
@@ -164,9 +227,8 @@ class BackendState:
             self.service.drained(self)
 
     def close_idle(self) -> None:
-        for up in self.idle:
-            self.discard(up)
-        self.idle.clear()
+        while self.idle:
+            self.discard(self.idle[-1])
 
     def force_close(self) -> None:
         self.close_idle()
@@ -191,7 +253,7 @@ class ServiceState:
         self.ready: list[BackendState] = []
         self.draining: list[BackendState] = []
         self.waiters: list[asyncio.Future[None]] = []
-        self.clients: dict[asyncio.StreamWriter, bool] = {}  # writer -> idle
+        self.clients: dict[BufferedConn, bool] = {}  # connection -> waiting for a request
         self.closing = False
         self.unrouted = 0
         self.set_backends(route.backends, route.drain_timeout)
@@ -306,9 +368,9 @@ class ServiceState:
         self.closing = True
         if self.server is not None:
             self.server.close()
-        for writer, idle in list(self.clients.items()):
+        for conn, idle in list(self.clients.items()):
             if idle:
-                writer.transport.abort()
+                conn.abort()
         ready, self.ready = self.ready, []
         for b in ready:
             self.drain(b, self.route.drain_timeout)

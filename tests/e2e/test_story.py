@@ -1,0 +1,190 @@
+"""The main job through the real CLI: up, plan, apply under load, SIGKILL, rollback,
+logs of a gone instance, down — on a busybox image baked from a kiln.toml."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kiln.observe.load import LoadGenerator
+
+pytestmark = pytest.mark.e2e
+
+KILN = str(Path(sys.executable).parent / "kiln")
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+TOML = """\
+[project]
+name = "story"
+
+[images.web]
+from = "scratch"
+steps = [{{ copy = "rootfs/", to = "/" }}]
+cmd = ["/bin/sh", "-c", "echo started $(cat /www/index.html); exec httpd -f -v -p $PORT -h /www"]
+user = "65534:65534"
+
+[services.web]
+image = "web"
+replicas = 3
+listen = {listen}
+health = {{ http = "/healthz", interval = "0.5s", timeout = "1s" }}
+stop_grace = "2s"
+drain_timeout = "2s"
+update = {{ min_healthy_time = "0.5s" }}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_project(root: Path, listen: int, version: str) -> Path:
+    rootfs = root / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
+    for applet in ("sh", "httpd", "cat", "echo"):
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    for d in ("proc", "dev", "tmp", "run", "www"):
+        (rootfs / d).mkdir()
+    (rootfs / "www" / "healthz").write_text("ok\n")
+    (rootfs / "www" / "index.html").write_text(f"{version}\n")
+    (root / "kiln.toml").write_text(TOML.format(listen=listen))
+    return root
+
+
+def kiln(home: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KILN_HOME=str(home))
+    return subprocess.run(
+        [KILN, *args], env=env, cwd=cwd, text=True, capture_output=True, timeout=300
+    )
+
+
+def fetch(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+        return str(resp.read().decode().strip())
+
+
+def status(home: Path) -> dict:  # type: ignore[type-arg]
+    out = kiln(home, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout)["services"]["web"])
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    home = tmp_path / "home"
+    yield home
+    kiln(home, "down")
+
+
+def test_the_main_job_through_the_cli(home: Path, tmp_path: Path) -> None:
+    listen = free_port()
+    project = make_project(tmp_path / "p", listen, "v1")
+
+    up = kiln(home, "up", str(project))
+    assert up.returncode == 0, up.stderr
+    assert "Plan: 3 to create, 0 to replace, 0 to destroy." in up.stderr
+    assert fetch(listen) == "v1"
+    first = status(home)
+    assert len([i for i in first["instances"] if i["state"] == "ready"]) == 3
+
+    (project / "rootfs" / "www" / "index.html").write_text("v2\n")
+    plan = kiln(home, "plan", str(project), "-o", str(tmp_path / "plan.json"))
+    assert plan.returncode == 2, plan.stderr
+    assert plan.stdout.count("-/+ web-") == 3 and "image sha256:" in plan.stdout
+    assert "Plan: 0 to create, 3 to replace, 0 to destroy." in plan.stdout
+
+    with LoadGenerator("127.0.0.1", listen, workers=4) as load:
+        time.sleep(0.3)
+        applied = kiln(home, "apply", str(tmp_path / "plan.json"))
+        time.sleep(0.3)
+    assert applied.returncode == 0, applied.stderr
+    assert load.report.sent > 100
+    assert load.report.failed == 0, load.report.errors
+    assert fetch(listen) == "v2"
+
+    stale = kiln(home, "apply", str(tmp_path / "plan.json"))
+    assert stale.returncode == 1
+    assert "the state changed since this plan was made; run kiln plan again" in stale.stderr
+
+    again = kiln(home, "plan", str(project))
+    assert again.returncode == 0 and "No changes" in again.stdout
+
+    victim = next(i for i in status(home)["instances"] if i["state"] == "ready")
+    os.kill(int(victim["pid"]), signal.SIGKILL)
+
+    def replaced() -> bool:
+        ready = [i for i in status(home)["instances"] if i["state"] == "ready"]
+        return len(ready) == 3 and victim["id"] not in {i["id"] for i in ready}
+
+    wait_for(replaced, timeout=15)
+    events = [json.loads(line) for line in kiln(home, "events", "--json").stdout.splitlines()]
+    assert any(e["kind"] == "instance.recovered" and e["instance"] == victim["id"] for e in events)
+
+    back = kiln(home, "rollback", "web")
+    assert back.returncode == 0, back.stderr
+    assert fetch(listen) == "v1"
+    history = json.loads(kiln(home, "history", "web", "--json").stdout)["revisions"]
+    assert [r["status"] for r in history].count("active") == 1
+
+    logs = kiln(home, "logs", "web", "--instance", victim["id"])
+    assert logs.returncode == 0, logs.stderr
+    assert f"{victim['id']} started v2" in logs.stdout
+
+    down = kiln(home, "down")
+    assert down.returncode == 0, down.stderr
+    with pytest.raises(OSError):
+        fetch(listen)
+    shims = subprocess.run(["pgrep", "-f", f"kiln.runtime.shim.*{home}"], capture_output=True)
+    assert shims.stdout == b""
+
+
+def test_bad_inputs_through_the_cli_change_nothing(home: Path, tmp_path: Path) -> None:
+    listen = free_port()
+    project = make_project(tmp_path / "p", listen, "v1")
+    assert kiln(home, "up", str(project)).returncode == 0
+
+    toml = project / "kiln.toml"
+    good = toml.read_text()
+    toml.write_text(good.replace("replicas = 3", "replicas = 3\nreplicas = 4"))
+    bad = kiln(home, "apply", "--file", str(project), "--yes")
+    assert bad.returncode == 1
+    assert "malformed TOML" in bad.stderr and "kiln.toml:" in bad.stderr
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        toml.write_text(good.replace(f"listen = {listen}", f"listen = {taken.getsockname()[1]}"))
+        clash = kiln(home, "apply", "--file", str(project), "--yes")
+    assert clash.returncode == 1
+    assert "in use" in clash.stderr
+    assert fetch(listen) == "v1"
+    assert len([i for i in status(home)["instances"] if i["state"] == "ready"]) == 3
+
+    toml.write_text(good.replace('image = "web"', 'image = "nope"'))
+    missing = kiln(home, "plan", str(project))
+    assert missing.returncode == 1
+    assert "services.web.image: no recipe images.nope" in missing.stderr
+    assert fetch(listen) == "v1"

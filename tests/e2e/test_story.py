@@ -188,3 +188,28 @@ def test_bad_inputs_through_the_cli_change_nothing(home: Path, tmp_path: Path) -
     assert missing.returncode == 1
     assert "services.web.image: no recipe images.nope" in missing.stderr
     assert fetch(listen) == "v1"
+
+
+def test_a_second_apply_during_a_rollout_is_refused_naming_it(home: Path, tmp_path: Path) -> None:
+    listen = free_port()
+    project = make_project(tmp_path / "p", listen, "v1")
+    assert kiln(home, "up", str(project)).returncode == 0
+    (project / "rootfs" / "www" / "index.html").write_text("v2\n")
+    env = dict(os.environ, KILN_HOME=str(home))
+    first = subprocess.Popen(
+        [KILN, "apply", "--file", str(project), "--yes"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: status(home).get("rollout") is not None, timeout=30)
+        (project / "rootfs" / "www" / "index.html").write_text("v3\n")
+        second = kiln(home, "apply", "--file", str(project), "--yes")
+        assert second.returncode == 1
+        assert "service web has a rollout in progress (deployment d-" in second.stderr
+    finally:
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert fetch(listen) == "v2"

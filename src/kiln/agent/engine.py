@@ -562,7 +562,14 @@ class Engine:
                     s.service for s in plan.services if not s.empty and s.service in self.rollouts
                 ]
                 if busy:
-                    raise Conflict(f"service {busy[0]} has a rollout in progress; wait for it")
+                    info = self.rollout_info.get(busy[0]) or {}
+                    age = time.time() - float(info.get("started") or time.time())
+                    raise Conflict(
+                        f"service {busy[0]} has a rollout in progress (deployment "
+                        f"{info.get('deployment', '?')}, {info.get('kind', 'deploy')} to "
+                        f"r{info.get('target', '?')}, started {age:.0f}s ago); wait for it "
+                        "or follow it with kiln events --follow"
+                    )
                 await self._check_listeners(plan)
                 deployment = "d-" + secrets.token_hex(4)
                 record: dict[str, Any] = {

@@ -128,7 +128,7 @@ def test_no_changes() -> None:
         ({"port": 9090}, ["port 8080 → 9090"]),
         ({"health": {"http": "/ready"}}, ["health.http changed"]),
         ({"resources": {"memory": "64MiB"}}, ["resources.memory changed"]),
-        ({"secrets": {"api_key": "2"}}, ["secret api_key rotated"]),
+        ({"secrets": {"api_key": "2"}}, ["secret api_key 1 → 2"]),
         ({"digest": D2, "env": {"GREETING": "x"}}, ["image", "env GREETING changed"]),
     ],
 )

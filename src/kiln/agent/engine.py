@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +26,7 @@ from kiln.deploy.health import ExecRunner, HealthTracker, probe
 from kiln.deploy.plan import DesiredService, Plan, make_plan
 from kiln.deploy.reconcile import ReconcileView, reconcile
 from kiln.deploy.rollout import STRATEGIES, RolloutInstance, RolloutView
+from kiln.deploy.secrets import SecretStore
 from kiln.deploy.state import (
     InstanceRecord,
     Revision,
@@ -126,6 +128,7 @@ class Engine:
         self._loops = [
             asyncio.create_task(self._reconcile_loop()),
             asyncio.create_task(self._proxy_watch_loop()),
+            asyncio.create_task(self._log_retention_loop()),
         ]
 
     async def stop(self) -> None:
@@ -231,6 +234,8 @@ class Engine:
     async def start_instance(self, service: str, rev: Revision, rec: InstanceRecord) -> None:
         cfg = rev.config
         try:
+            pinned = dict(cfg.get("secrets_versions") or {})
+            values = await _thread(SecretStore(self.home / "secrets").values_for, pinned)
             rootfs = await _thread(self.rootfs.ensure, rev.image_digest)
             image_cfg: dict[str, Any] = dict(cfg.get("image_config") or {}) or await _thread(
                 self.rootfs.image_config, rev.image_digest
@@ -253,6 +258,7 @@ class Engine:
                 memory=res.get("memory"),
                 cpu=res.get("cpu"),
                 stop_grace=float(cfg.get("stop_grace", 10.0)),
+                secrets=values,
             )
             handle = await _thread(self.runtime.start, spec)
         except KilnError as e:
@@ -925,6 +931,24 @@ class Engine:
         self.deployments[deployment]["services"][service]["outcome"] = "succeeded"
         self._finish_if_done(deployment)
 
+    # log retention
+
+    async def _log_retention_loop(self) -> None:
+        """Logs outlive instances, not forever: oldest gone instances go first."""
+        from kiln.observe.logs import LogStore
+
+        store = LogStore(self.home / "logs")
+        max_bytes, max_age = log_retention()
+        while True:
+            try:
+                live = {r.id for r in self.state.instances(live_only=True)}
+                removed = await _thread(store.prune, max_bytes, max_age, live)
+                if removed:
+                    self.emit("logs.pruned", f"removed the logs of {removed} gone instances")
+            except Exception:
+                log.exception("log retention pass failed")
+            await asyncio.sleep(LOG_RETENTION_INTERVAL)
+
     # reconciler
 
     async def _reconcile_loop(self) -> None:
@@ -1064,6 +1088,21 @@ class Engine:
             "service": service,
             "revisions": [r.to_json() for r in reversed(revisions)],
         }
+
+
+LOG_RETENTION_INTERVAL = 60.0
+
+
+def log_retention() -> tuple[int, float]:
+    """Per service: ``KILN_LOG_MAX_BYTES`` (default 256MiB), ``KILN_LOG_MAX_AGE`` (7d)."""
+    from kiln.spec.models import parse_duration, parse_size
+
+    try:
+        max_bytes = parse_size(os.environ.get("KILN_LOG_MAX_BYTES", "256MiB"))
+        max_age = parse_duration(os.environ.get("KILN_LOG_MAX_AGE", "168h"))
+    except ValueError as e:
+        raise KilnError(f"log retention: {e}") from e
+    return max_bytes, max_age
 
 
 def _handle(rec: InstanceRecord) -> InstanceHandle | None:

@@ -48,19 +48,26 @@ def git_commit(root: Path) -> str | None:
         return None
 
 
-def desired_request(target: Path, env: str | None, say: Say = _stderr) -> dict[str, Any]:
-    """Bake what the services use and describe the desired state for the agent."""
+def desired_request(
+    target: Path, env: str | None, say: Say = _stderr, home: Path | None = None
+) -> dict[str, Any]:
+    """Bake what the services use and describe the desired state for the agent: secret
+    versions from ``home``'s store (checked before baking), never their values."""
     from kiln.deploy.plan import desired_from_spec
+    from kiln.deploy.secrets import SecretStore
     from kiln.image.bake import bake_project
+    from kiln.paths import kiln_home
     from kiln.spec import load_spec
 
     spec = load_spec(target, env)
+    needs = {name: s.secrets for name, s in spec.services.items()}
+    secrets_versions = SecretStore((home or kiln_home()) / "secrets").versions_for(needs)
     needed = sorted({s.image for s in spec.services.values()})
     results = bake_project(spec.path, needed or None, env=env) if needed else {}
     digests = {name: r.digest for name, r in results.items()}
     for name in needed:
         say(f"baked {name}@{digests[name]}")
-    desired = desired_from_spec(spec, digests)
+    desired = desired_from_spec(spec, digests, secrets_versions)
     return {
         "spec_path": str(spec.path),
         "environment": env,
@@ -72,7 +79,7 @@ def desired_request(target: Path, env: str | None, say: Say = _stderr) -> dict[s
 
 
 def make_plan(home: Path, target: Path, env: str | None, say: Say = _stderr) -> PlanOutcome:
-    request = desired_request(target, env, say)
+    request = desired_request(target, env, say, home)
     with AgentClient(home) as client:
         if not client.running():
             start_background(home)

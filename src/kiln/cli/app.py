@@ -146,6 +146,7 @@ def image_unpack(ref: str, dest: Path) -> None:
 
 def run(args: list[str]) -> int:
     from kiln.cli import deploy as _deploy  # noqa: F401  (registers the deploy commands)
+    from kiln.cli import secret as _secret  # noqa: F401  (registers kiln secret)
 
     try:
         app(args, prog_name="kiln", standalone_mode=True)

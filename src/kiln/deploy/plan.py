@@ -328,7 +328,7 @@ def instance_diff(
     new_secrets: Mapping[str, str],
 ) -> list[str]:
     """Why an instance must be replaced, one phrase per difference, without any value
-    that could be secret (env shows keys only; secrets show names only)."""
+    that could be secret (env shows keys only; secrets show names and versions)."""
     reasons: list[str] = []
     if old_digest != new_digest:
         reasons.append(f"image {short_digest(old_digest)} → {short_digest(new_digest)}")
@@ -357,7 +357,9 @@ def instance_diff(
         elif name not in new_secrets:
             reasons.append(f"secret {name} removed")
         elif old_secrets[name] != new_secrets[name]:
-            reasons.append(f"secret {name} rotated")
+            reasons.append(
+                f"secret {name} {old_secrets[name] or 'unset'} → {new_secrets[name] or 'unset'}"
+            )
     return reasons
 
 

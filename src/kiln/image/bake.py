@@ -122,15 +122,14 @@ class GitFacts:
 def git_facts(root: Path) -> GitFacts:
     """HEAD, its time, whether the project's part of the tree is clean, and origin's URL."""
     try:
-        from dulwich import porcelain
         from dulwich.repo import Repo
-    except ImportError:
-        return GitFacts()
-    try:
+
         repo = Repo.discover(str(root))
     except Exception:
         return GitFacts()
     try:
+        from dulwich import porcelain  # heavy: only inside a checkout
+
         head = repo.head()
         commit = repo[head]
         rel = os.path.relpath(root.resolve(), Path(repo.path).resolve())

@@ -165,9 +165,11 @@ class ProxyProcess:
     state: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    # KILN_TEST_PROXY_LOOP=asyncio runs the whole suite on the fallback loop.
+    loop: str = os.environ.get("KILN_TEST_PROXY_LOOP", "auto")
 
     def start(self) -> ProxyProcess:
-        cmd = [*proxy_command(self.control, self.state), "--host", "127.0.0.1"]
+        cmd = [*proxy_command(self.control, self.state), "--host", "127.0.0.1", "--loop", self.loop]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stderr=log, stdout=log)
         with ProxyClient(self.control) as c:

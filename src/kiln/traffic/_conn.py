@@ -76,6 +76,10 @@ class BufferedConn(asyncio.Protocol):
         self.write_paused = False
         self._wake_drain()
 
+    def waiting_for_request(self) -> bool:
+        """Idle between requests: safe to close at shutdown without cutting anything."""
+        return False
+
     # -- for consumers -----------------------------------------------------
 
     def wake(self) -> None:

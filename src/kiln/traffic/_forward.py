@@ -133,6 +133,7 @@ class HTTPClientConn(BufferedConn, UpstreamListener):
         self.left = 0
         self.answered = False
         self.keep = False
+        self.task: asyncio.Task[None] | None = None  # held so it cannot be collected
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -141,16 +142,24 @@ class HTTPClientConn(BufferedConn, UpstreamListener):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
-        self.service.clients[self] = True
+        self.service.clients.add(self)
         if self.service.closing:
             self._close()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase == _IDLE:
+        if self.phase != _IDLE:
+            super().data_received(data)
+        elif (
+            not self.buf
+            and data.find(_HEAD_END) == len(data) - 4 >= 0
+            and len(data) <= REQUEST_HEAD_LIMIT
+            and not self.service.closing
+        ):
+            # Exactly one whole head and nothing else: no copy into the buffer.
+            self._request(data)
+        else:
             self.buf += data
             self._next()
-        else:
-            super().data_received(data)
 
     def eof_received(self) -> bool | None:
         super().eof_received()
@@ -160,9 +169,15 @@ class HTTPClientConn(BufferedConn, UpstreamListener):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.service.clients.pop(self, None)
+        self.service.clients.discard(self)
         if self.phase == _AWAIT_WRITE:
             self.phase = _CLOSED
+        elif self.phase == _RELAY_BODY:
+            # The upstream may be paused behind this client: nothing else would end it.
+            self._cut_mid_response()
+
+    def waiting_for_request(self) -> bool:
+        return self.phase == _IDLE
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -175,7 +190,7 @@ class HTTPClientConn(BufferedConn, UpstreamListener):
 
     def _close(self) -> None:
         self.phase = _CLOSED
-        self.service.clients.pop(self, None)
+        self.service.clients.discard(self)
         self.close()
 
     def _refuse(self, status: int, message: bytes) -> None:
@@ -184,7 +199,6 @@ class HTTPClientConn(BufferedConn, UpstreamListener):
 
     def _idle(self) -> None:
         self.phase = _IDLE
-        self.service.clients[self] = True
         if self.buf or self.eof or self.service.closing:
             self._next()
         elif self.read_paused:
@@ -219,13 +233,17 @@ class HTTPClientConn(BufferedConn, UpstreamListener):
         end += 4
         raw = bytes(buf[:end])
         del buf[:end]
-        self.service.clients[self] = False
+        self._request(raw)
+
+    def _request(self, raw: bytes) -> None:
+        self.phase = _COROUTINE  # busy until the dispatch below says how
         try:
             req = h.parse_request(raw)
         except h.HTTPParseError as e:
             self._refuse(400, f"{e}\n".encode())
             return
         self.start = monotonic()
+        buf = self.buf
         framing = req.framing
         if framing == h.NO_BODY:
             body = b""
@@ -265,7 +283,7 @@ class HTTPClientConn(BufferedConn, UpstreamListener):
 
     def _run(self, exchange: Coroutine[Any, Any, bool]) -> None:
         self.phase = _COROUTINE
-        asyncio.get_running_loop().create_task(self._finish(exchange))
+        self.task = asyncio.get_running_loop().create_task(self._finish(exchange))
 
     async def _finish(self, exchange: Coroutine[Any, Any, bool]) -> None:
         try:
@@ -280,6 +298,7 @@ class HTTPClientConn(BufferedConn, UpstreamListener):
     def _done(self, keep: bool) -> None:
         """The exchange is over; the connection serves the next request or closes."""
         self.req = self.resp = self.backend = self.up = None
+        self.task = None
         self.body = b""
         if not keep or self.closed or self.service.closing:
             self._close()
@@ -606,11 +625,12 @@ class TCPClientConn(BufferedConn):
     def __init__(self, service: ServiceState) -> None:
         super().__init__()
         self.service = service
+        self.task: asyncio.Task[None] | None = None  # held so it cannot be collected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.service.clients[self] = False
-        asyncio.get_running_loop().create_task(self._serve())
+        self.service.clients.add(self)
+        self.task = asyncio.get_running_loop().create_task(self._serve())
 
     async def _serve(self) -> None:
         service = self.service
@@ -630,7 +650,7 @@ class TCPClientConn(BufferedConn):
                 backend.discard(up)
                 backend.finished()
         finally:
-            service.clients.pop(self, None)
+            service.clients.discard(self)
             self.abort()
 
     async def _connect(self) -> tuple[BackendState | None, Upstream | None]:

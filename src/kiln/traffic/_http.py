@@ -20,6 +20,14 @@ MAX_CHUNK_LINE = 4096
 _HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_REQUEST = re.compile(
+    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([^ \r\n]+) HTTP/1\.([01])\r\n"
+    rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*)\r\n"
+)
+_RESPONSE = re.compile(
+    rb"HTTP/1\.([01]) ([0-9]{3}[^\r\n]*)\r\n"
+    rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*)\r\n"
+)
 _BLOCK = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*")
 # Headers the proxy acts on, found in "\n" + the lower-cased block (lines end in
 # CRLF); the leading newline gives the regex engine a literal prefix to scan for.
@@ -100,6 +108,11 @@ def _headers(head: Head, block: bytes) -> tuple[list[bytes], list[bytes]]:
             if not _HEADER.fullmatch(line) or b"\r" in line or b"\n" in line:
                 raise HTTPParseError(f"malformed header line {line[:40]!r}")
         raise HTTPParseError(f"malformed header block {block[:40]!r}")
+    return _fields(head, block)
+
+
+def _fields(head: Head, block: bytes) -> tuple[list[bytes], list[bytes]]:
+    """``_headers`` for a block already known to be well-formed."""
     head.block = block
     te: list[bytes] = []
     cl: list[bytes] = []
@@ -158,7 +171,23 @@ def _chunked(values: list[bytes]) -> bool:
 
 
 def parse_request(raw: bytes) -> Head:
-    """Parses a request head ending in CRLFCRLF (leading empty lines are ignored)."""
+    """Parses a request head ending in CRLFCRLF (leading empty lines are ignored).
+
+    One regular expression recognises a well-formed head at once; anything it
+    does not match goes through the line-by-line checks, which either accept
+    it the same way or say what is wrong.
+    """
+    m = _REQUEST.fullmatch(raw)
+    if m is None:
+        return _parse_request_lines(raw)
+    head = Head()
+    head.method, head.target, minor, block = m.groups()
+    if minor == b"0":
+        head.version = 10
+    return _request_framing(head, *_fields(head, block))
+
+
+def _parse_request_lines(raw: bytes) -> Head:
     if raw[:2] == b"\r\n" or raw[:1] == b"\n":
         raw = raw.lstrip(b"\r\n")
     eol = raw.find(b"\r\n")
@@ -173,7 +202,10 @@ def parse_request(raw: bytes) -> Head:
     head = Head()
     head.method, head.target = parts[0], parts[1]
     head.version = _version(parts[2])
-    te, cl = _headers(head, raw[eol + 2 : -2])
+    return _request_framing(head, *_headers(head, raw[eol + 2 : -2]))
+
+
+def _request_framing(head: Head, te: list[bytes], cl: list[bytes]) -> Head:
     if te:
         if cl:
             raise HTTPParseError("both Transfer-Encoding and Content-Length")
@@ -190,6 +222,18 @@ def parse_request(raw: bytes) -> Head:
 
 def parse_response(raw: bytes, method: bytes) -> Head:
     """Parses a response head; the request method decides whether a body follows."""
+    m = _RESPONSE.fullmatch(raw)
+    if m is None:
+        return _parse_response_lines(raw, method)
+    head = Head()
+    minor, head.target, block = m.groups()
+    if minor == b"0":
+        head.version = 10
+    head.status = int(head.target[:3])
+    return _response_framing(head, method, *_fields(head, block))
+
+
+def _parse_response_lines(raw: bytes, method: bytes) -> Head:
     eol = raw.find(b"\r\n")
     if eol <= 0:
         raise HTTPParseError("empty response")
@@ -200,9 +244,13 @@ def parse_response(raw: bytes, method: bytes) -> Head:
         raise HTTPParseError(f"malformed status line {status_line[:60]!r}")
     head = Head()
     head.version = _version(version)
-    head.status = status = int(code)
+    head.status = int(code)
     head.target = rest
-    te, cl = _headers(head, raw[eol + 2 : -2])
+    return _response_framing(head, method, *_headers(head, raw[eol + 2 : -2]))
+
+
+def _response_framing(head: Head, method: bytes, te: list[bytes], cl: list[bytes]) -> Head:
+    status = head.status
     if method == b"HEAD" or status < 200 or status == 204 or status == 304:
         head.framing = NO_BODY
     elif te:

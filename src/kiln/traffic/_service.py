@@ -253,7 +253,7 @@ class ServiceState:
         self.ready: list[BackendState] = []
         self.draining: list[BackendState] = []
         self.waiters: list[asyncio.Future[None]] = []
-        self.clients: dict[BufferedConn, bool] = {}  # connection -> waiting for a request
+        self.clients: set[BufferedConn] = set()
         self.closing = False
         self.unrouted = 0
         self.set_backends(route.backends, route.drain_timeout)
@@ -368,8 +368,8 @@ class ServiceState:
         self.closing = True
         if self.server is not None:
             self.server.close()
-        for conn, idle in list(self.clients.items()):
-            if idle:
+        for conn in list(self.clients):
+            if conn.waiting_for_request():
                 conn.abort()
         ready, self.ready = self.ready, []
         for b in ready:
@@ -377,7 +377,7 @@ class ServiceState:
         self.notify()
 
     def busy(self) -> bool:
-        return bool(self.draining) or any(not idle for idle in self.clients.values())
+        return bool(self.draining) or any(not c.waiting_for_request() for c in self.clients)
 
     def to_json(self) -> dict[str, Any]:
         body = self.route.to_json()

@@ -171,3 +171,12 @@ def test_view_from_store_records(tmp_path: Path) -> None:
     d = reconcile(v, NOW)
     assert d.replace == (Replacement(b.id, 1, "instance dead"),)
     assert d.create == 0
+
+
+def test_policy_comes_from_the_services_heal_table() -> None:
+    policy = ReconcilePolicy.from_heal(
+        {"max_parallel": 2, "meltdown_fraction": 0.5, "meltdown_window": 60.0, "backoff_cap": 8.0}
+    )
+    assert (policy.max_parallel, policy.meltdown_fraction) == (2, 0.5)
+    assert (policy.meltdown_window, policy.backoff_cap) == (60.0, 8.0)
+    assert ReconcilePolicy.from_heal(None) == ReconcilePolicy()

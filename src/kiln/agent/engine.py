@@ -24,7 +24,7 @@ from kiln.agent.executor import PortPool, RootfsCache, build_instance_spec, imag
 from kiln.agent.proxy import ProxyProcess
 from kiln.deploy.health import ExecRunner, HealthTracker, probe
 from kiln.deploy.plan import DesiredService, Plan, make_plan
-from kiln.deploy.reconcile import ReconcileView, reconcile
+from kiln.deploy.reconcile import ReconcilePolicy, ReconcileView, reconcile
 from kiln.deploy.rollout import STRATEGIES, RolloutInstance, RolloutView
 from kiln.deploy.secrets import SecretStore
 from kiln.deploy.state import (
@@ -1008,6 +1008,7 @@ class Engine:
                 now,
                 breaker_open=any(a.kind == "meltdown" for a in self.state.alarms(service)),
                 breaker_reset_at=self.breaker_reset.get(service, 0.0),
+                policy=ReconcilePolicy.from_heal(active.config.get("heal")),
             )
             decision = reconcile(view, now)
             if decision.noop:

@@ -25,7 +25,7 @@ Three brakes keep healing from making things worse:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,18 @@ class ReconcilePolicy:
     healthy_period: float = 10.0
     meltdown_window: float = 600.0
     meltdown_fraction: float = 0.2
+
+    @classmethod
+    def from_heal(cls, heal: Mapping[str, Any] | None) -> ReconcilePolicy:
+        """The service's ``heal`` table (stored in its revision) over the defaults."""
+        heal = heal or {}
+        base = cls()
+        return cls(
+            max_parallel=int(heal.get("max_parallel", base.max_parallel)),
+            backoff_cap=float(heal.get("backoff_cap", base.backoff_cap)),
+            meltdown_window=float(heal.get("meltdown_window", base.meltdown_window)),
+            meltdown_fraction=float(heal.get("meltdown_fraction", base.meltdown_fraction)),
+        )
 
 
 @dataclass(frozen=True)

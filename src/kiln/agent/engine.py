@@ -123,6 +123,7 @@ class Engine:
         self.emit(
             f"proxy.{how}", f"proxy {how} (pid {self.proxy.pid})", data={"pid": self.proxy.pid}
         )
+        self._restore_breaker_resets()
         await self.adopt()
         await self.push_routes(force=True)
         self._loops = [
@@ -154,6 +155,15 @@ class Engine:
         await _thread(self.proxy.stop)
         self.emit("agent.down", f"down: stopped {len(live)} instance(s) and the proxy")
         return {"stopped": sorted(i.id for i in live), "proxy": "stopped"}
+
+    def _restore_breaker_resets(self) -> None:
+        """The apply that cleared a meltdown outlives this agent: without its moment, the
+        deaths before it (still in the meltdown window) would trip the breaker again."""
+        for event in self.state.events(0, 1_000_000, kind="alarm.cleared"):
+            if event.service is not None:
+                self.breaker_reset[event.service] = float(
+                    event.data.get("breaker_reset_at", event.ts)
+                )
 
     # adoption
 
@@ -596,7 +606,15 @@ class Engine:
                         continue
                     want = plan.desired[sp.service]
                     if self.state.clear_alarm(sp.service):
-                        self.breaker_reset[sp.service] = time.time()
+                        reset = time.time()
+                        self.breaker_reset[sp.service] = reset
+                        self.emit(
+                            "alarm.cleared",
+                            f"{sp.service}: alarm cleared by kiln apply; "
+                            "deaths before now no longer count",
+                            sp.service,
+                            data={"breaker_reset_at": reset},
+                        )
                     image_cfg = await _thread(self.rootfs.image_config, want.image_digest)
                     rev = self.state.next_revision(
                         sp.service,

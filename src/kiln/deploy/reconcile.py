@@ -14,7 +14,8 @@ Three brakes keep healing from making things worse:
 * crash-loop backoff: an instance that dies before it has been ready for
   ``healthy_period`` is a crash; after the n-th crash in a row the next start
   waits ``min(cap, base * 2**(n-1))`` (1 s, 2 s, 4 s … 60 s). Any instance
-  that stays ready for ``healthy_period`` resets the streak. A long-lived
+  that stays ready for ``healthy_period`` resets the streak, and so does the
+  apply that clears a meltdown (``breaker_reset_at``). A long-lived
   instance that is killed is not a crash and is replaced at once;
 * meltdown breaker (BOSH): more than ``ceil(20% of desired)`` (at least 1)
   deaths within 10 minutes stops all replacing and raises an alarm, until
@@ -247,9 +248,10 @@ def reconcile(view: ReconcileView, now: float) -> ReconcileDecision:
 
 
 def _crash_streak(view: ReconcileView, now: float) -> tuple[int, float | None]:
-    """Crashes since the last time some instance proved healthy for ``healthy_period``."""
+    """Crashes since some instance proved healthy for ``healthy_period``, or since the
+    apply that reset the breaker: the operator's fix starts a new streak."""
     hp = view.policy.healthy_period
-    proven = 0.0
+    proven = view.breaker_reset_at
     for i in view.instances:
         if i.ready_at is None:
             continue

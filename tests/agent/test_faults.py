@@ -1,0 +1,287 @@
+"""Faults against a real agent: an instance that goes unhealthy, a crash-looping revision,
+a proxy killed under load. Real sandboxes, the real proxy, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_harness import ImageFactory, RunningAgent, deploy, get, service_spec
+
+from kiln.agent.client import start_background
+from kiln.agent.proxy import pid_alive
+from kiln.deploy.state import StateStore
+from kiln.observe.load import LoadGenerator
+from kiln.traffic.client import ProxyClient
+
+pytestmark = pytest.mark.e2e
+
+# Each instance serves its own directory of the shared volume, named after its hostname
+# (the instance id), so the test can break the health check of exactly one instance.
+PER_INSTANCE_HTTPD = [
+    "/bin/sh",
+    "-c",
+    'd=/state/$(hostname); mkdir -p "$d"; echo ok > "$d/healthz"; hostname > "$d/index.html"; '
+    'exec httpd -f -p $PORT -h "$d"',
+]
+# Serves, then exits: a revision that crash-loops after passing its first health checks
+# (and after its first deployment succeeded: the rollout takes about 0.5 s).
+SERVES_THEN_EXITS = ["/bin/sh", "-c", "httpd -f -p $PORT -h /www & sleep 1.5; exit 3"]
+WWW = {"healthz": "ok\n", "index.html": "v1\n"}
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def events_of(agent: RunningAgent, kind: str, instance: str | None = None) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in agent.client.events()
+        if e["kind"] == kind and (instance is None or e["instance"] == instance)
+    ]
+
+
+def web(agent: RunningAgent) -> dict[str, Any]:
+    status: dict[str, Any] = agent.client.status()["services"]["web"]
+    return status
+
+
+def routed(home: Path, service: str) -> set[str]:
+    """Backends the proxy sends new requests to (draining ones excluded)."""
+    with ProxyClient(home / "proxy.sock") as proxy:
+        route = proxy.services().get(service) or {}
+    return {b["id"] for b in route.get("backends", []) if b.get("state", "ready") != "draining"}
+
+
+def test_an_instance_unhealthy_after_ready_is_replaced_not_restarted(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    listen = free_port()
+    interval, unhealthy_after = 0.2, 3
+    digest = busybox_image("web:v1", cmd=PER_INSTANCE_HTTPD)
+    spec = service_spec(
+        digest,
+        listen=listen,
+        volumes=[{"name": "state", "path": "/state"}],
+        health={
+            "http": "/healthz",
+            "interval": f"{interval}s",
+            "timeout": "0.5s",
+            "unhealthy_after": unhealthy_after,
+        },
+    )
+    assert deploy(agent.client, spec)["outcome"] == "succeeded"
+    before = web(agent)["instances"]
+    assert len(before) == 3 and {i["state"] for i in before} == {"ready"}
+    victim = before[0]
+    assert get(listen)[0] == 200
+
+    load = LoadGenerator("127.0.0.1", listen, workers=2, pause=0.005, classify=str.strip)
+    with load:
+        time.sleep(0.5)
+        served_before = load.report.bodies.get(victim["id"], 0)
+        broken_at = time.time()
+        (agent.home / "volumes" / "state" / victim["id"] / "healthz").unlink()
+        unhealthy = wait_for(
+            lambda: events_of(agent, "instance.unhealthy", victim["id"]), 5, "unhealthy"
+        )[0]
+        wait_for(lambda: victim["id"] not in routed(agent.home, "web"), 2, "out of the route")
+        served_when_unrouted = load.report.bodies.get(victim["id"], 0)
+        recovered = wait_for(
+            lambda: events_of(agent, "instance.recovered", victim["id"]), 10, "the replacement"
+        )[0]
+        stopped = wait_for(
+            lambda: events_of(agent, "instance.stopped", victim["id"]), 10, "the retirement"
+        )[0]
+        time.sleep(0.3)
+    report = load.report
+    print(f"unhealthy instance replaced under load: {report.summary()}")
+    assert report.failed == 0, report.errors
+    assert served_before > 0, "the victim served before it was broken"
+    assert load.report.bodies.get(victim["id"], 0) == served_when_unrouted, (
+        "the proxy kept sending requests to an unhealthy instance"
+    )
+
+    # unhealthy after `unhealthy_after` failed probes, not at the first one
+    assert "HTTP 404" in unhealthy["message"]
+    assert unhealthy["ts"] - broken_at >= (unhealthy_after - 1) * interval - 0.05
+    assert unhealthy["ts"] - broken_at < unhealthy_after * interval + 1.5
+
+    replace = events_of(agent, "reconcile.replace", victim["id"])
+    assert len(replace) == 1, replace
+    assert replace[0]["data"]["reason"] == "instance unhealthy"
+    replacement = replace[0]["data"]["replacement"]
+    assert replacement != victim["id"]
+    assert recovered["data"]["replacement"] == replacement
+    assert 0 < recovered["data"]["time_to_recovery"] < 5.0
+    print(f"time to recovery (unhealthy) {recovered['data']['time_to_recovery']:.2f}s")
+    assert "unhealthy" in stopped["message"]
+
+    now = {i["id"]: i for i in web(agent)["instances"]}
+    assert victim["id"] not in now
+    assert replacement in now and now[replacement]["state"] == "ready"
+    assert now[replacement]["revision"] == victim["revision"]
+    assert now[replacement]["digest"] == digest
+    assert len(now) == 3 and {i["state"] for i in now.values()} == {"ready"}
+    assert {i["id"] for i in before[1:]} <= set(now), "healthy instances were left alone"
+    assert not pid_alive(victim["pid"]), "the unhealthy instance still runs"
+    assert not events_of(agent, "meltdown")
+
+    store = StateStore(agent.home / "state.db")
+    try:
+        old = store.instance(victim["id"])
+        assert old.state == "stopped" and old.replaced_by == replacement
+        assert [r.instance for r in store.recoveries("web")] == [victim["id"]]
+    finally:
+        store.close()
+
+
+def _death_to_replacement_gaps(agent: RunningAgent) -> list[float]:
+    events = agent.client.events()
+    died = {e["instance"]: e["ts"] for e in events if e["kind"] == "instance.died"}
+    return [
+        e["ts"] - died[e["instance"]]
+        for e in events
+        if e["kind"] == "reconcile.replace" and e["instance"] in died
+    ]
+
+
+def test_a_crash_looping_revision_backs_off_exponentially(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    spec = service_spec(
+        busybox_image("web:v1", WWW, cmd=SERVES_THEN_EXITS),
+        listen=free_port(),
+        replicas=1,
+        heal={"meltdown_fraction": 10.0},
+    )
+    assert deploy(agent.client, spec)["outcome"] == "succeeded"
+    expected = [1.0, 2.0, 4.0]
+    gaps = wait_for(
+        lambda: (g := _death_to_replacement_gaps(agent))[len(expected) - 1 :] and g,
+        30,
+        f"{len(expected)} replacements",
+    )
+    print("death → replacement gaps: " + ", ".join(f"{g:.2f}s" for g in gaps))
+    for gap, want in zip(gaps, expected, strict=False):
+        # the reconciler runs every 0.5 s: a start is due at `want`, carried out by the next pass
+        assert want - 0.05 <= gap <= want + 1.0, (gaps, expected)
+    assert all(
+        e["data"]["reason"] == "instance dead" for e in events_of(agent, "reconcile.replace")
+    )
+    crashed = events_of(agent, "instance.died")
+    assert len(crashed) >= len(expected)
+    assert all(e["data"]["exit_code"] == 3 for e in crashed)
+    assert not events_of(agent, "meltdown"), "heal.meltdown_fraction = 10 disables the breaker"
+    assert not web(agent)["alarms"]
+
+
+def test_a_crash_loop_trips_the_breaker_until_the_next_apply(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    listen = free_port()
+    crashing = busybox_image("web:v1", WWW, cmd=SERVES_THEN_EXITS)
+    assert deploy(agent.client, service_spec(crashing, listen=listen, replicas=1))["outcome"] == (
+        "succeeded"
+    )
+    meltdown = wait_for(lambda: events_of(agent, "meltdown"), 15, "the meltdown alarm")[0]
+    # replicas = 1 tolerates 1 death in 10 min (max(1, ceil(20% of 1))); the second trips it
+    assert "2 instances died within 10 min" in meltdown["message"]
+    assert len(events_of(agent, "reconcile.replace")) == 1
+    status = web(agent)
+    assert status["alarms"] and "replacing stopped until kiln apply" in status["alarms"][0]
+    time.sleep(2.5)  # longer than the backoff (2 s) that would apply without the breaker
+    assert len(events_of(agent, "reconcile.replace")) == 1, "replacing goes on after a meltdown"
+    assert web(agent)["instances"] == []
+
+    fixed = busybox_image("web:v2", {"healthz": "ok\n", "index.html": "v2\n"})
+    record = deploy(agent.client, service_spec(fixed, listen=listen, replicas=1))
+    assert record["outcome"] == "succeeded", record
+    status = web(agent)
+    assert status["alarms"] == [], "kiln apply clears the meltdown alarm"
+    assert [(i["revision"], i["state"]) for i in status["instances"]] == [(2, "ready")]
+    assert get(listen) == (200, "v2\n")
+    cleared = events_of(agent, "alarm.cleared")
+    assert len(cleared) == 1 and "kiln apply" in cleared[0]["message"]
+
+    # a restarted agent still knows the apply reset the breaker: the old deaths, still within
+    # the 10 min window, must not trip it again on a healthy service
+    os.kill(agent.pid(), signal.SIGKILL)
+    time.sleep(0.3)
+    start_background(agent.home)
+    wait_for(lambda: events_of(agent, "instance.adopted"), 10, "adoption")
+    time.sleep(1.5)  # three reconcile passes
+    assert len(events_of(agent, "meltdown")) == 1, "the breaker tripped again after a restart"
+    assert web(agent)["alarms"] == []
+
+    # the deaths before the apply no longer count: one more death is healed, not a meltdown
+    victim = web(agent)["instances"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    recovered = wait_for(
+        lambda: events_of(agent, "instance.recovered", victim["id"]), 10, "the replacement"
+    )[0]
+    seconds = recovered["data"]["time_to_recovery"]
+    print(f"time to recovery after the apply {seconds:.2f}s")
+    # nor do the crashes before it: no crash-loop backoff (it would be 4 s for a third crash)
+    assert seconds < 3.0, f"time to recovery {seconds:.2f}s"
+    assert len(events_of(agent, "meltdown")) == 1
+    assert web(agent)["alarms"] == []
+    assert get(listen) == (200, "v2\n")
+
+
+class TimedLoad(LoadGenerator):
+    """LoadGenerator that also keeps when each request ended and whether it passed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeline: list[tuple[float, bool]] = []
+        self._timeline_lock = threading.Lock()
+
+    def _record(self, ok: bool, latency: float, error: str | None, body: str | None) -> None:
+        super()._record(ok, latency, error, body)
+        with self._timeline_lock:
+            self.timeline.append((time.time(), ok))
+
+
+def test_a_proxy_killed_under_load_is_back_within_two_seconds(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    listen = free_port()
+    spec = service_spec(busybox_image("web:v1", WWW), listen=listen, replicas=2)
+    assert deploy(agent.client, spec)["outcome"] == "succeeded"
+    old = agent.client.health()["proxy_pid"]
+    load = TimedLoad("127.0.0.1", listen, workers=2, pause=0.005)
+    with load:
+        time.sleep(0.5)
+        killed_at = time.time()
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: events_of(agent, "proxy.restarted"), 5, "the proxy restart")
+        time.sleep(2.5)
+    timeline = load.timeline
+    failures = [t for t, ok in timeline if not ok]
+    back = [t for t, ok in timeline if ok and t > killed_at]
+    assert back, "nothing served after the restart"
+    outage = (max(failures) - killed_at) if failures else 0.0
+    print(
+        f"proxy SIGKILL under load: {len(failures)} of {len(timeline)} requests failed, "
+        f"all within {outage:.2f}s of the kill"
+    )
+    assert all(t >= killed_at for t in failures), "requests failed before the proxy was killed"
+    assert outage < 2.0, f"requests still failed {outage:.2f}s after the kill"
+    served_after = [t for t, ok in timeline if ok and t > killed_at + 2.0]
+    assert len(served_after) > 20, "service not fully restored after the restart"
+    assert agent.client.health()["proxy_pid"] not in (None, old)
+    assert not pid_alive(old)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import busybox_tree
 from kiln.agent.client import AgentClient
 from kiln.agent.proxy import pid_alive
 from kiln.deploy.plan import desired_from_spec
@@ -21,31 +19,12 @@ from kiln.image.layer import layer_from_dir
 from kiln.image.store import ImageStore
 from kiln.spec.models import Spec
 
-BUSYBOX = Path("/bin/busybox")
 HTTPD = ["/bin/sh", "-c", "exec httpd -f -p $PORT -h /www"]
 
 
 def build_busybox_rootfs(dest: Path, files: dict[str, str] | None = None) -> Path:
     """Static busybox with every applet linked into /bin, and ``files`` under /www."""
-    (dest / "bin").mkdir(parents=True)
-    shutil.copy2(BUSYBOX, dest / "bin" / "busybox")
-    applets = subprocess.run(
-        [str(BUSYBOX), "--list"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            (dest / "bin" / applet).symlink_to("busybox")
-    (dest / "etc").mkdir()
-    (dest / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
-    (dest / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    for mount in ("proc", "dev", "tmp", "run", "www"):
-        (dest / mount).mkdir()
-    for name, text in (files or {}).items():
-        (dest / "www" / name).write_text(text)
-    for path in sorted(dest.rglob("*"), reverse=True):
-        if not path.is_symlink():
-            path.chmod(0o755 if path.is_dir() or path.name == "busybox" else 0o644)
-    return dest
+    return busybox_tree.build_busybox_rootfs(dest, www=files)
 
 
 def put_image(
@@ -84,10 +63,7 @@ def put_image(
 ImageFactory = Callable[..., str]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_free_port = busybox_tree.free_port
 
 
 def kill_everything(home: Path) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+import busybox_tree
+
 pytestmark = pytest.mark.e2e
 
 KILN = str(Path(sys.executable).parent / "kiln")
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 V1 = b"kiln-e2e-first-value-5b1f0c"
 V2 = b"kiln-e2e-second-value-9e27d4"
 
@@ -46,22 +45,14 @@ update = {{ min_healthy_time = "0.5s" }}
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = busybox_tree.free_port
 
 
 def make_project(root: Path, listen: int) -> Path:
     """httpd serves /www/key, a link to the mounted secret: what the instance sees."""
-    rootfs = root / "rootfs"
-    (rootfs / "bin").mkdir(parents=True)
-    shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
-    for applet in ("sh", "httpd"):
-        (rootfs / "bin" / applet).symlink_to("busybox")
-    for d in ("proc", "dev", "tmp", "run", "www"):
-        (rootfs / d).mkdir()
-    (rootfs / "www" / "healthz").write_text("ok\n")
+    rootfs = busybox_tree.build_busybox_rootfs(
+        root / "rootfs", www={"healthz": "ok\n"}, applets=("sh", "httpd"), users=False
+    )
     (rootfs / "www" / "key").symlink_to("/run/secrets/api_key")
     (root / "kiln.toml").write_text(TOML.format(listen=listen))
     return root

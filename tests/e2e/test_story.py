@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
+import busybox_tree
 from kiln.observe.load import LoadGenerator
 
 pytestmark = pytest.mark.e2e
 
 KILN = str(Path(sys.executable).parent / "kiln")
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 TOML = """\
 [project]
@@ -45,22 +44,16 @@ update = {{ min_healthy_time = "0.5s" }}
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = busybox_tree.free_port
 
 
 def make_project(root: Path, listen: int, version: str) -> Path:
-    rootfs = root / "rootfs"
-    (rootfs / "bin").mkdir(parents=True)
-    shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
-    for applet in ("sh", "httpd", "cat", "echo"):
-        (rootfs / "bin" / applet).symlink_to("busybox")
-    for d in ("proc", "dev", "tmp", "run", "www"):
-        (rootfs / d).mkdir()
-    (rootfs / "www" / "healthz").write_text("ok\n")
-    (rootfs / "www" / "index.html").write_text(f"{version}\n")
+    busybox_tree.build_busybox_rootfs(
+        root / "rootfs",
+        www={"healthz": "ok\n", "index.html": f"{version}\n"},
+        applets=("sh", "httpd", "cat", "echo"),
+        users=False,
+    )
     (root / "kiln.toml").write_text(TOML.format(listen=listen))
     return root
 

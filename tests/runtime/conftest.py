@@ -3,43 +3,25 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import busybox_tree
+from busybox_tree import MOUNT_POINTS
 from kiln.runtime import InstanceSpec
 from kiln.runtime.local import LocalRuntime
-
-BUSYBOX = Path("/bin/busybox")
 
 
 def build_busybox_rootfs(dest: Path, mount_points: bool = True) -> Path:
     """A minimal image root: static busybox with every applet linked into /bin."""
-    (dest / "bin").mkdir(parents=True)
-    shutil.copy2(BUSYBOX, dest / "bin" / "busybox")
-    applets = subprocess.run(
-        [str(BUSYBOX), "--list"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            (dest / "bin" / applet).symlink_to("busybox")
-    (dest / "www").mkdir()
-    (dest / "www" / "index.html").write_text("hello from kiln\n")
-    (dest / "etc").mkdir()
-    (dest / "etc" / "passwd").write_text("root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
-    (dest / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    if mount_points:
-        for name in ("proc", "dev", "tmp", "run", "data", "cache"):
-            (dest / name).mkdir()
-    for path in sorted(dest.rglob("*"), reverse=True):
-        if not path.is_symlink():
-            path.chmod(0o755 if path.is_dir() or path.name == "busybox" else 0o644)
-    return dest
+    return busybox_tree.build_busybox_rootfs(
+        dest,
+        www={"index.html": "hello from kiln\n"},
+        mount_points=(*MOUNT_POINTS, "data", "cache") if mount_points else (),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -48,10 +30,7 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_busybox_rootfs(root)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = busybox_tree.free_port
 
 
 SpecFactory = Callable[..., InstanceSpec]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from runtime_contract import AppSpec, http_get
 
+from busybox_tree import build_busybox_rootfs
 from kiln.observe.logs import LogLine, LogStore
 from kiln.runtime import (
     Execer,
@@ -151,9 +152,7 @@ def test_rootfs_is_read_only_but_tmp_and_writable_paths_are_writable(
 def test_a_rootfs_without_mount_points_still_starts_and_stays_untouched(
     local_runtime: LocalRuntime, make_spec: AppSpec, tmp_path: Path
 ) -> None:
-    from conftest import build_busybox_rootfs
-
-    bare = build_busybox_rootfs(tmp_path / "bare", mount_points=False)
+    bare = build_busybox_rootfs(tmp_path / "bare", www={"index.html": "hi\n"}, mount_points=())
     before = sorted(p.name for p in bare.iterdir())
     spec = make_spec(
         ["sh", "-c", "touch /x 2>/dev/null || echo ro; echo y > /scratch/y && echo ok"],

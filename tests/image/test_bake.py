@@ -481,3 +481,25 @@ def test_skopeo_reads_the_baked_image(project: Path) -> None:
     data = json.loads(out.stdout)
     assert data["Digest"] == result.digest
     assert data["Env"] == ["APP=demo", "GREETING=hi"]
+
+
+def test_stale_debian_trees_of_dead_bakes_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    """mmdebstrap's tree lives in the temp dir, so the sweep covers that prefix there too."""
+    from kiln.image.bake import clean_stale_staging
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f"kiln-debian-{dead_pid}-web-x1"
+    live = tmp_path / f"kiln-debian-{os.getpid()}-web-x2"
+    other = tmp_path / f"bake-{dead_pid}-web-x3"
+    for path in (stale, live, other):
+        (path / "rootfs" / "usr").mkdir(parents=True)
+    clean_stale_staging(tmp_path, "kiln-debian-")
+    assert (stale.exists(), live.exists(), other.exists()) == (False, True, True)
+    clean_stale_staging(tmp_path)
+    assert not other.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tomllib
@@ -46,21 +47,27 @@ _HOOKS = [
 def test_mmdebstrap_argv_first_bake_asks_for_the_requested_packages() -> None:
     argv = mmdebstrap_argv(
         BASE,
-        output=Path("/s/base.tar"),
+        output=Path("/s/rootfs"),
         versions_out=Path("/s/versions"),
         deb_cache=Path("/cache/debs"),
     )
     assert argv == [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
         "mmdebstrap",
         "--mode=root",
         "--variant=minbase",
-        "--format=tar",
+        "--format=directory",
         "--architectures=amd64",
         "--skip=essential/unlink,output/dev",
+        "--hook-dir=/usr/share/mmdebstrap/hooks/maybe-merged-usr",
         "--include=python3-minimal",
         *_HOOKS,
         "bookworm",
-        "/s/base.tar",
+        "/s/rootfs",
         "http://deb.debian.org/debian",
     ]
 
@@ -68,12 +75,28 @@ def test_mmdebstrap_argv_first_bake_asks_for_the_requested_packages() -> None:
 def test_mmdebstrap_argv_from_the_lock_pins_every_package() -> None:
     argv = mmdebstrap_argv(
         BASE,
-        output=Path("/s/base.tar"),
+        output=Path("/s/rootfs"),
         versions_out=Path("/s/versions"),
         deb_cache=Path("/cache/debs"),
         locked={"python3-minimal": "3.11.2-1+b1", "base-files": "12.4+deb12u5"},
     )
-    assert argv[6] == "--include=base-files=12.4+deb12u5,python3-minimal=3.11.2-1+b1"
+    assert argv[11:13] == [
+        "--hook-dir=/usr/share/mmdebstrap/hooks/maybe-merged-usr",
+        "--include=base-files=12.4+deb12u5,python3-minimal=3.11.2-1+b1",
+    ]
+
+
+def test_mmdebstrap_argv_from_a_usrmerge_lock_builds_as_it_was_resolved() -> None:
+    """Locks written before the merged-/usr hook pin usrmerge; they must keep their digest."""
+    argv = mmdebstrap_argv(
+        BASE,
+        output=Path("/s/rootfs"),
+        versions_out=Path("/s/versions"),
+        deb_cache=Path("/cache/debs"),
+        locked={"perl": "5.36.0-7+deb12u3", "usrmerge": "35", "python3-minimal": "3.11.2-1+b1"},
+    )
+    assert not any(arg.startswith("--hook-dir") for arg in argv)
+    assert argv[11] == "--include=perl=5.36.0-7+deb12u3,python3-minimal=3.11.2-1+b1,usrmerge=35"
 
 
 def test_parse_debian_base_sorts_packages_and_rejects_bad_names() -> None:
@@ -132,15 +155,25 @@ def test_verify_installed_names_the_package_and_the_fix(
 
 # -- the one real Debian bake -------------------------------------------------
 
+# Everything of the base a run step could record, except a directory's st_size (how
+# many entries the filesystem's directory blocks once held, which no layer carries).
+TREE_LISTING = (
+    "find /etc /usr /var -xdev \\\\( -type d -printf '%p d %m %U %G %T@\\\\n' \\\\) "
+    "-o -printf '%p %y %m %U %G %T@ %s %l\\\\n' | sort"
+)
+
 DEBIAN_RECIPE = """[project]
 name = "deb"
 
 [images.py]
 from = "debian:bookworm"
 packages = ["python3-minimal"]
-steps = [{ run = "python3 -c 'print(6 * 7)' > /answer" }]
+steps = [
+  { run = "python3 -c 'print(6 * 7)' > /answer" },
+  { run = "TREE_LISTING > /tree" },
+]
 cmd = ["python3"]
-"""
+""".replace("TREE_LISTING", TREE_LISTING)
 
 
 @pytest.fixture(scope="session")
@@ -178,6 +211,8 @@ def test_debian_bake_writes_the_lock_and_rebakes_from_it_to_the_same_digest(
     entry = lock["debian:bookworm/amd64+python3-minimal"]
     assert entry["suite"] == "bookworm" and entry["requested"] == ["python3-minimal"]
     assert "python3-minimal" in entry["packages"] and "base-files" in entry["packages"]
+    assert "usr-is-merged" in entry["packages"]
+    assert "usrmerge" not in entry["packages"] and "perl" not in entry["packages"]
     assert list(entry["packages"]) == sorted(entry["packages"])
 
     fresh = tmp_path / "elsewhere"
@@ -192,6 +227,22 @@ def test_debian_bake_writes_the_lock_and_rebakes_from_it_to_the_same_digest(
     unpack_image(default_store(), f"py@{again.digest}", dest)
     assert (dest / "answer").read_text() == "42\n"
     assert not (dest / "etc" / "resolv.conf").exists()
+    assert not (dest / "dev").exists()
+    assert (dest / "bin").readlink() == Path("usr/bin")
+    assert "/usr/bin/python3.11 f 755 0 0 0" in (dest / "tree").read_text()
 
     cached = bake(load(fresh))["py"]
     assert (cached.digest, cached.layers_built) == (first.digest, 0)
+
+    # The cold bakes ran their steps over mmdebstrap's own tree. With only the base
+    # layer left in the cache, the steps run over the layer unpacked instead: every
+    # metadata-sensitive byte they write (/tree) must come out the same.
+    cache = Path(os.environ["KILN_HOME"]) / "cache" / "layers"
+    base_layer = default_store().manifest(f"py@{first.digest}")["layers"][0]["digest"]
+    for path in cache.glob("*/*.json"):
+        if (json.loads(path.read_text()).get("layer") or {}).get("digest") != base_layer:
+            path.unlink()
+    progress = RecordingProgress()
+    unpacked = bake(load(fresh), progress=progress)["py"]
+    assert [e[4] for e in progress.finished("py")] == [True, False, False]
+    assert unpacked.digest == first.digest

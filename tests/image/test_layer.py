@@ -18,6 +18,7 @@ from kiln.image.layer import (
     layer_from_diff,
     layer_from_dir,
     layer_from_tarball,
+    settle_tree,
     snapshot,
 )
 from kiln.image.store import ImageStore
@@ -294,3 +295,55 @@ def test_parallel_gzip_is_valid_and_independent_of_thread_count(
     subprocess.run(["gzip", "-t", str(blob)], check=True)
     with tarfile.open(blob, "r:gz") as tf:
         assert tf.extractfile("f3").read() == (root / "f3").read_bytes()  # type: ignore[union-attr]
+
+
+def _full_tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything a run step could observe of a path: type, mode, owner, mtime, content, xattrs."""
+    out: dict[str, tuple[object, ...]] = {}
+    for rel, state in snapshot(root).paths.items():
+        path = root / rel
+        content: object = state.link
+        if stat.S_ISREG(state.mode):
+            content = path.read_bytes()
+        xattrs = sorted(os.listxattr(path, follow_symlinks=False))
+        links = state.nlink if stat.S_ISREG(state.mode) else 0
+        out[rel] = (state.mode, state.uid, state.gid, state.mtime_ns, content, xattrs, links)
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="device nodes and owners need root")
+def test_a_settled_tree_is_exactly_what_its_layer_unpacks_to(
+    store: ImageStore, tmp_path: Path
+) -> None:
+    """A Debian base's tree is used as the first run step's rootfs, so it must not differ
+    in anything from the same layer unpacked (which a re-bake with a cached base does)."""
+    root = tmp_path / "rootfs"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "dev").mkdir()
+    (root / "run").mkdir()
+    (root / "usr/bin/tool").write_bytes(b"t" * 5000)
+    os.link(root / "usr/bin/tool", root / "usr/bin/tool2")
+    os.symlink("tool", root / "usr/bin/tool-link")
+    os.chown(root / "usr/bin/tool", 0, 50)
+    os.chmod(root / "usr/bin/tool", 0o4755)
+    os.mknod(root / "dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mkfifo(root / "run/fifo", 0o600)
+    os.setxattr(root / "usr/bin/tool2", "user.kiln", b"x")
+    os.utime(root / "usr/bin/tool", ns=(0, (EPOCH + 99) * 10**9 + 5))
+    os.utime(root / "run", ns=(0, (EPOCH - 7) * 10**9 + 123))
+    os.utime(root / "usr/bin/tool-link", ns=(0, (EPOCH + 3) * 10**9), follow_symlinks=False)
+    settle_tree(root, EPOCH)
+    settled = _full_tree(root)
+    assert "dev/null" not in settled and "run/fifo" in settled
+    assert settled["usr/bin/tool"][3] == EPOCH * 10**9
+    assert settled["usr/bin/tool-link"][3] == EPOCH * 10**9
+    assert settled["run"][3] == (EPOCH - 7) * 10**9
+    assert settled["usr/bin/tool2"][5] == []
+    layer = layer_from_dir(root, store, EPOCH)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    with store.open_blob(layer.descriptor.digest) as blob:
+        apply_layer(blob, unpacked)
+    assert _full_tree(unpacked) == settled
+    settle_tree(root, EPOCH)
+    assert layer_from_dir(root, store, EPOCH).descriptor == layer.descriptor

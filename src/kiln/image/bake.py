@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -62,6 +63,11 @@ ANNOTATION_SOURCE = "org.opencontainers.image.source"
 HEALTHCHECK_LABEL = "dev.kiln.healthcheck"
 MAX_PARALLEL = 4
 _STAGING_PREFIX = "bake-"
+# mmdebstrap's tree lies in the temp dir (as its own tarball staging did), not in
+# $KILN_HOME: apt drops to the _apt user for downloads and, when that user cannot reach
+# the tree (a KILN_HOME under /root), leaves var/lib/apt/lists/partial owned by root
+# instead of _apt, so the base layer would depend on where KILN_HOME lies.
+_DEBIAN_PREFIX = "kiln-debian-"
 
 
 @dataclass(frozen=True)
@@ -192,16 +198,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_staging(root: Path) -> None:
+def clean_stale_staging(root: Path, prefix: str = _STAGING_PREFIX) -> None:
     """Staging dirs of bakes that died (SIGKILL, power loss) go at the next bake."""
     if not root.is_dir():
         return
     for path in root.iterdir():
-        if not path.name.startswith(_STAGING_PREFIX):
+        if not path.name.startswith(prefix):
             continue
         try:
-            pid = int(path.name.split("-")[1])
-        except (IndexError, ValueError):
+            pid = int(path.name[len(prefix) :].split("-")[0])
+        except ValueError:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
@@ -273,6 +279,7 @@ class _ImageBake:
         self.cached = 0
         self._staging: Path | None = None
         self._rootfs: Path | None = None
+        self._debian_dir: Path | None = None
         self._applied = 0
 
     # -- staging
@@ -292,9 +299,13 @@ class _ImageBake:
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
+        if self._debian_dir is not None:
+            shutil.rmtree(self._debian_dir, ignore_errors=True)
+            self._debian_dir = None
 
     def rootfs(self) -> Path:
-        """The filesystem so far; made on the first run step that misses the cache."""
+        """The filesystem so far: a Debian base's own tree when this bake built it,
+        else made from the layers on the first run step that misses the cache."""
         if self._rootfs is None:
             self._rootfs = self.staging / "rootfs"
             self._rootfs.mkdir(mode=0o755)
@@ -380,6 +391,8 @@ class _ImageBake:
         elif kind == "debian":
             base = self._debian(source, started)
             self._adopt(base)
+            if self._rootfs is not None:
+                self._applied = len(self.layers)  # mmdebstrap's tree is the base layer
             return
         else:
             raise KilnError(
@@ -408,7 +421,7 @@ class _ImageBake:
 
     def _debian(self, source: str, started: float) -> BaseImage:
         from kiln.image import debian
-        from kiln.image.layer import layer_from_tarball
+        from kiln.image.layer import layer_from_dir
 
         where = f"{self.file}: {self.where}"
         shared = self.shared
@@ -425,24 +438,28 @@ class _ImageBake:
         )
 
         def key_for(packages: Mapping[str, str]) -> str:
-            return step_key(
-                [],
-                {
-                    "debian": base.suite,
-                    "architecture": base.architecture,
-                    "requested": list(base.packages),
-                    "lock": dict(sorted(packages.items())),
-                    "variant": debian.VARIANT,
-                    "epoch": epoch,
-                },
-            )
+            inputs: dict[str, Any] = {
+                "debian": base.suite,
+                "architecture": base.architecture,
+                "requested": list(base.packages),
+                "lock": dict(sorted(packages.items())),
+                "variant": debian.VARIANT,
+                "epoch": epoch,
+            }
+            if debian.uses_merged_usr_hook(packages):
+                inputs["merged_usr"] = "hook"
+            return step_key([], inputs)
 
         if locked is not None and not shared.no_cache:
             hit = shared.cache.get(key_for(locked), shared.store)
             if hit is not None and hit.descriptor is not None:
                 self._record(0, label, True, started, hit.descriptor.size)
                 return self._debian_image(base, hit, source, created_by)
-        out = self.staging / "base.tar"
+        self._debian_dir = Path(
+            tempfile.mkdtemp(prefix=f"{_DEBIAN_PREFIX}{os.getpid()}-{self.name}-")
+        )
+        os.chmod(self._debian_dir, 0o711)
+        out = self._debian_dir / "rootfs"
         versions = self.staging / "versions.txt"
         deb_cache = download_cache() / "debs"
         deb_cache.mkdir(parents=True, exist_ok=True)
@@ -469,8 +486,9 @@ class _ImageBake:
                 )
                 live = _lock_keys(shared.spec, base.architecture)
                 debian.write_lock(lock_path, {k: v for k, v in entries.items() if k in live})
-        result = layer_from_tarball(out, shared.store, epoch)
-        out.unlink(missing_ok=True)
+        debian.finish_tree(out, epoch)
+        result = layer_from_dir(out, shared.store, epoch)
+        self._rootfs = out
         entry_layer = CachedLayer(result.descriptor, result.diff_id, result.size_uncompressed)
         shared.cache.put(key_for(installed), entry_layer)
         self._record(0, label, False, started, result.descriptor.size)
@@ -814,6 +832,7 @@ def bake(
     home = kiln_home()
     store = store or ImageStore(home / "images")
     clean_stale_staging(staging_root())
+    clean_stale_staging(Path(tempfile.gettempdir()), _DEBIAN_PREFIX)
     facts = git_facts(spec.root)
     shared = _Shared(
         spec=spec,

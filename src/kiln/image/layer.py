@@ -142,6 +142,39 @@ def layer_from_dir(
     return _write_layer(entries, store, f"tree {root}")
 
 
+def settle_tree(root: Path, epoch: int) -> None:
+    """Make the tree at ``root`` exactly what unpacking ``layer_from_dir(root, …, epoch)`` gives.
+
+    A layer carries no device nodes, sockets or xattrs and clamps every mtime
+    to whole seconds no later than ``epoch``; this removes and clamps the same
+    way in place. A tree that is both written as a layer and kept as a root
+    filesystem (a Debian base, then the first ``run`` step over it) must be
+    settled first, or the step would see a tree that a re-bake from the cached
+    layer does not — and write a different layer.
+    """
+    root = Path(root)
+    entries = list(_walk(root))
+    removed = False
+    for rel, st in entries:
+        fmt = stat.S_IFMT(st.st_mode)
+        if fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK):
+            os.unlink(root / rel)
+            removed = True
+    if removed:
+        entries = list(_walk(root))
+    for rel, st in entries:
+        path = root / rel
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            names = []
+        for name in names:
+            os.removexattr(path, name, follow_symlinks=False)
+        mtime = max(0, min(st.st_mtime_ns // 1_000_000_000, epoch)) * 1_000_000_000
+        if st.st_mtime_ns != mtime:
+            os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+
+
 def layer_from_diff(
     root: Path,
     before: Snapshot,

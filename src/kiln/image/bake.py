@@ -16,6 +16,7 @@ that the next bake removes, never a half-made tag.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import stat
@@ -29,7 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from kiln.errors import KilnError
 from kiln.image.base import (
@@ -56,6 +57,7 @@ from kiln.image.store import GcResult, ImageStore
 from kiln.paths import download_cache, kiln_home
 
 if TYPE_CHECKING:
+    from kiln.image.trees import OverlayRootfs, TreeLayer
     from kiln.spec.models import CopyStep, Recipe, RunStep, Spec
 
 ANNOTATION_REVISION = "org.opencontainers.image.revision"
@@ -188,6 +190,10 @@ def staging_root() -> Path:
     return kiln_home() / "tmp"
 
 
+def tree_root() -> Path:
+    return kiln_home() / "cache" / "trees"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -210,7 +216,12 @@ def clean_stale_staging(root: Path, prefix: str = _STAGING_PREFIX) -> None:
         except ValueError:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
+            from kiln.image.trees import unmount_all_under
+
+            # A bake killed with its rootfs mounted leaves the overlay behind: unmount
+            # first, and never remove through a mount that would not go away.
+            if unmount_all_under(path):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 # -- one bake ---------------------------------------------------------------
@@ -281,6 +292,9 @@ class _ImageBake:
         self._rootfs: Path | None = None
         self._debian_dir: Path | None = None
         self._applied = 0
+        self._base_layers = 0
+        self._overlay: OverlayRootfs | None = None
+        self._overlay_ready = False
 
     # -- staging
 
@@ -296,7 +310,8 @@ class _ImageBake:
         return self._staging
 
     def cleanup(self) -> None:
-        if self._staging is not None:
+        unmounted = self._overlay is None or self._overlay.unmount()
+        if self._staging is not None and unmounted:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
         if self._debian_dir is not None:
@@ -304,8 +319,15 @@ class _ImageBake:
             self._debian_dir = None
 
     def rootfs(self) -> Path:
-        """The filesystem so far: a Debian base's own tree when this bake built it,
-        else made from the layers on the first run step that misses the cache."""
+        """The filesystem so far, made on the first run step that misses the cache.
+
+        Over a cached tree of the base layers when overlayfs is usable (see
+        :mod:`kiln.image.trees`), else unpacked into staging; a Debian base's
+        own tree when this bake built it and no overlay is possible. The
+        layers after that are applied with the one safe extractor.
+        """
+        if self._rootfs is None:
+            self._rootfs = self._mount_over_tree()
         if self._rootfs is None:
             self._rootfs = self.staging / "rootfs"
             self._rootfs.mkdir(mode=0o755)
@@ -315,7 +337,46 @@ class _ImageBake:
             with self.shared.store.open_blob(layer.descriptor.digest) as blob:
                 apply_layer(blob, self._rootfs, source=layer.source)
             self._applied += 1
+        if self._overlay is not None and not self._overlay_ready:
+            self._overlay.copy_up_directories()
+            self._overlay_ready = True
         return self._rootfs
+
+    def _tree_layers(self, count: int) -> list[TreeLayer]:
+        from kiln.image.trees import TreeLayer
+
+        store = self.shared.store
+        return [
+            TreeLayer(
+                layer.diff_id,
+                layer.descriptor.digest,
+                layer.source,
+                functools.partial(store.open_blob, layer.descriptor.digest),
+            )
+            for layer in self.layers[:count]
+        ]
+
+    def _mount_over_tree(self) -> Path | None:
+        """An overlay over the longest cached tree of these layers; the base's tree is
+        unpacked (once, for every later bake) when none is cached yet."""
+        from kiln.image import trees
+
+        if self._applied or not self.layers or not trees.overlay_usable(staging_root()):
+            return None
+        cache = trees.TreeCache(tree_root())
+        if not trees.options_safe(cache.root, self.staging):
+            return None
+        found = cache.longest_prefix(self._parents())
+        if found is None:
+            if not self._base_layers:
+                return None
+            count = self._base_layers
+            found = (count, cache.build(self._tree_layers(count)))
+        count, tree = found
+        self._overlay = trees.OverlayRootfs(tree, self.staging)
+        merged = self._overlay.mount()
+        self._applied = count
+        return merged
 
     # -- run
 
@@ -407,6 +468,7 @@ class _ImageBake:
 
     def _adopt(self, base: BaseImage) -> None:
         self.layers = list(base.layers)
+        self._base_layers = len(self.layers)
         self.inherited = dict(base.config)
         self.env = _env_list_to_dict(self.inherited.get("Env"))
         self.workdir = str(self.inherited.get("WorkingDir") or "/")
@@ -488,11 +550,26 @@ class _ImageBake:
                 debian.write_lock(lock_path, {k: v for k, v in entries.items() if k in live})
         debian.finish_tree(out, epoch)
         result = layer_from_dir(out, shared.store, epoch)
-        self._rootfs = out
+        if not self._keep_as_tree(out, result.diff_id, result.descriptor.digest, source):
+            self._rootfs = out
         entry_layer = CachedLayer(result.descriptor, result.diff_id, result.size_uncompressed)
         shared.cache.put(key_for(installed), entry_layer)
         self._record(0, label, False, started, result.descriptor.size)
         return self._debian_image(base, entry_layer, source, created_by)
+
+    def _keep_as_tree(self, out: Path, diff_id: str, digest: str, source: str) -> bool:
+        """mmdebstrap's tree becomes the cached tree of the base layer when overlays work:
+        the steps of this bake and of later ones then run over it, never unpacking it."""
+        from kiln.image import trees
+
+        if not trees.overlay_usable(staging_root()):
+            return False
+        cache = trees.TreeCache(tree_root())
+
+        def unreadable() -> contextlib.AbstractContextManager[BinaryIO]:
+            raise KilnError(f"{source}: the tree is adopted, not unpacked")
+
+        return cache.adopt(out, [trees.TreeLayer(diff_id, digest, source, unreadable)]) is not None
 
     def _debian_image(
         self, base: Any, layer: CachedLayer, source: str, created_by: str
@@ -628,6 +705,8 @@ class _ImageBake:
             tail = "\n".join(outcome.tail)
             raise KilnError(f"{self.where} step {index} (run): exit {outcome.exit_code}\n{tail}")
         after = snapshot(rootfs)
+        if self._overlay is not None:
+            after = self._overlay.settle(before, after)
         result = layer_from_diff(rootfs, before, after, self.shared.store, self.shared.epoch)
         if result is None:
             entry = CachedLayer(None, None, 0)
@@ -833,6 +912,7 @@ def bake(
     store = store or ImageStore(home / "images")
     clean_stale_staging(staging_root())
     clean_stale_staging(Path(tempfile.gettempdir()), _DEBIAN_PREFIX)
+    clean_stale_staging(tree_root(), ".new-")
     facts = git_facts(spec.root)
     shared = _Shared(
         spec=spec,
@@ -889,9 +969,21 @@ def _run_in_order(shared: _Shared, order: list[str]) -> None:
 
 
 def collect_garbage(store: ImageStore) -> GcResult:
-    """``kiln image gc``: keep what a tag or the layer cache needs."""
+    """``kiln image gc``: keep what a tag or the layer cache needs.
+
+    Then the unpacked trees go whose chain lost a layer blob, i.e. whose
+    layers no tag and no cache entry references any more; ``freed_bytes``
+    counts them too. A tree a running bake has mounted is kept.
+    """
+    from kiln.image.trees import TreeCache
+
     cache = LayerCache(kiln_home() / "cache" / "layers")
-    return store.gc(keep=cache.digests())
+    result = store.gc(keep=cache.digests())
+    freed = TreeCache(tree_root()).remove_unreferenced(
+        lambda digests: all(store.has(digest) for digest in digests)
+    )
+    clean_stale_staging(tree_root(), ".new-")
+    return GcResult(result.removed_blobs, result.freed_bytes + freed)
 
 
 @contextlib.contextmanager

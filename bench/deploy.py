@@ -187,6 +187,40 @@ def kiln_agent_restarts(home: Path, listen: int, runs: int) -> tuple[list[int], 
     return dropped, sent
 
 
+def kiln_proxy_restarts(home: Path, listen: int, runs: int) -> tuple[list[int], list[float], int]:
+    """SIGKILL the data plane under load: what is lost until the agent restarts it."""
+    lost, gaps, sent = [], [], 0
+    for run in range(runs):
+        with AgentClient(home) as client:
+            pid = int(client.health()["proxy_pid"])
+        with LoadGenerator("127.0.0.1", listen, workers=4) as load:
+            time.sleep(0.5)
+            killed = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            while True:
+                with AgentClient(home) as client:
+                    health = client.health()
+                if health.get("proxy_pid") not in (None, pid):
+                    break
+                time.sleep(0.02)
+            before = load.report.failed
+            while True:
+                time.sleep(0.05)
+                if load.report.failed == before or time.monotonic() - killed > 10:
+                    break
+                before = load.report.failed
+            gaps.append(time.monotonic() - killed)
+            time.sleep(1.0)
+        lost.append(load.report.failed)
+        sent += load.report.sent
+        print(
+            f"  proxy SIGKILL {run + 1}: {load.report.summary()}; serving again after "
+            f"{gaps[-1]:.2f} s",
+            flush=True,
+        )
+    return lost, gaps, sent
+
+
 def swarm(host: str, archive: Path, replicas: int, runs: int, kills: int) -> dict[str, Any]:
     name = f"web{replicas}"
     docker(
@@ -294,6 +328,8 @@ def main() -> int:
         print("kiln: agent SIGKILL + restart under load", flush=True)
         listen3 = json.loads(kiln(home3, "status", "--json").stdout)["services"]["web"]["listen"]
         dropped, sent_agent = kiln_agent_restarts(home3, int(listen3), runs)
+        print("kiln: proxy SIGKILL under load (the agent restarts it)", flush=True)
+        proxy_lost, proxy_gaps, sent_proxy = kiln_proxy_restarts(home3, int(listen3), runs)
 
         sw3: dict[str, Any] = {}
         sw10: dict[str, Any] = {}
@@ -331,6 +367,9 @@ def main() -> int:
             stats("time to recovery after SIGKILL", ttr, peer=sw3.get("recoveries")),
             f"{'requests dropped, agent SIGKILL + restart':<44} {sum(dropped)} of {sent_agent} "
             f"(per run: {dropped})",
+            f"{'requests lost, proxy SIGKILL + restart':<44} {sum(proxy_lost)} of {sent_proxy} "
+            f"(per run: {proxy_lost})",
+            stats("proxy SIGKILL until serving again", proxy_gaps),
         ]
         print("\n".join(lines), flush=True)
     finally:

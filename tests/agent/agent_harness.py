@@ -12,11 +12,11 @@ from typing import Any
 
 import busybox_tree
 from kiln.agent.client import AgentClient
-from kiln.agent.proxy import pid_alive
 from kiln.deploy.plan import desired_from_spec
 from kiln.image.digest import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST, canonical_json
 from kiln.image.layer import layer_from_dir
 from kiln.image.store import ImageStore
+from kiln.process import pid_alive
 from kiln.spec.models import Spec
 
 HTTPD = ["/bin/sh", "-c", "exec httpd -f -p $PORT -h /www"]

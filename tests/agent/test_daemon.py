@@ -17,8 +17,8 @@ from kiln.agent._lock import AgentAlreadyRunning
 from kiln.agent.client import AgentClient, AgentUnavailable, agent_command, start_background
 from kiln.agent.daemon import run_agent
 from kiln.agent.executor import build_instance_spec, image_launch
-from kiln.agent.proxy import pid_alive
 from kiln.errors import KilnError
+from kiln.process import pid_alive
 
 
 def _wait_gone(pid: int, timeout: float = 10.0) -> bool:

@@ -15,9 +15,9 @@ import pytest
 from agent_harness import ImageFactory, RunningAgent, deploy, get, service_spec
 
 from kiln.agent.client import start_background
-from kiln.agent.proxy import pid_alive
 from kiln.deploy.state import StateStore
 from kiln.observe.load import LoadGenerator
+from kiln.process import pid_alive
 from kiln.traffic.client import ProxyClient
 
 pytestmark = pytest.mark.e2e

@@ -13,9 +13,10 @@ from pathlib import Path
 from runtime_contract import AppSpec
 
 from kiln.observe.logs import LogStore
+from kiln.process import proc_start_time
 from kiln.runtime import InstanceHandle, InstanceStatus
 from kiln.runtime.local import LocalRuntime
-from kiln.runtime.shim import app_pids, proc_start_time
+from kiln.runtime.shim import app_pids
 
 STARTER = """
 import json, sys

@@ -17,32 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kiln.errors import KilnError
+from kiln.process import pid_alive
 
 if TYPE_CHECKING:
     from kiln.traffic.client import ProxyClient
 
-__all__ = ["ProxyProcess", "pid_alive"]
+__all__ = ["ProxyProcess"]
 
 log = logging.getLogger("kiln.agent")
 
 PROXY_MARK = "kiln.traffic.proxy"
-
-
-def pid_alive(pid: int, mark: str | None = None) -> bool:
-    """True iff ``pid`` runs (not a zombie) and, with ``mark``, its command line contains it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    if stat.rpartition(")")[2].split()[0] in ("Z", "X"):
-        return False
-    if mark is None:
-        return True
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    return mark in cmdline
 
 
 class ProxyProcess:

@@ -26,6 +26,7 @@ from typing import Any, Literal, cast, get_args
 
 from kiln.errors import KilnError
 from kiln.image.digest import canonical_json, sha256_hex
+from kiln.process import pid_alive
 
 __all__ = [
     "DEAD_STATES",
@@ -375,20 +376,6 @@ def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
             db.execute("ROLLBACK")
             raise
     return start
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 class StateStore:
@@ -835,7 +822,7 @@ class StateStore:
                 ).fetchone()
                 current = None if row is None else LockHolder(*row)
                 if current is None or (
-                    current.hostname == me.hostname and not _pid_alive(current.pid)
+                    current.hostname == me.hostname and not pid_alive(current.pid)
                 ):
                     if current is not None:
                         db.execute("DELETE FROM locks WHERE name = ?", (name,))

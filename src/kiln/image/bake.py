@@ -55,6 +55,7 @@ from kiln.image.digest import (
 from kiln.image.progress import BakeProgress, SilentProgress
 from kiln.image.store import GcResult, ImageStore
 from kiln.paths import download_cache, kiln_home
+from kiln.process import pid_alive
 
 if TYPE_CHECKING:
     from kiln.image.trees import OverlayRootfs, TreeLayer
@@ -194,16 +195,6 @@ def tree_root() -> Path:
     return kiln_home() / "cache" / "trees"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_staging(root: Path, prefix: str = _STAGING_PREFIX) -> None:
     """Staging dirs of bakes that died (SIGKILL, power loss) go at the next bake."""
     if not root.is_dir():
@@ -215,7 +206,7 @@ def clean_stale_staging(root: Path, prefix: str = _STAGING_PREFIX) -> None:
             pid = int(path.name[len(prefix) :].split("-")[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             from kiln.image.trees import unmount_all_under
 
             # A bake killed with its rootfs mounted leaves the overlay behind: unmount

@@ -26,6 +26,7 @@ from pathlib import Path
 from signal import SIGKILL, SIGTERM
 from typing import Any
 
+from kiln.process import proc_start_time
 from kiln.runtime import (
     HANDLE_VERSION,
     Capabilities,
@@ -36,7 +37,7 @@ from kiln.runtime import (
     RuntimeFailure,
 )
 from kiln.runtime.cgroups import InstanceCgroup, create_instance_cgroup, detect_version
-from kiln.runtime.shim import FORWARDED_SIGNALS, app_pids, proc_start_time, write_json_atomic
+from kiln.runtime.shim import FORWARDED_SIGNALS, app_pids, write_json_atomic
 
 __all__ = [
     "LocalRuntime",

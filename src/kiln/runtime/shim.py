@@ -33,6 +33,7 @@ from types import FrameType
 from typing import Any
 
 from kiln.observe.logs import LogMeta, LogStore, LogWriter
+from kiln.process import proc_start_time
 from kiln.runtime.cgroups import InstanceCgroup
 
 __all__ = ["FORWARDED_SIGNALS", "app_pids", "main", "proc_start_time", "write_json_atomic"]
@@ -47,18 +48,6 @@ FORWARDED_SIGNALS = (
 )
 MAX_LINE = 64 * 1024
 INFO_TIMEOUT = 10.0
-
-
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat, or None when the pid is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
 
 
 def _parent_pid(pid: int) -> int | None:

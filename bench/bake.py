@@ -79,9 +79,22 @@ def main() -> int:
         )
         cached = timed(lambda: kiln(warm, "bake", str(project)), args.runs * 4)
         version = timed(lambda: subprocess.run([KILN, "--version"], capture_output=True), 20)
+        server = project / "app" / "server.py"
+        edits = iter(range(10_000))
+
+        def edit_app() -> None:
+            with server.open("a") as f:
+                f.write(f"# edit {next(edits)}\n")
+
+        def kiln_after_edit() -> None:
+            edit_app()
+            kiln(warm, "bake", str(project))
+
+        app_edit = timed(kiln_after_edit, args.runs * 2)
 
         docker_cold: list[float] | None = None
         docker_cached: list[float] | None = None
+        docker_edit: list[float] | None = None
         with private_dockerd() as host:
             if host is None:
                 print("docker: no engine could start here; no peer figures", flush=True)
@@ -104,13 +117,21 @@ def main() -> int:
                 )
                 docker_cached = timed(lambda: docker(host, *build), args.runs * 4)
 
+                def docker_after_edit() -> None:
+                    edit_app()
+                    docker(host, *build)
+
+                docker_edit = timed(docker_after_edit, args.runs * 2)
+
         print("\nkiln bake of examples/shop (debian:bookworm + python3-minimal + app)")
         row("cold bake (fresh KILN_HOME)", cold, docker_cold)
         row("cached re-bake (unchanged tree)", cached, docker_cached)
+        row("re-bake after an app edit", app_edit, docker_edit)
         row("kiln --version", version)
         if docker_cold and docker_cached:
             row("docker build --no-cache", docker_cold)
             row("docker build (cached)", docker_cached)
+            row("docker build after an app edit", docker_edit or [])
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -45,7 +45,10 @@ def kiln(
     proc = subprocess.run([KILN, *args], cwd=cwd, env=env, text=True, capture_output=capture)
     if capture:
         sys.stdout.write(proc.stdout)
-        sys.stderr.write(proc.stderr)
+        failed = proc.returncode not in ok
+        # a step's own output (mmdebstrap, apt) matters only when something failed
+        shown = [line for line in proc.stderr.splitlines() if failed or " | " not in line]
+        sys.stderr.write("".join(f"{line}\n" for line in shown))
     if check and proc.returncode not in ok:
         raise SystemExit(f"demo: kiln {' '.join(args)} exited {proc.returncode}")
     return proc

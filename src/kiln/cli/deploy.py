@@ -191,4 +191,6 @@ def down() -> None:
             print("no agent runs; nothing to stop")
             return
         result = client.down()
-    print(f"stopped {result.get('stopped', 0)} instances, the proxy and the agent")
+    stopped = list(result.get("stopped") or [])
+    named = f" ({', '.join(stopped)})" if stopped else ""
+    print(f"stopped {len(stopped)} instances{named}, the proxy and the agent")

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from kiln.agent.errors import Conflict, NotFound
 from kiln.agent.executor import PortPool, RootfsCache, build_instance_spec, image_launch
 from kiln.agent.proxy import ProxyProcess
-from kiln.deploy.health import ExecRunner, HealthTracker, probe
+from kiln.deploy.health import ExecRunner, HealthState, HealthTracker, probe
 from kiln.deploy.plan import DesiredService, Plan, make_plan
 from kiln.deploy.reconcile import ReconcilePolicy, ReconcileView, reconcile
 from kiln.deploy.rollout import STRATEGIES, RolloutInstance, RolloutView
@@ -310,7 +310,13 @@ class Engine:
         self.health_tasks[rec.id] = asyncio.create_task(self._health_loop(rec.id, health))
 
     async def _health_loop(self, iid: str, health: Health) -> None:
+        """Probe at ``interval``, except that a starting instance that has not passed
+        yet is probed on a quick ramp (50 ms, doubling up to ``interval``): readiness
+        is seen as soon as the app answers, which is what rollouts and recovery wait on.
+        Failures while starting never count against an instance, so the ramp is free.
+        """
         tracker = self.trackers[iid]
+        ramp = STARTING_PROBE_DELAY
         while True:
             rec = self.state.instance(iid)
             if rec.state not in IN_SERVICE or rec.port is None:
@@ -327,7 +333,11 @@ class Engine:
                 and await self._missed_deadline(rec, result.detail, now)
             ):
                 return
-            await asyncio.sleep(health.interval)
+            if result.ok or tracker.state is not HealthState.STARTING:
+                await asyncio.sleep(health.interval)
+            else:
+                await asyncio.sleep(min(ramp, health.interval))
+                ramp *= 2
 
     def _exec_runner(self, rec: InstanceRecord) -> ExecRunner | None:
         """Exec checks run inside the instance when the runtime can (``Execer``)."""
@@ -1110,6 +1120,7 @@ class Engine:
 
 
 LOG_RETENTION_INTERVAL = 60.0
+STARTING_PROBE_DELAY = 0.05
 
 
 def log_retention() -> tuple[int, float]:

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 KILN := $(VENV)/bin/kiln
-DEBS := mmdebstrap busybox-static docker.io skopeo umoci haproxy wrk git iproute2 ca-certificates
+DEBS := mmdebstrap gpg busybox-static docker.io skopeo umoci haproxy wrk git iproute2 procps util-linux ca-certificates
 STAMP := $(VENV)/.kiln-installed
 
 .PHONY: setup demo test lint bench clean
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  fi; \
 	fi
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -44,7 +44,7 @@ log = logging.getLogger("kiln.agent")
 T = TypeVar("T")
 
 RECONCILE_INTERVAL = 0.5
-PROXY_WATCH_INTERVAL = 0.5
+PROXY_WATCH_INTERVAL = 0.1  # a /proc read: cheap, and every tick of it is an outage
 ROLLOUT_TICK = 0.1
 ROUTED = ("ready",)
 IN_SERVICE = ("starting", "ready", "unhealthy")

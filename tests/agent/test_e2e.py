@@ -11,7 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from agent_harness import ImageFactory, RunningAgent, deploy, get, plan_request, service_spec
+from agent_harness import (
+    ImageFactory,
+    RunningAgent,
+    deploy,
+    get,
+    plan_request,
+    service_spec,
+    wait_for,
+)
 
 from kiln.agent.client import start_background
 from kiln.deploy.state import StateStore
@@ -21,16 +29,6 @@ pytestmark = pytest.mark.e2e
 
 V1 = {"healthz": "ok\n", "index.html": "v1\n"}
 V2 = {"healthz": "ok\n", "index.html": "v2\n"}
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def instances(agent: RunningAgent) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_harness import ImageFactory, RunningAgent, deploy, get, service_spec
+from agent_harness import ImageFactory, RunningAgent, deploy, get, service_spec, wait_for
 
 from kiln.agent.client import start_background
 from kiln.deploy.state import StateStore
@@ -34,16 +34,6 @@ PER_INSTANCE_HTTPD = [
 # (and after its first deployment succeeded: the rollout takes about 0.5 s).
 SERVES_THEN_EXITS = ["/bin/sh", "-c", "httpd -f -p $PORT -h /www & sleep 1.5; exit 3"]
 WWW = {"healthz": "ok\n", "index.html": "v1\n"}
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def events_of(agent: RunningAgent, kind: str, instance: str | None = None) -> list[dict[str, Any]]:

@@ -57,3 +57,9 @@ def test_commands_without_an_agent_say_how_to_start_one(tmp_path: Path) -> None:
     out = run("status", home=tmp_path)
     assert out.returncode == 1
     assert "no agent answers" in out.stderr and "kiln up" in out.stderr
+
+
+def test_a_malformed_rollback_revision_is_one_clear_error(tmp_path: Path) -> None:
+    out = run("rollback", "web", "rx", home=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip() == "error: rollback: 'rx' is not a revision such as r3"

@@ -99,24 +99,43 @@ def load_plan_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _last_event_id(client: AgentClient) -> int:
+    return max((int(e["id"]) for e in client.events(limit=100000)), default=0)
+
+
+def _follow(client: AgentClient, started: dict[str, Any], after: int, say: Say) -> dict[str, Any]:
+    """Print the events after ``after`` until the deployment leaves ``running``."""
+    deployment = started.get("deployment")
+    if not deployment:
+        return started
+    while True:
+        record = client.deployment(str(deployment))
+        for event in client.events(after=after):
+            after = max(after, int(event["id"]))
+            say(format_event(event))
+        if record.get("outcome") != "running":
+            return record
+        time.sleep(0.25)
+
+
 def apply_plan(home: Path, plan: dict[str, Any], say: Say = _stderr) -> dict[str, Any]:
     """Start the rollouts and follow their events until they end."""
     with AgentClient(home) as client:
-        after = max((e["id"] for e in client.events(limit=100000)), default=0)
-        started = client.apply(plan)
-        deployment = started.get("deployment")
-        if not deployment:
-            return started
-        while True:
-            for event in client.events(after=after):
-                after = max(after, int(event["id"]))
-                say(format_event(event))
-            record = client.deployment(str(deployment))
-            if record.get("outcome") != "running":
-                for event in client.events(after=after):
-                    say(format_event(event))
-                return record
-            time.sleep(0.25)
+        after = _last_event_id(client)
+        return _follow(client, client.apply(plan), after, say)
+
+
+def rollback(home: Path, service: str, revision: str | None, say: Say = _stderr) -> dict[str, Any]:
+    """New instances from the previous (or named: ``r3`` or ``3``) revision, followed."""
+    number: int | None = None
+    if revision is not None:
+        text = revision.removeprefix("r")
+        if not text.isdigit():
+            raise KilnError(f"rollback: {revision!r} is not a revision such as r3")
+        number = int(text)
+    with AgentClient(home) as client:
+        after = _last_event_id(client)
+        return _follow(client, client.rollback(service, number), after, say)
 
 
 def format_event(event: dict[str, Any]) -> str:
@@ -132,21 +151,3 @@ def up(home: Path, target: Path, env: str | None, say: Say = _stderr) -> dict[st
     if outcome.empty:
         return {"outcome": "unchanged"}
     return apply_plan(home, outcome.plan, say)
-
-
-def follow_deployment(home: Path, started: dict[str, Any], say: Say = _stderr) -> dict[str, Any]:
-    """Follow a deployment the agent already started (a rollback) to its end."""
-    deployment = started.get("deployment")
-    if not deployment:
-        return started
-    with AgentClient(home) as client:
-        after = 0
-        while True:
-            record = client.deployment(str(deployment))
-            for event in client.events(after=after):
-                after = max(after, int(event["id"]))
-                if event.get("ts", 0) >= started.get("started", 0):
-                    say(format_event(event))
-            if record.get("outcome") != "running":
-                return record
-            time.sleep(0.25)

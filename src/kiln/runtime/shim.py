@@ -1,28 +1,35 @@
 """The per-instance supervisor of the local runtime (in the spirit of conmon).
 
-``python -m kiln.runtime.shim --instance-dir DIR`` reads the launch plan the
-runtime wrote to ``DIR/spec.json``, forks into the background (so the caller
-never has to reap it and it outlives the agent), runs bwrap with pipes on
-stdout/stderr, and:
+``python -m kiln.runtime.shim --instance-dir DIR`` reads the launch plan in
+``DIR/spec.json`` and the instance's secret values from its stdin (they never
+touch a disk), forks into the background (so nobody has to reap it and it
+outlives the agent), and then:
 
-* writes ``DIR/handle.json`` (its own pid + start time, the bwrap pid and the
-  sandbox's pid-namespace init) as soon as the sandbox exists;
+* enters a private mount namespace of its own, where it mounts a small tmpfs
+  (the overlay's upper and work dirs, the secret files, the volume binds) and
+  the instance's root: an overlay of the image's layer snapshots. Nothing is
+  mounted in the host's namespace, so nothing can be left mounted there;
+* becomes a child subreaper and runs ``runc create`` with pipes as the
+  container's stdout/stderr, so the container's init becomes its child;
+* gives the container's network namespace its address on the home's bridge,
+  writes ``DIR/handle.json``, then ``runc start``;
 * timestamps every line into the instance log through ``LogWriter``;
-* forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the app's
-  process group inside the sandbox;
-* writes ``DIR/exit.json`` atomically when the sandbox exits, then exits.
-
-The launch plan holds no secret values: secrets are files the runtime wrote
-into a 0700 directory that bwrap binds read-only.
+* forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the
+  container's init (tini, which passes them to the app's process group);
+* when the container exits: records whether the memory cgroup OOM-killed it,
+  releases the address, ``runc delete`` (cgroups, runtime state), unmounts,
+  and writes ``DIR/exit.json`` atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import ctypes
+import errno
 import json
 import os
-import resource
 import selectors
 import signal
 import subprocess
@@ -33,10 +40,10 @@ from types import FrameType
 from typing import Any
 
 from kiln.observe.logs import LogMeta, LogStore, LogWriter
+from kiln.oci.runc import RUN_ROOT, Runc
 from kiln.process import proc_start_time
-from kiln.runtime.cgroups import InstanceCgroup
 
-__all__ = ["FORWARDED_SIGNALS", "app_pids", "main", "proc_start_time", "write_json_atomic"]
+__all__ = ["FORWARDED_SIGNALS", "main", "proc_start_time", "write_json_atomic"]
 
 FORWARDED_SIGNALS = (
     signal.SIGTERM,
@@ -47,84 +54,140 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR2,
 )
 MAX_LINE = 64 * 1024
-INFO_TIMEOUT = 10.0
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_BIND = 0x1000
+MS_SLAVE = 1 << 19
+MNT_DETACH = 2
+PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _parent_pid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def app_pids(sandbox_pid: int) -> list[int]:
-    """The sandbox init's children: the app, each leading its own session/process group."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _parent_pid(int(entry)) == sandbox_pid:
-            children.append(int(entry))
-    return children
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {fstype or ''} on {target}",
+    )
 
 
 def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
         json.dump(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def private_mount_namespace() -> None:
+    """Our mounts stay ours; the host's still propagate in (rslave, as runc's default)."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _mount("none", "/", None, MS_REC | MS_SLAVE, None)
+
+
+def prepare_view(plan: dict[str, Any], secrets: dict[str, bytes]) -> None:
+    """The tmpfs view (overlay dirs, root, secret files, volume binds), in our namespace only.
+
+    runc resolves the root and bind sources as the container's root, an
+    unprivileged host uid, so they must sit under directories it may
+    traverse: ``/run/kiln/<tag>/instances/<id>`` (0711), never under the
+    owner-only ``KILN_HOME``. On the host that directory stays empty.
+    """
+    view = Path(plan["view"])
+    base = int(plan["ids"]["base"])
+    uid, gid = plan["user"]
+    for parent in reversed(view.parents[: len(view.relative_to(RUN_ROOT).parts)]):
+        parent.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(parent, 0o711)
+    view.mkdir(mode=0o711, exist_ok=True)
+    # runc exec starts from the root's path as seen on the host: keep an empty one there.
+    (view / "rootfs").mkdir(mode=0o711, exist_ok=True)
+    size = 16 * 1024 * 1024 + sum(len(v) + 4096 for v in secrets.values())
+    _mount("tmpfs", str(view), "tmpfs", 0, f"mode=0711,size={size}")
+    upper, work, rootfs = view / "upper", view / "work", view / "rootfs"
+    for directory in (upper, work, rootfs):
+        directory.mkdir(mode=0o700)
+    os.chown(upper, base, base)
+    os.chmod(upper, 0o755)
+    if secrets:
+        secret_dir = view / "secrets"
+        secret_dir.mkdir(mode=0o500)
+        for name, value in secrets.items():
+            path = secret_dir / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
+            os.chown(path, base + uid, base + gid)
+        os.chown(secret_dir, base + uid, base + gid)
+    volumes = view / "volumes"
+    volumes.mkdir(mode=0o711)
+    for index, source in enumerate(plan.get("volumes") or []):
+        target = volumes / str(index)
+        target.mkdir(mode=0o700)
+        _mount(source, str(target), None, MS_BIND | MS_REC, None)
+    lower = ":".join(reversed(plan["layers"]))
+    _mount(
+        "overlay", str(rootfs), "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}"
+    )
+
+
+def memory_cgroup_dir(pid: int) -> Path | None:
+    """Where the kernel counts this process's OOM kills (v1 memory or v2 unified)."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+    for line in lines:
+        if line.startswith("0::"):
+            return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+    return None
+
+
+def oom_kills(directory: Path | None) -> int:
+    if directory is None:
+        return 0
+    for name in ("memory.events", "memory.oom_control"):
+        with contextlib.suppress(OSError, ValueError):
+            for line in (directory / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    return 0
+
+
 class _Supervisor:
-    def __init__(self, instance_dir: Path) -> None:
+    def __init__(self, instance_dir: Path, secrets: dict[str, bytes]) -> None:
         self.dir = instance_dir
         self.plan: dict[str, Any] = json.loads((instance_dir / "spec.json").read_text())
+        self.secrets = secrets
+        self.runc = Runc(Path(self.plan["home"]), self.plan.get("runc"))
+        self.container_id: str = self.plan["container_id"]
         self.sandbox_pid: int | None = None
         self.pending: list[int] = []
-        cgroup = self.plan.get("cgroup")
-        self.cgroup = InstanceCgroup.from_json(cgroup) if cgroup else None
 
     def forward(self, signum: int, _frame: FrameType | None = None) -> None:
         if self.sandbox_pid is None:
             self.pending.append(signum)
             return
-        targets = app_pids(self.sandbox_pid)
-        for pid in targets:
-            try:
-                os.killpg(pid, signum)
-            except (ProcessLookupError, PermissionError):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signum)
-        if not targets:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.sandbox_pid, signum)
-
-    def prepare_child(self) -> None:
-        """Runs in the forked child before exec, so bwrap and all it starts are limited."""
-        if self.cgroup is not None:
-            self.cgroup.join(os.getpid())
-        rlimit_as = self.plan.get("rlimit_as")
-        if rlimit_as:
-            resource.setrlimit(resource.RLIMIT_AS, (rlimit_as, rlimit_as))
-
-    def read_info(self, fd: int) -> dict[str, Any]:
-        """bwrap's --info-fd JSON; empty when bwrap failed before creating the sandbox."""
-        data = b""
-        deadline = time.monotonic() + INFO_TIMEOUT
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if not sel.select(deadline - time.monotonic()):
-                    break
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                data += chunk
-                with contextlib.suppress(ValueError):
-                    info: dict[str, Any] = json.loads(data)
-                    return info
-        return {}
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.sandbox_pid, signum)
 
     def run(self) -> int:
         writer = LogWriter(
@@ -132,53 +195,126 @@ class _Supervisor:
         )
         for forwarded in FORWARDED_SIGNALS:
             signal.signal(forwarded, self.forward)
-        info_r, info_w = os.pipe()
-        argv = [self.plan["argv"][0], "--info-fd", str(info_w), *self.plan["argv"][1:]]
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
-            proc = subprocess.Popen(
-                argv,
+            private_mount_namespace()
+            prepare_view(self.plan, self.secrets)
+            self.secrets.clear()
+            _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(SUBREAPER)")
+            bundle = self.dir / "bundle"
+            create = subprocess.run(
+                self.runc.argv(
+                    "--log",
+                    str(self.dir / "runc.log"),
+                    "--log-format",
+                    "json",
+                    "create",
+                    "--bundle",
+                    str(bundle),
+                    "--pid-file",
+                    str(self.dir / "pid"),
+                    self.container_id,
+                ),
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(info_w,),
-                preexec_fn=self.prepare_child,
+                stdout=out_w,
+                stderr=err_w,
+                timeout=60,
+                check=False,
             )
         except (OSError, subprocess.SubprocessError) as e:
-            writer.write("stderr", f"kiln: cannot start sandbox: {e}")
-            self.write_exit(127, None, error=f"cannot start sandbox: {e}")
-            return 1
-        os.close(info_w)
-        info = self.read_info(info_r)
-        os.close(info_r)
-        if "child-pid" in info:
-            self.sandbox_pid = int(info["child-pid"])
+            return self.fail(writer, f"cannot create sandbox: {e}")
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        if create.returncode != 0:
+            tail = _drain(err_r) or _runc_log_error(self.dir / "runc.log")
+            os.close(out_r)
+            os.close(err_r)
+            return self.fail(writer, f"cannot create sandbox: {tail or 'runc create failed'}")
+        self.sandbox_pid = int((self.dir / "pid").read_text().strip())
+        memory_dir = memory_cgroup_dir(self.sandbox_pid)
+        lease: dict[str, Any] | None = None
+        try:
+            if self.plan.get("network"):
+                from kiln.runtime.network import BridgeNetwork
+
+                lease = (
+                    BridgeNetwork(Path(self.plan["home"]))
+                    .attach(
+                        self.plan["instance_id"],
+                        self.sandbox_pid,
+                        outbound=bool(self.plan["network"].get("outbound")),
+                    )
+                    .to_json()
+                )
             write_json_atomic(
                 self.dir / "handle.json",
                 {
                     "shim_pid": os.getpid(),
                     "shim_start_time": proc_start_time(os.getpid()),
-                    "bwrap_pid": proc.pid,
                     "sandbox_pid": self.sandbox_pid,
                     "sandbox_start_time": proc_start_time(self.sandbox_pid),
+                    "container_id": self.container_id,
+                    "address": lease["address"] if lease else None,
                 },
             )
-            for pending in self.pending:
-                self.forward(pending)
-        stderr_tail = self.pump(proc, writer)
-        code = proc.wait()
+            self.runc.start(self.container_id)
+        except Exception as e:
+            self.teardown()
+            os.close(out_r)
+            os.close(err_r)
+            return self.fail(writer, f"cannot start sandbox: {e}")
+        for pending in self.pending:
+            self.forward(pending)
+        self.pump({out_r: "stdout", err_r: "stderr"}, writer)
+        status = self.reap()
         writer.close()
-        killed_by = -code if code < 0 else (code - 128 if code > 128 else None)
-        exit_code = 128 - code if code < 0 else code
-        error = None if self.sandbox_pid else f"sandbox failed: {stderr_tail or 'no output'}"
-        self.write_exit(exit_code, killed_by, error=error)
+        killed_by = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        exit_code = 128 + killed_by if killed_by else os.WEXITSTATUS(status)
+        oom = oom_kills(memory_dir) > 0
+        self.teardown()
+        self.write_exit(exit_code, killed_by, oom_killed=oom)
         return 0
 
-    def pump(self, proc: subprocess.Popen[bytes], writer: LogWriter) -> str:
-        """Copy both pipes line by line into the log until the sandbox closes them."""
-        assert proc.stdout is not None and proc.stderr is not None
-        streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+    def reap(self) -> int:
+        """Wait for the container's init (our child, as subreaper); reap strays on the way."""
+        assert self.sandbox_pid is not None
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return 137
+            except InterruptedError:
+                continue
+            if pid == self.sandbox_pid:
+                return status
+
+    def teardown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.runc.delete(self.container_id)
+        if self.plan.get("network"):
+            from kiln.runtime.network import BridgeNetwork
+
+            with contextlib.suppress(Exception):
+                BridgeNetwork(Path(self.plan["home"])).detach(self.plan["instance_id"])
+        view = Path(self.plan["view"])
+        with contextlib.suppress(OSError):
+            _check(_libc.umount2(str(view).encode(), MNT_DETACH), "umount")
+        for leftover in (view / "rootfs", view):
+            with contextlib.suppress(OSError):
+                leftover.rmdir()
+
+    def fail(self, writer: LogWriter, error: str) -> int:
+        writer.write("stderr", f"kiln: {error}")
+        writer.close()
+        self.teardown()
+        self.write_exit(127, None, error=error)
+        return 1
+
+    def pump(self, streams: dict[int, str], writer: LogWriter) -> None:
+        """Copy both pipes line by line into the log until every writer has closed them."""
         partial = {fd: b"" for fd in streams}
-        last_stderr = ""
         with selectors.DefaultSelector() as sel:
             for fd in streams:
                 sel.register(fd, selectors.EVENT_READ)
@@ -188,6 +324,7 @@ class _Supervisor:
                     chunk = os.read(fd, 65536)
                     if not chunk:
                         sel.unregister(fd)
+                        os.close(fd)
                         lines = [partial[fd]] if partial[fd] else []
                         partial[fd] = b""
                     else:
@@ -197,23 +334,54 @@ class _Supervisor:
                             partial[fd] = partial[fd][MAX_LINE:]
                     now = time.time()
                     for raw in lines:
-                        text = raw.decode("utf-8", errors="replace")
-                        writer.write(streams[fd], text, ts=now)
-                        if streams[fd] == "stderr":
-                            last_stderr = text
-        return last_stderr
+                        writer.write(streams[fd], raw.decode("utf-8", errors="replace"), ts=now)
 
-    def write_exit(self, exit_code: int, signum: int | None, error: str | None = None) -> None:
+    def write_exit(
+        self,
+        exit_code: int,
+        signum: int | None,
+        *,
+        oom_killed: bool = False,
+        error: str | None = None,
+    ) -> None:
         record: dict[str, Any] = {
             "exit_code": exit_code,
             "signal": signum,
             "finished": time.time(),
+            "oom_killed": oom_killed,
         }
-        if self.cgroup is not None:
-            record["oom_killed"] = self.cgroup.oom_killed()
         if error:
             record["error"] = error
         write_json_atomic(self.dir / "exit.json", record)
+
+
+def _drain(fd: int) -> str:
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    lines = [x for x in data.decode("utf-8", "replace").splitlines() if x.strip()]
+    return lines[-1] if lines else ""
+
+
+def _runc_log_error(path: Path) -> str:
+    """runc's own last error: what it could not do while creating the container."""
+    message = ""
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("level") in ("error", "fatal"):
+                    message = str(entry.get("msg", ""))
+    return message
+
+
+def read_secrets(stream: Any) -> dict[str, bytes]:
+    """``{"name": base64}`` on stdin; an empty stdin means no secrets."""
+    raw = stream.read()
+    if not raw.strip():
+        return {}
+    return {str(k): base64.b64decode(v) for k, v in json.loads(raw).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,10 +389,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instance-dir", required=True, type=Path)
     parser.add_argument("--foreground", action="store_true", help="do not fork into the background")
     args = parser.parse_args(argv)
-    supervisor = _Supervisor(args.instance_dir.absolute())
+    secrets = read_secrets(sys.stdin.buffer)
+    supervisor = _Supervisor(args.instance_dir.absolute(), secrets)
     if not args.foreground and os.fork() != 0:
         os._exit(0)
-    return supervisor.run()
+    with contextlib.suppress(OSError):
+        os.setsid()
+    try:
+        return supervisor.run()
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            supervisor.write_exit(127, None, error=f"not permitted: {e}")
+        raise
 
 
 if __name__ == "__main__":

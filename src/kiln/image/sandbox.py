@@ -10,14 +10,24 @@ inside the sandbox with Docker's default capability set, which is what
 
 from __future__ import annotations
 
-import collections
 import os
-import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.oci.step import stream_command, terminal_line
+
+__all__ = [
+    "BUILD_CAPABILITIES",
+    "SandboxResult",
+    "bwrap_argv",
+    "run_in_sandbox",
+    "sandbox_env",
+    "step_command",
+    "stream_command",
+    "terminal_line",
+]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RESOLV_CONF = "/etc/resolv.conf"
@@ -50,46 +60,6 @@ _MOUNT_POINTS = ("/proc", "/dev", "/tmp")
 class SandboxResult:
     exit_code: int
     tail: tuple[str, ...]
-
-
-def stream_command(
-    argv: Sequence[str],
-    on_line: Callable[[str], None],
-    *,
-    env: Mapping[str, str] | None = None,
-    umask: int = -1,
-) -> tuple[int, tuple[str, ...]]:
-    """The one executor of build commands (bwrap, mmdebstrap): merged output goes
-    line by line to ``on_line``; returns the exit code and the last lines for an
-    error message. Raises OSError when the command cannot start; an interrupt
-    kills it."""
-    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    proc = subprocess.Popen(
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=None if env is None else dict(env),
-        umask=umask,
-    )
-    try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = terminal_line(raw)
-            tail.append(line)
-            on_line(line)
-        code = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return code, tuple(tail)
-
-
-def terminal_line(raw: bytes) -> str:
-    """What a terminal would show of one output line: progress meters rewrite the
-    line with carriage returns, so only the last rewrite counts."""
-    return raw.decode("utf-8", "replace").rstrip("\r\n").rsplit("\r", 1)[-1]
 
 
 def bwrap_path() -> str:

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 KILN := $(VENV)/bin/kiln
-DEBS := mmdebstrap gpg busybox-static docker.io skopeo umoci haproxy wrk git iproute2 procps util-linux ca-certificates
+DEBS := mmdebstrap gpg busybox-static docker.io runc tini nftables skopeo umoci haproxy wrk git iproute2 procps util-linux ca-certificates
 STAMP := $(VENV)/.kiln-installed
 
 .PHONY: setup demo test lint bench clean

@@ -35,7 +35,7 @@ from kiln.deploy.state import (
     new_instance_id,
 )
 from kiln.errors import KilnError
-from kiln.runtime import Execer, InstanceHandle, InstanceStatus, Runtime
+from kiln.runtime import Execer, HostResources, InstanceHandle, InstanceStatus, Runtime
 from kiln.spec.models import Health, Update
 
 __all__ = ["Engine"]
@@ -78,6 +78,7 @@ class Engine:
         self.recovering: dict[str, tuple[str, float]] = {}
         """replacement id → (dead instance id, when its death was noticed)."""
         self._pushed: dict[str, dict[str, Any]] = {}
+        self._published: set[int] | None = None
         self._route_lock = asyncio.Lock()
         self._apply_lock = asyncio.Lock()
         self._loops: list[asyncio.Task[None]] = []
@@ -153,6 +154,9 @@ class Engine:
             *(self.retire(i.id, "kiln down") for i in live), return_exceptions=True
         )
         await _thread(self.proxy.stop)
+        if isinstance(self.runtime, HostResources):
+            with contextlib.suppress(KilnError):
+                await _thread(self.runtime.shutdown)
         self.emit("agent.down", f"down: stopped {len(live)} instance(s) and the proxy")
         return {"stopped": sorted(i.id for i in live), "proxy": "stopped"}
 
@@ -199,6 +203,10 @@ class Engine:
                 rec.id,
                 rec.revision,
             )
+        if isinstance(self.runtime, HostResources):
+            for leftover in await _thread(self.runtime.leftovers):
+                with contextlib.suppress(KilnError):
+                    await _thread(self.runtime.release, leftover)
         all_known = {i.id for i in self.state.instances()}
         for handle in await _thread(self.runtime.list):
             if handle.instance_id in all_known and handle.instance_id in known:
@@ -321,7 +329,7 @@ class Engine:
             rec = self.state.instance(iid)
             if rec.state not in IN_SERVICE or rec.port is None:
                 return
-            result = await probe(health, "127.0.0.1", rec.port, self._exec_runner(rec))
+            result = await probe(health, _address(rec), rec.port, self._exec_runner(rec))
             before = tracker.state
             now = time.time()
             after = tracker.observe(result, now)
@@ -491,7 +499,7 @@ class Engine:
         if not cfg or not cfg.get("listen"):
             return None
         backends = [
-            {"id": i.id, "address": f"127.0.0.1:{i.port}", "weight": 100}
+            {"id": i.id, "address": f"{_address(i)}:{i.port}", "weight": 100}
             for i in self.state.instances(service, live_only=True)
             if i.state in ROUTED and i.port is not None and i.id not in self.retiring
         ]
@@ -532,6 +540,19 @@ class Engine:
                     log.warning("route push for %s failed: %s", name, e)
                     continue
                 self._pushed[name] = body
+            await self._publish_ports()
+
+    async def _publish_ports(self) -> None:
+        """Instances may reach the host only on the proxy's listen ports."""
+        if not isinstance(self.runtime, HostResources):
+            return
+        ports = {int(b["listen"]) for b in self._pushed.values()}
+        if ports != self._published:
+            try:
+                await _thread(self.runtime.publish_ports, ports)
+                self._published = ports
+            except KilnError as e:
+                log.warning("publishing listen ports to the runtime failed: %s", e)
 
     async def _proxy_watch_loop(self) -> None:
         while True:
@@ -1000,6 +1021,8 @@ class Engine:
                 continue
             state = "failed" if st.status is InstanceStatus.EXITED else "lost"
             why = f"exited with code {st.exit_code}" if st.exit_code is not None else "gone"
+            if st.oom_killed:
+                why = f"OOM-killed at its memory limit ({why})"
             self.state.update_instance(
                 rec.id, state=state, reason=why, stopped_at=now, exit_code=st.exit_code
             )
@@ -1014,12 +1037,22 @@ class Engine:
                 rec.service,
                 rec.id,
                 rec.revision,
-                {"exit_code": st.exit_code, "noticed": now},
+                {"exit_code": st.exit_code, "noticed": now, "oom_killed": st.oom_killed},
             )
             changed.add(rec.service)
+            self._spawn(self._release_dead(rec))
         for service in changed:
             await self.push_routes(service)
         await self._heal(now)
+
+    async def _release_dead(self, rec: InstanceRecord) -> None:
+        """A dead instance's logs are already safe (the shim wrote them): free the rest."""
+        handle = _handle(rec)
+        if handle is not None:
+            try:
+                await _thread(self.runtime.destroy, handle)
+            except KilnError as e:
+                log.warning("destroying dead instance %s failed: %s", rec.id, e)
 
     async def _heal(self, now: float) -> None:
         for service in self.state.services():
@@ -1142,6 +1175,13 @@ def _handle(rec: InstanceRecord) -> InstanceHandle | None:
         return InstanceHandle.from_json(rec.handle)
     except KilnError:
         return None
+
+
+def _address(rec: InstanceRecord) -> str:
+    """Where the instance listens: its own address when the runtime gave it one."""
+    handle = rec.handle or {}
+    host = (handle.get("data") or {}).get("host")
+    return str(host) if host else "127.0.0.1"
 
 
 def _pid_of(handle: InstanceHandle) -> int:

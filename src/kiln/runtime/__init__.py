@@ -21,6 +21,7 @@ __all__ = [
     "HANDLE_VERSION",
     "Capabilities",
     "Execer",
+    "HostResources",
     "InstanceHandle",
     "InstanceSpec",
     "InstanceState",
@@ -140,6 +141,7 @@ class InstanceState:
     status: InstanceStatus
     exit_code: int | None
     pid: int | None
+    oom_killed: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,28 @@ class Execer(Protocol):
         Raises RuntimeFailure when the instance is not running or the command
         exceeds ``timeout`` seconds.
         """
+        ...
+
+
+@runtime_checkable
+class HostResources(Protocol):
+    """Optional: a runtime that holds machine-wide resources besides its instances
+    (a bridge, firewall rules, runtime state), which the agent must manage."""
+
+    def publish_ports(self, ports: set[int]) -> None:
+        """The proxy's listen ports: the only host ports instances may reach."""
+        ...
+
+    def leftovers(self) -> list[str]:
+        """Ids of instances that no longer run but still hold something."""
+        ...
+
+    def release(self, instance_id: str) -> None:
+        """Free what a dead instance still holds (idempotent); logs stay."""
+        ...
+
+    def shutdown(self) -> None:
+        """With no instance left, free the machine-wide resources (``kiln down``)."""
         ...
 
 

@@ -239,7 +239,14 @@ class LocalRuntime:
                 close_fds=True,
             )
             launcher.communicate(secrets.encode())
-        return self._await_handle(spec, directory)
+        try:
+            return self._await_handle(spec, directory)
+        except RuntimeFailure:
+            handle = self.handle_for(spec.instance_id)
+            if handle is not None and self._shim_alive(handle):
+                self.stop(handle, 0.0)
+            self.release(spec.instance_id)
+            raise
 
     def _prepare_volume(self, instance_id: str, source: Path, uid: int, gid: int) -> None:
         """A new named volume belongs to the instance's user, inside the mapped range."""
@@ -282,12 +289,13 @@ class LocalRuntime:
             return InstanceState(InstanceStatus.RUNNING, None, int(sandbox_pid or handle.pid))
         record = _read_json(self._dir(handle.instance_id) / "exit.json")
         if record is not None:
-            return InstanceState(InstanceStatus.EXITED, int(record["exit_code"]), None)
+            return InstanceState(
+                InstanceStatus.EXITED,
+                int(record["exit_code"]),
+                None,
+                oom_killed=bool(record.get("oom_killed")),
+            )
         return InstanceState(InstanceStatus.GONE, None, None)
-
-    def exit_record(self, handle: InstanceHandle) -> dict[str, Any] | None:
-        """What the shim recorded when the container ended (exit code, signal, oom_killed)."""
-        return _read_json(self._dir(handle.instance_id) / "exit.json")
 
     def wait(self, handle: InstanceHandle, timeout: float) -> InstanceState:
         self._check_handle(handle)

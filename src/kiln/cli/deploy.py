@@ -184,10 +184,18 @@ def agent() -> None:
 def down() -> None:
     """Stop every service, the proxy and the agent."""
     with _client() as client:
-        if not client.running():
-            print("no agent runs; nothing to stop")
-            return
-        result = client.down()
+        running = client.running()
+        if running:
+            result = client.down()
+    if not running:
+        from kiln.agent.offline import down_without_agent
+
+        result = down_without_agent(kiln_home())
+        stopped = list(result.get("stopped") or [])
+        named = f" ({', '.join(stopped)})" if stopped else ""
+        proxy = ", the proxy" if result.get("proxy") == "stopped" else ""
+        print(f"no agent runs; stopped {len(stopped)} instances{named}{proxy} of {kiln_home()}")
+        return
     stopped = list(result.get("stopped") or [])
     named = f" ({', '.join(stopped)})" if stopped else ""
     print(f"stopped {len(stopped)} instances{named}, the proxy and the agent")

@@ -1,0 +1,30 @@
+"""``kiln down`` when no agent runs: what a killed agent left running still goes.
+
+Instances keep running when the agent dies (their shims outlive it) and so
+does the proxy; a user who runs ``kiln down`` then still expects nothing of
+this home to be left: no instance, no proxy, no bridge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["down_without_agent"]
+
+
+def down_without_agent(home: Path) -> dict[str, Any]:
+    from kiln.agent.proxy import ProxyProcess
+    from kiln.runtime.local import LocalRuntime
+
+    runtime = LocalRuntime(home)
+    stopped = []
+    for handle in runtime.list():
+        runtime.destroy(handle)
+        stopped.append(handle.instance_id)
+    proxy = ProxyProcess(home)
+    had_proxy = proxy.alive()
+    if had_proxy:
+        proxy.stop()
+    runtime.shutdown()
+    return {"stopped": sorted(stopped), "proxy": "stopped" if had_proxy else "none"}

@@ -237,6 +237,7 @@ class LocalRuntime:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                env={k: v for k, v in os.environ.items() if k != "KILN_SECRET_KEY"},
             )
             launcher.communicate(secrets.encode())
         try:

@@ -63,3 +63,11 @@ def test_a_malformed_rollback_revision_is_one_clear_error(tmp_path: Path) -> Non
     out = run("rollback", "web", "rx", home=tmp_path)
     assert out.returncode == 1
     assert out.stderr.strip() == "error: rollback: 'rx' is not a revision such as r3"
+
+
+def test_an_impossible_since_is_one_clear_error(tmp_path: Path) -> None:
+    out = run("logs", "web", "--since", "nan", home=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        'error: --since: \'nan\' is not a duration such as "1s", "250ms" or "2m"'
+    )

@@ -307,3 +307,28 @@ def test_lock_of_dead_holder_is_taken_over(tmp_path: Path) -> None:
         assert stale is not None and stale.pid == holder.pid
         with store.lock("apply", purpose="kiln apply") as mine:
             assert mine.pid == os.getpid()
+
+
+def test_database_and_its_journal_files_are_owner_only(tmp_path: Path) -> None:
+    """Created 0600 whatever the umask; an older, looser database is tightened on open."""
+    path = tmp_path / "new" / "state.db"
+    old_umask = os.umask(0o022)
+    try:
+        with StateStore(path) as store:
+            store.emit("deploy", "one")
+            modes = {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir()}
+    finally:
+        os.umask(old_umask)
+    assert modes["state.db"] == 0o600 and modes["state.db-wal"] == 0o600, modes
+    assert all(mode == 0o600 for mode in modes.values()), modes
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    path.chmod(0o644)
+    StateStore(path).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_last_event_id(store: StateStore) -> None:
+    assert store.last_event_id() == 0
+    store.emit("deploy", "one")
+    last = store.emit("deploy", "two")
+    assert store.last_event_id() == last.id

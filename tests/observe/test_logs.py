@@ -108,3 +108,28 @@ def test_prune_deletes_old_and_oversized_logs_of_gone_instances_only(tmp_path: P
     assert store.prune(2 * line_bytes, max_age=3600, live={"web-live"}, now=now) == 1
     assert sorted(m.instance for m in store.instances("web")) == ["web-live", "web-new"]
     assert not (tmp_path / "web" / "web-mid.json").exists()
+
+
+def test_logs_are_owner_only(tmp_path: Path) -> None:
+    """Apps print secrets too: directories 0700, logs and metadata 0600, whatever the umask."""
+    old_umask = os.umask(0o022)
+    try:
+        store = LogStore(tmp_path / "logs")
+        with LogWriter(store, meta("web-a")) as writer:
+            writer.write("stdout", "token=hunter2")
+    finally:
+        os.umask(old_umask)
+    for path in [tmp_path / "logs", *(tmp_path / "logs").rglob("*")]:
+        assert path.stat().st_mode & 0o077 == 0, path
+    assert {p.name for p in (tmp_path / "logs" / "web").iterdir()} == {"web-a.log", "web-a.json"}
+
+
+def test_an_older_world_readable_log_is_tightened(tmp_path: Path) -> None:
+    store = LogStore(tmp_path)
+    (tmp_path / "web").mkdir()
+    old = tmp_path / "web" / "web-a.log"
+    old.write_text("")
+    old.chmod(0o644)
+    with LogWriter(store, meta("web-a")) as writer:
+        writer.write("stdout", "x")
+    assert old.stat().st_mode & 0o777 == 0o600

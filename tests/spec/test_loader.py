@@ -116,6 +116,127 @@ def test_environment_overlay_is_merged() -> None:
             'nme = "shop"',
             "kiln.toml:2: project.nme: unknown key; did you mean 'name'?",
         ),
+        # Numbers and durations: wrong types, NaN, infinity, negative, absurd.
+        (
+            'interval = "1s"',
+            "interval = nan",
+            "kiln.toml:17: services.web.health.interval: must be a duration, not NaN",
+        ),
+        (
+            'interval = "1s"',
+            "interval = inf",
+            "kiln.toml:17: services.web.health.interval: must be at most 24h",
+        ),
+        (
+            'interval = "1s"',
+            'interval = "0s"',
+            "kiln.toml:17: services.web.health.interval: must be > 0",
+        ),
+        (
+            'timeout = "1s"',
+            "timeout = true",
+            'kiln.toml:17: services.web.health.timeout: must be a duration such as "1s" or '
+            '"250ms", not a boolean',
+        ),
+        (
+            "replicas = 3",
+            "replicas = 3\ndrain_timeout = {}",
+            'kiln.toml:16: services.web.drain_timeout: must be a duration such as "1s" or '
+            '"250ms", not a table',
+        ),
+        (
+            "replicas = 3",
+            "replicas = 3\nstop_grace = -inf",
+            "kiln.toml:16: services.web.stop_grace: must be ≥ 0",
+        ),
+        (
+            "replicas = 3",
+            'replicas = 3\nstop_grace = "25h"',
+            "kiln.toml:16: services.web.stop_grace: must be at most 24h",
+        ),
+        (
+            "replicas = 3",
+            "replicas = 3\nstop_grace = 99999999999999999999999",
+            "kiln.toml:16: services.web.stop_grace: must be at most 24h",
+        ),
+        (
+            "replicas = 3",
+            "replicas = 99999999999999999999",
+            "kiln.toml:15: services.web.replicas: must be ≤ 1000",
+        ),
+        (
+            "replicas = 3",
+            "replicas = true",
+            "kiln.toml:15: services.web.replicas: must be an integer",
+        ),
+        (
+            "replicas = 3",
+            "replicas = 3.0",
+            "kiln.toml:15: services.web.replicas: must be an integer",
+        ),
+        (
+            "replicas = 3",
+            "replicas = [3]",
+            "kiln.toml:15: services.web.replicas: must be an integer",
+        ),
+        (
+            "replicas = 3",
+            "replicas = 3\nport = 70000",
+            "kiln.toml:16: services.web.port: must be ≤ 65535",
+        ),
+        (
+            "max_surge = 1",
+            "max_surge = 1e400",
+            "kiln.toml:18: services.web.update.max_surge: must be an integer",
+        ),
+        (
+            "replicas = 3",
+            "replicas = 3\nresources = { memory = nan }",
+            'kiln.toml:16: services.web.resources.memory: must be a size such as "256MiB" or a '
+            "number of bytes, not NaN",
+        ),
+        (
+            "replicas = 3",
+            'replicas = 3\nresources = { memory = "99999TiB" }',
+            "kiln.toml:16: services.web.resources.memory: must be at most 64TiB",
+        ),
+        (
+            "replicas = 3",
+            "replicas = 3\nresources = { memory = 0 }",
+            "kiln.toml:16: services.web.resources.memory: must be at least 1MiB",
+        ),
+        (
+            "replicas = 3",
+            "replicas = 3\nresources = { cpu = inf }",
+            "kiln.toml:16: services.web.resources.cpu: must be a finite number, "
+            "not NaN or infinity",
+        ),
+        (
+            "replicas = 3",
+            "replicas = 3\nresources = { cpu = {} }",
+            "kiln.toml:16: services.web.resources.cpu: must be a number",
+        ),
+        (
+            "replicas = 3",
+            "replicas = 3\nheal = { meltdown_fraction = nan }",
+            "kiln.toml:16: services.web.heal.meltdown_fraction: must be a finite number, "
+            "not NaN or infinity",
+        ),
+        (
+            'cmd = ["python3"',
+            'expose = [8080, 0]\ncmd = ["python3"',
+            "kiln.toml:11: images.web.expose[1]: must be a port between 1 and 65535",
+        ),
+        (
+            '{ run = "python3',
+            '{ network = "yes", run = "python3',
+            "kiln.toml:9: images.web.steps[1].network: must be true or false",
+        ),
+        (
+            'image = "web"',
+            'image = "w\\u0000b"',
+            "kiln.toml:14: services.web.image: contains a NUL character",
+        ),
     ],
 )
 def test_one_bad_key_gives_one_exact_message(old: str, new: str, message: str) -> None:
@@ -158,18 +279,81 @@ def test_binary_garbage_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("1s", 1.0), ("250ms", 0.25), ("2m", 120.0), ("1.5h", 5400.0), (3, 3.0)]
+    ("text", "seconds"),
+    [("1s", 1.0), ("250ms", 0.25), ("2m", 120.0), ("1.5h", 5400.0), (3, 3.0), (0.5, 0.5)],
 )
 def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        float("nan"),
+        float("inf"),
+        -1,
+        10**400,
+        "9" * 400 + "s",
+        True,
+        {},
+        [],
+        None,
+        "-1s",
+        "1 sec",
+    ],
+)
+def test_impossible_durations_are_value_errors(value: object) -> None:
+    """ValueError, never AttributeError or OverflowError: callers turn it into a KilnError."""
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+def test_duration_cap() -> None:
+    assert parse_duration("24h", maximum=86400) == 86400
+    with pytest.raises(ValueError, match="at most 24h"):
+        parse_duration("1441m", maximum=86400)
 
 
 def test_sizes() -> None:
     assert parse_size("256MiB") == 256 * 1024**2
     assert parse_size("1G") == 1024**3
     assert parse_size(512) == 512
-    with pytest.raises(ValueError):
-        parse_size("lots")
+    for bad in ("lots", "9" * 400 + "G", 1.5, float("nan"), -1, True, {}, None):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    with pytest.raises(ValueError, match="at most 1GiB"):
+        parse_size("2G", maximum=1024**3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            "[environments]\nproduction = 3\n",
+            "kiln.toml:21: environments.production: must be a table",
+        ),
+        (
+            "[environments.staging]\nservices = []\n",
+            "kiln.toml:21: environments.staging.services: must be a table",
+        ),
+        (
+            "[environments.staging.services]\nweb = 5\n",
+            "kiln.toml:21: environments.staging.services.web: must be a table",
+        ),
+    ],
+)
+def test_malformed_overlays_are_errors_not_crashes(extra: str, message: str) -> None:
+    text = VALID.replace("[environments.production.services.web]\nreplicas = 5\n", extra)
+    env = "production" if "production" in extra else "staging"
+    with pytest.raises(SpecError) as err:
+        parse_spec(text, Path("kiln.toml"), env=env)
+    assert str(err.value) == message
+
+
+def test_overlay_of_a_service_that_is_not_a_table() -> None:
+    text = VALID.replace('[services.web]\nimage = "web"', "[services]\nweb = 1\n[x]\nimage = 1")
+    with pytest.raises(SpecError, match=r"^kiln.toml:\d+: services.web: must be a table$"):
+        parse_spec(text, Path("kiln.toml"), env="production")
 
 
 def test_schema_is_published_and_describes_the_file() -> None:
@@ -190,3 +374,11 @@ def test_example_project_is_valid() -> None:
     spec = load_spec(root)
     assert spec.services["web"].replicas == 3
     assert load_spec(root, env="production").services["web"].replicas == 5
+
+
+def test_an_error_stays_on_one_line_whatever_the_key_holds() -> None:
+    text = VALID.replace("[services.web]\n", '[services.web]\n"a\\nb" = 1\n', 1)
+    with pytest.raises(SpecError) as err:
+        parse_spec(text, Path("kiln.toml"))
+    assert str(err.value).startswith('kiln.toml:14: services.web."a\\u000ab": unknown key; ')
+    assert "\n" not in str(err.value)

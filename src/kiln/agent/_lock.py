@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.paths import ensure_home, open_private
 
 __all__ = ["AgentAlreadyRunning", "AgentLock"]
 
@@ -24,8 +25,8 @@ class AgentLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        ensure_home(self.home)
+        fd = open_private(self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

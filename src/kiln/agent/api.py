@@ -3,26 +3,48 @@
 Imported only by the daemon, so the CLI never pays for FastAPI. Every
 KilnError becomes ``{"detail": message}`` with 400 (409 for conflicts such
 as a stale plan, 404 for unknown ids), which the client re-raises verbatim.
+A request that breaks a bound (every number here has one) is a 400 naming
+the parameter, never a 422 list or a 500 from SQLite's 64-bit integers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from kiln.agent.errors import Conflict, NotFound
 from kiln.errors import KilnError
+from kiln.spec.loader import describe_errors, key_name
+from kiln.spec.models import Service, shown
 
 if TYPE_CHECKING:
     from kiln.agent.daemon import Agent
 
-__all__ = ["build_app"]
+__all__ = ["MAX_EVENTS", "MAX_ID", "build_app"]
+
+MAX_ID = 2**63 - 1
+"""Event ids and revision numbers are SQLite INTEGERs: nothing above fits."""
+MAX_EVENTS = 10_000
+"""One page of events; a follower pages with ``after``."""
+FOLLOW_BATCH = 500
+
+QUERY_BOUNDS = {"after": (0, MAX_ID), "limit": (1, MAX_EVENTS), "follow": (0, 1)}
+"""``GET /v1/events``: every query parameter is an integer in its range."""
+_DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+Revision = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
+
+
+class BadRequest(KilnError):
+    """A request breaking a bound: 400, naming the parameter."""
 
 
 class PlanRequest(BaseModel):
@@ -40,7 +62,73 @@ class ApplyRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     service: str
-    revision: int | None = None
+    revision: Revision | None = None
+
+
+class _Desired(BaseModel):
+    """A ``DesiredService`` as the engine reads it. Its service config is checked with
+    the very model ``[services.X]`` is, so no client can plan more replicas, longer
+    timeouts or stranger numbers than ``kiln.toml`` could say."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    service_config: Service
+    image_digest: str
+    config_hash: str
+    secrets_versions: dict[str, str] = {}
+
+
+class _Change(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    revision: Revision | None = None
+
+
+class _ServicePlan(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    changes: list[_Change] = []
+
+
+class _Plan(BaseModel):
+    """The numbers of a plan the client sends back (a plan file can be edited by hand)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    services: list[_ServicePlan] = []
+    desired: dict[str, _Desired] = {}
+
+
+_DESIRED = TypeAdapter(dict[str, _Desired])
+_PLAN = TypeAdapter(_Plan)
+
+
+def _check(adapter: TypeAdapter[Any], value: Any, where: str) -> None:
+    """Validate ``value`` only to refuse it: the engine still gets the request as sent."""
+    try:
+        adapter.validate_python(value)
+    except ValidationError as e:
+        raise BadRequest(_describe(e.errors(), (where,))) from None
+
+
+def _describe(errors: Any, prefix: tuple[str, ...] = ()) -> str:
+    """``revision: must be ≥ 1, not 0``: the parameter (as a key path), then why."""
+    first = min(errors, key=lambda err: tuple(map(str, err["loc"])))
+    loc = tuple(first["loc"])
+    if len(loc) == 2 and loc[0] == "query" and loc[1] in QUERY_BOUNDS:
+        low, high = QUERY_BOUNDS[str(loc[1])]
+        return f"{loc[1]}: must be an integer from {low} to {high}, not {shown(first['input'])}"
+    if loc and loc[0] in ("query", "body", "path"):
+        loc = loc[1:]
+    path, message = describe_errors([{**first, "loc": loc}])
+    message = message.replace("must be a table", "must be an object")
+    if first["type"] == "json_invalid":
+        return "body: not valid JSON"
+    says_why = first["type"] in ("missing", "extra_forbidden", "value_error")
+    if not says_why and not isinstance(first.get("input"), dict | list | None):
+        message += f", not {shown(first['input'])}"
+    return f"{key_name((*prefix, *path)) or 'body'}: {message}"
 
 
 def build_app(agent: Agent) -> FastAPI:
@@ -50,6 +138,10 @@ def build_app(agent: Agent) -> FastAPI:
     async def _kiln_error(request: Request, exc: KilnError) -> JSONResponse:
         code = 409 if isinstance(exc, Conflict) else 404 if isinstance(exc, NotFound) else 400
         return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _describe(exc.errors())}, status_code=400)
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
@@ -61,14 +153,18 @@ def build_app(agent: Agent) -> FastAPI:
 
     @app.post("/v1/plan")
     async def plan(body: PlanRequest) -> dict[str, Any]:
+        _check(_DESIRED, body.services, "services")
         return await agent.plan(body.model_dump())
 
     @app.post("/v1/apply")
     async def apply(body: ApplyRequest) -> dict[str, Any]:
+        _check(_PLAN, body.plan, "plan")
         return await agent.apply(body.plan)
 
     @app.get("/v1/deployments/{deployment_id}")
     async def deployment(deployment_id: str) -> dict[str, Any]:
+        if not _DEPLOYMENT_ID.fullmatch(deployment_id):  # it becomes a file name
+            raise NotFound(f"no deployment {shown(deployment_id)}")
         return agent.deployment(deployment_id)
 
     @app.post("/v1/rollback")
@@ -81,10 +177,12 @@ def build_app(agent: Agent) -> FastAPI:
 
     @app.get("/v1/events", response_model=None)
     async def events(
-        after: int = 0, limit: int = 1000, follow: int = 0
+        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = 1000,
+        follow: Annotated[int, Query(ge=0, le=1)] = 0,
     ) -> dict[str, Any] | StreamingResponse:
         if not follow:
-            return {"events": agent.events(after, limit)}
+            return {"events": agent.events(after, limit), "last_id": agent.last_event_id()}
         return StreamingResponse(_follow(agent, after), media_type="application/x-ndjson")
 
     @app.post("/v1/down")
@@ -97,7 +195,7 @@ def build_app(agent: Agent) -> FastAPI:
 async def _follow(agent: Agent, after: int) -> AsyncIterator[bytes]:
     cursor = after
     while not agent.stopping.is_set():
-        batch = agent.events(cursor, 500)
+        batch = agent.events(cursor, FOLLOW_BATCH)
         for event in batch:
             cursor = max(cursor, int(event["id"]))
             yield (json.dumps(event) + "\n").encode()

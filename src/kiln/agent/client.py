@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.errors import KilnError
+from kiln.paths import ensure_home, open_private
 
 if TYPE_CHECKING:
     import httpx
@@ -159,6 +160,16 @@ class AgentClient:
         out = self._request("GET", "/v1/events", params={"after": after, "limit": limit})
         return list(out["events"])
 
+    def last_event_id(self) -> int:
+        """The newest event's id: a follower of what happens next starts after it."""
+        out = self._request("GET", "/v1/events", params={"limit": 1})
+        if "last_id" in out:
+            return int(out["last_id"])
+        last = 0  # an agent from before ``last_id``: page through, 10000 at a time
+        while batch := self.events(after=last, limit=10_000):
+            last = max(int(e["id"]) for e in batch)
+        return last
+
     def follow_events(self, after: int = 0) -> Generator[dict[str, Any], None, None]:
         """Every event after ``after``, then new ones as they happen (NDJSON stream)."""
         import httpx
@@ -203,15 +214,14 @@ def _decode(resp: httpx.Response, method: str, path: str) -> Any:
 
 def start_background(home: Path, timeout: float = 20.0) -> None:
     """Spawn ``kiln agent`` detached (it outlives the CLI) and wait until it answers."""
-    home = Path(home).absolute()
-    home.mkdir(parents=True, exist_ok=True)
+    home = ensure_home(home)
     client = AgentClient(home)
     try:
         if client.running():
             return
         log_path = home / LOG_NAME
         env = dict(os.environ, KILN_HOME=str(home))
-        with open(log_path, "ab") as log:
+        with os.fdopen(open_private(log_path, os.O_WRONLY | os.O_APPEND), "ab") as log:
             proc = subprocess.Popen(
                 agent_command(home),
                 stdin=subprocess.DEVNULL,

@@ -24,6 +24,7 @@ from kiln.agent._lock import AgentLock
 from kiln.agent.engine import Engine
 from kiln.agent.errors import Conflict
 from kiln.errors import KilnError
+from kiln.paths import ensure_home
 
 __all__ = ["Agent", "run_agent"]
 
@@ -128,6 +129,9 @@ class Agent:
     def events(self, after: int, limit: int) -> list[dict[str, Any]]:
         return [e.to_json() for e in self._engine().state.events(after, limit)]
 
+    def last_event_id(self) -> int:
+        return self._engine().state.last_event_id()
+
     async def wait_for_event(self, timeout: float) -> None:
         self._new_event.clear()
         stop = asyncio.create_task(self.stopping.wait())
@@ -182,7 +186,7 @@ def _api_server(agent: Agent) -> Any:
 
 def run_agent(home: Path) -> None:
     """Run until SIGTERM/SIGINT (instances and the proxy keep running) or ``POST /v1/down``."""
-    home = Path(home).absolute()
+    home = ensure_home(home)
     lock = AgentLock(home)
     lock.acquire()
     if not logging.getLogger().handlers:

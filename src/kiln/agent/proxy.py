@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kiln.errors import KilnError
+from kiln.paths import open_private, write_private
 from kiln.process import pid_alive
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ class ProxyProcess:
 
     def _spawn(self) -> None:
         self.control.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as out:
+        with os.fdopen(open_private(self.log_file, os.O_WRONLY | os.O_APPEND), "ab") as out:
             child = subprocess.Popen(
                 self.command(),
                 stdin=subprocess.DEVNULL,
@@ -118,9 +119,7 @@ class ProxyProcess:
             )
         self._child = child
         self.pid = child.pid
-        tmp = self.pid_file.with_suffix(".tmp")
-        tmp.write_text(f"{child.pid}\n")
-        tmp.replace(self.pid_file)
+        write_private(self.pid_file, f"{child.pid}\n".encode())
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (the proxy finishes in-flight requests), then SIGKILL."""

@@ -99,10 +99,6 @@ def load_plan_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _last_event_id(client: AgentClient) -> int:
-    return max((int(e["id"]) for e in client.events(limit=100000)), default=0)
-
-
 def _follow(client: AgentClient, started: dict[str, Any], after: int, say: Say) -> dict[str, Any]:
     """Print the events after ``after`` until the deployment leaves ``running``."""
     deployment = started.get("deployment")
@@ -121,7 +117,7 @@ def _follow(client: AgentClient, started: dict[str, Any], after: int, say: Say) 
 def apply_plan(home: Path, plan: dict[str, Any], say: Say = _stderr) -> dict[str, Any]:
     """Start the rollouts and follow their events until they end."""
     with AgentClient(home) as client:
-        after = _last_event_id(client)
+        after = client.last_event_id()
         return _follow(client, client.apply(plan), after, say)
 
 
@@ -134,7 +130,7 @@ def rollback(home: Path, service: str, revision: str | None, say: Say = _stderr)
             raise KilnError(f"rollback: {revision!r} is not a revision such as r3")
         number = int(text)
     with AgentClient(home) as client:
-        after = _last_event_id(client)
+        after = client.last_event_id()
         return _follow(client, client.rollback(service, number), after, say)
 
 

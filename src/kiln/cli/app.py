@@ -30,6 +30,15 @@ EnvOption = Annotated[
 ]
 
 
+@app.callback()
+def _private_home(ctx: typer.Context) -> None:
+    # Every command but `schema` reads or writes KILN_HOME: make it owner-only first.
+    if ctx.invoked_subcommand != "schema" and not ctx.resilient_parsing:
+        from kiln.paths import ensure_home
+
+        ensure_home()
+
+
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -138,7 +138,10 @@ def logs(
     from kiln.spec.models import parse_duration
 
     store = LogStore(kiln_home() / "logs")
-    start = time.time() - parse_duration(since) if since else None
+    try:
+        start = time.time() - parse_duration(since) if since else None
+    except ValueError as e:
+        raise KilnError(f"--since: {e}") from None
     lines = (
         store.follow(service, instance, start) if follow else store.read(service, instance, start)
     )

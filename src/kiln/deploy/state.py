@@ -26,6 +26,7 @@ from typing import Any, Literal, cast, get_args
 
 from kiln.errors import KilnError
 from kiln.image.digest import canonical_json, sha256_hex
+from kiln.paths import open_private, private_dirs
 from kiln.process import pid_alive
 
 __all__ = [
@@ -378,14 +379,26 @@ def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     return start
 
 
+def _create_private(path: Path) -> None:
+    """The database and its ``-wal``/``-shm`` files are 0600: SQLite gives the journal
+    files the database's own mode, so creating the database 0600 first is enough
+    (and tightens those of a home made by an older Kiln)."""
+    private_dirs(path.parent)
+    os.close(open_private(path, os.O_RDWR))
+    for suffix in ("-wal", "-shm", "-journal"):
+        journal = path.with_name(path.name + suffix)
+        if journal.exists():
+            os.close(open_private(journal, os.O_RDONLY))
+
+
 class StateStore:
     """One SQLite database (``KILN_HOME/state.db``); safe to share between threads."""
 
     def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._mutex = threading.RLock()
         try:
+            _create_private(self.path)
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
             )
@@ -395,7 +408,7 @@ class StateStore:
             self._db.execute("PRAGMA foreign_keys = ON")
             with self._mutex:
                 migrate(self._db)
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, OSError) as e:
             raise KilnError(f"{self.path}: cannot open the state database: {e}") from e
 
     def close(self) -> None:
@@ -699,6 +712,12 @@ class StateStore:
             Event(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], json.loads(r[7]))
             for r in rows
         ]
+
+    def last_event_id(self) -> int:
+        """The newest event's id (0 when there is none): where a follower starts."""
+        with self._read() as db:
+            row = db.execute("SELECT max(id) FROM events").fetchone()
+        return int(row[0] or 0)
 
     # whole-state views
 

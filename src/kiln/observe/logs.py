@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.paths import open_private, private_dirs, write_private
 
 __all__ = ["STREAMS", "LogLine", "LogMeta", "LogStore", "LogWriter"]
 
@@ -65,12 +66,6 @@ def _check_name(kind: str, name: str) -> None:
         raise KilnError(f"logs: invalid {kind} name {name!r}")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class LogWriter:
     """Appends one instance's lines; opened by the shim for the instance's lifetime."""
 
@@ -79,15 +74,13 @@ class LogWriter:
         _check_name("instance", meta.instance)
         self.meta = meta
         directory = store.root / meta.service
-        directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(
+        private_dirs(directory)  # logs hold whatever apps print, secrets included: owner-only
+        write_private(
             directory / f"{meta.instance}.json",
             json.dumps(asdict(meta), sort_keys=True).encode(),
         )
-        self._fd: int | None = os.open(
-            directory / f"{meta.instance}.log",
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-            0o644,
+        self._fd: int | None = open_private(
+            directory / f"{meta.instance}.log", os.O_WRONLY | os.O_APPEND
         )
 
     def write(self, stream: str, line: str, ts: float | None = None) -> None:

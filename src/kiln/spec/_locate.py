@@ -7,6 +7,8 @@ included: ``("images", "web", "steps", 1, "copy") → 7``.
 
 from __future__ import annotations
 
+import tomllib
+
 KeyPath = tuple[str | int, ...]
 
 _BARE = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -60,7 +62,9 @@ class _Scanner:
         parts: list[str] = []
         while True:
             self.skip(newlines=False)
-            if self.peek() in ('"', "'"):
+            if self.peek() == '"':
+                parts.append(_unescape(self.string()))
+            elif self.peek() == "'":
                 parts.append(self.string())
             else:
                 start = self.pos
@@ -136,10 +140,20 @@ class _Scanner:
                 self.value(table + key)
 
 
+def _unescape(raw: str) -> str:
+    """A basic-string key as tomllib reads it (``"a\\nb"`` holds a newline)."""
+    if "\\" not in raw:
+        return raw
+    try:
+        return str(tomllib.loads(f'k = "{raw}"')["k"])
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
 def key_lines(text: str) -> dict[KeyPath, int]:
     try:
         return _Scanner(text).document()
-    except IndexError:
+    except (IndexError, RecursionError):
         return {}
 
 

@@ -7,6 +7,7 @@ import difflib
 import re
 import tomllib
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from kiln.errors import KilnError
 from kiln.spec._locate import KeyPath, key_lines, line_of
-from kiln.spec.models import Recipe, Service, Spec
+from kiln.spec.models import Recipe, Service, Spec, shown
 
 _STEP_TAGS = {"copy", "run", "env", "workdir"}
 
@@ -32,14 +33,27 @@ class SpecError(KilnError):
 
 
 def key_name(path: KeyPath) -> str:
+    """``services.web.health``, ``labels."a.b"``, ``steps[1]``: as TOML would write it,
+    escaped so that an error stays on one line whatever the key holds."""
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            shown = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else f'"{part}"'
-            out += f".{shown}" if out else shown
+            text = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else _quoted(part)
+            out += f".{text}" if out else text
     return out
+
+
+def _quoted(text: str) -> str:
+    def escape(ch: str) -> str:
+        if ch in '"\\':
+            return "\\" + ch
+        if ch.isprintable():
+            return ch
+        return f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}"
+
+    return '"' + "".join(map(escape, text)) + '"'
 
 
 def _strip_tags(loc: tuple[str | int, ...]) -> KeyPath:
@@ -109,7 +123,7 @@ def _message(err: Any, path: KeyPath) -> str:
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected', '')}"
     if kind == "string_pattern_mismatch":
-        return f"{err.get('input')!r} does not match {ctx.get('pattern')}"
+        return f"{shown(err.get('input'))} does not match {ctx.get('pattern')}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return "must be an integer"
     if kind in ("string_type",):
@@ -120,6 +134,12 @@ def _message(err: Any, path: KeyPath) -> str:
         return "must be a list"
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         return "must be a table"
+    if kind in ("float_type", "float_parsing"):
+        return "must be a number"
+    if kind == "finite_number":
+        return "must be a finite number, not NaN or infinity"
+    if kind in ("string_too_short", "too_short") and ctx.get("min_length") == 1:
+        return "must not be empty"
     msg = str(err.get("msg", "invalid"))
     return msg.removeprefix("Value error, ")
 
@@ -144,6 +164,10 @@ def find_spec_file(target: Path | None = None) -> Path:
     return path.absolute()
 
 
+MAX_DEPTH = 32
+"""Tables and arrays nested deeper than this are a generated or corrupt file, not a spec."""
+
+
 def parse_spec(text: str, path: Path, env: str | None = None) -> Spec:
     try:
         data = tomllib.loads(text)
@@ -152,44 +176,96 @@ def parse_spec(text: str, path: Path, env: str | None = None) -> Spec:
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         where = f"{path}:{m.group(1)}:{m.group(2)}" if m else str(path)
         raise SpecErrorAt(where, f"malformed TOML: {reason}") from None
+    except RecursionError:
+        raise SpecErrorAt(str(path), "malformed TOML: nested too deeply") from None
     lines = key_lines(text)
+    _check_values(data, path, lines)
     if env is not None:
-        envs = data.get("environments") or {}
-        if env not in envs:
-            known = ", ".join(sorted(envs)) or "none defined"
-            raise SpecError(path, None, f"environments.{env}", f"no such environment ({known})")
-        overlay = copy.deepcopy(envs[env])
-        for section in ("services", "images"):
-            for name, table in (overlay.get(section) or {}).items():
-                if name not in (data.get(section) or {}):
-                    raise SpecError(
-                        path,
-                        line_of(lines, ("environments", env, section, name)),
-                        f"environments.{env}.{section}.{name}",
-                        f"overlays {section}.{name}, which the file does not define",
-                    )
-                data[section][name] = _deep_merge(data[section][name], table)
+        _apply_overlay(data, env, path, lines)
     try:
         spec = Spec.model_validate(data)
     except ValidationError as e:
-        errors = e.errors()
-
-        def order(err: Any) -> tuple[bool, int, bool]:
-            """A misspelt key explains the 'missing' one it causes, so it goes first."""
-            line = line_of(lines, _strip_tags(tuple(err["loc"]))) or 0
-            return (err["type"] == "missing", line, err["type"] != "extra_forbidden")
-
-        first = min(errors, key=order)
-        key_path = _strip_tags(tuple(first["loc"]))
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise SpecError(
-            path, line_of(lines, key_path), key_name(key_path), _message(first, key_path) + more
-        ) from None
+        key_path, message = describe_errors(e.errors(), lines)
+        raise SpecError(path, line_of(lines, key_path), key_name(key_path), message) from None
     _check_references(spec, path, lines)
     spec._path = path
     spec._text = text
     spec._environment = env
     return spec
+
+
+def describe_errors(
+    errors: Sequence[Any], lines: dict[KeyPath, int] | None = None
+) -> tuple[KeyPath, str]:
+    """The one pydantic error to show (the earliest in the file) as (key path, message).
+
+    Shared with the agent's API, which checks what it is sent with the same
+    models and must name the bad key the same way.
+    """
+    where = lines or {}
+
+    def order(err: Any) -> tuple[bool, int, bool]:
+        """A misspelt key explains the 'missing' one it causes, so it goes first."""
+        line = line_of(where, _strip_tags(tuple(err["loc"]))) or 0
+        return (err["type"] == "missing", line, err["type"] != "extra_forbidden")
+
+    first = min(errors, key=order)
+    key_path = _strip_tags(tuple(first["loc"]))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return key_path, _message(first, key_path) + more
+
+
+def _check_values(data: dict[str, Any], path: Path, lines: dict[KeyPath, int]) -> None:
+    """Refuse what no model would: absurd nesting and NUL characters (no argv or file
+    name can hold one, so it would only fail later, far from the file)."""
+    stack: list[tuple[KeyPath, Any]] = [((), data)]
+    while stack:
+        key, value = stack.pop()
+        if len(key) > MAX_DEPTH:
+            raise SpecError(
+                path, line_of(lines, key), key_name(key[:MAX_DEPTH]), "nested too deeply"
+            )
+        if isinstance(value, str) and "\0" in value:
+            raise SpecError(path, line_of(lines, key), key_name(key), "contains a NUL character")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if "\0" in k:
+                    raise SpecError(
+                        path, line_of(lines, key), key_name(key), "a key contains a NUL character"
+                    )
+                stack.append(((*key, k), v))
+        elif isinstance(value, list):
+            stack.extend(((*key, i), v) for i, v in enumerate(value))
+
+
+def _apply_overlay(data: dict[str, Any], env: str, path: Path, lines: dict[KeyPath, int]) -> None:
+    """Merge ``[environments.ENV]`` over the base tables, in place."""
+
+    def table(value: Any, key: KeyPath) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise SpecError(path, line_of(lines, key), key_name(key), "must be a table")
+        return value
+
+    envs = table(data.get("environments", {}), ("environments",))
+    if env not in envs:
+        known = ", ".join(key_name((name,)) for name in sorted(envs)) or "none defined"
+        raise SpecError(
+            path, None, key_name(("environments", env)), f"no such environment ({known})"
+        )
+    overlay = table(copy.deepcopy(envs[env]), ("environments", env))
+    for section in ("services", "images"):
+        overlays = table(overlay.get(section, {}), ("environments", env, section))
+        for name, changes in overlays.items():
+            key = ("environments", env, section, name)
+            base = table(data.get(section, {}), (section,))
+            if name not in base:
+                raise SpecError(
+                    path,
+                    line_of(lines, key),
+                    key_name(key),
+                    f"overlays {key_name((section, name))}, which the file does not define",
+                )
+            base[name] = _deep_merge(table(base[name], (section, name)), table(changes, key))
 
 
 class SpecErrorAt(KilnError):
@@ -219,7 +295,8 @@ def _check_references(spec: Spec, path: Path, lines: dict[KeyPath, int]) -> None
             if other:
                 fail(
                     ("services", name, "listen"),
-                    f"port {service.listen} is already the listen port of services.{other}",
+                    f"port {service.listen} is already the listen port of "
+                    f"{key_name(('services', other))}",
                 )
             listens[service.listen] = name
 
@@ -229,7 +306,9 @@ def _check_recipe(recipe: Recipe, name: str, fail: Any, suggest: Any, recipes: l
     if base.startswith("image:"):
         other = base.removeprefix("image:")
         if other not in recipes:
-            fail(("images", name, "from"), f"no recipe images.{other}{suggest(other)}")
+            fail(
+                ("images", name, "from"), f"no recipe {key_name(('images', other))}{suggest(other)}"
+            )
         if other == name:
             fail(("images", name, "from"), "an image cannot be its own base")
     elif base != "scratch" and not base.startswith(("debian:", "oci:")):
@@ -247,7 +326,7 @@ def _check_service(
     if service.image not in recipes:
         fail(
             ("services", name, "image"),
-            f"no recipe images.{service.image} in this file{suggest(service.image)}",
+            f"no recipe {key_name(('images', service.image))} in this file{suggest(service.image)}",
         )
     for i, vol in enumerate(service.volumes):
         if not vol.path.startswith("/"):
@@ -264,6 +343,8 @@ def load_spec(path: Path | None = None, env: str | None = None) -> Spec:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise SpecError(file, None, "", f"not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise SpecError(file, None, "", f"cannot read it: {e.strerror or e}") from None
     return parse_spec(text, file, env)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -20,45 +23,162 @@ from pydantic import (
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]i?B?|[kmgt]|B)?$")
 _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+MAX_DURATION = 24 * 3600.0
+"""Cap of every duration in ``kiln.toml``: a longer wait is a typo, not a setting."""
+MAX_COUNT = 1000
+"""Cap of replicas, surges and other counts: more would be a typo, not a plan."""
+MIN_MEMORY = 1024**2
+"""A smaller memory limit cannot even start a process."""
+MAX_MEMORY = 64 * 1024**4
+"""More memory than any one machine has is a typo."""
+MAX_CPU = 1024.0
 
 
-def parse_duration(value: str | float | int) -> float:
-    """``"1s"``, ``"250ms"``, ``"2m"`` or a number of seconds → seconds."""
+def _kind(value: object) -> str:
+    """How a TOML value of the wrong type is named in a message."""
     if isinstance(value, bool):
-        raise ValueError('must be a duration such as "1s" or "250ms"')
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    if isinstance(value, float) and math.isinf(value):
+        return "infinity"
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("must be ≥ 0")
-        return float(value)
-    m = _DURATION.match(value.strip())
-    if not m:
-        raise ValueError(f'{value!r} is not a duration such as "1s", "250ms" or "2m"')
-    n, unit = float(m.group(1)), m.group(2)
-    return n * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+        return "a number"
+    if isinstance(value, datetime.date | datetime.time):
+        return "a date or time"
+    return type(value).__name__
 
 
-def parse_size(value: str | int) -> int:
-    """``"256MiB"``, ``"1G"``, ``512`` (bytes) → bytes."""
-    if isinstance(value, bool):
-        raise ValueError('must be a size such as "256MiB"')
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("must be ≥ 0")
-        return value
-    m = _SIZE.match(value.strip())
-    if not m:
-        raise ValueError(f'{value!r} is not a size such as "256MiB" or "1G"')
-    n, unit = float(m.group(1)), (m.group(2) or "B")
-    letter = unit[0].upper()
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[letter]
-    return int(n * 1024**power)
+def shown(value: object, limit: int = 40) -> str:
+    """``repr`` cut short: an error message must stay one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-Duration = Annotated[float, Field(ge=0)]
+def _seconds_text(seconds: float) -> str:
+    for unit in ("h", "m", "s"):
+        if seconds >= _UNITS[unit] and (seconds / _UNITS[unit]).is_integer():
+            return f"{seconds / _UNITS[unit]:.0f}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
+def parse_duration(value: object, maximum: float | None = None) -> float:
+    """``"1s"``, ``"250ms"``, ``"2m"``, ``"1h"`` or a number of seconds → seconds.
+
+    Anything else (a table, a boolean, NaN, infinity, a negative number, more
+    than ``maximum``) is a ``ValueError`` whose message fits after a key name.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f'must be a duration such as "1s" or "250ms", not {_kind(value)}')
+    if isinstance(value, str):
+        m = _DURATION.match(value.strip())
+        if not m:
+            raise ValueError(f'{shown(value)} is not a duration such as "1s", "250ms" or "2m"')
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond float's range
+            seconds = math.inf if value > 0 else -math.inf
+    if math.isnan(seconds):
+        raise ValueError("must be a duration, not NaN")
+    if seconds < 0:
+        raise ValueError("must be ≥ 0")
+    if math.isinf(seconds) or (maximum is not None and seconds > maximum):
+        cap = f"at most {_seconds_text(maximum)}" if maximum is not None else "finite"
+        raise ValueError(f"must be {cap}")
+    return seconds
+
+
+def _bytes_text(size: int) -> str:
+    for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if size >= 1024**power and size % 1024**power == 0:
+            return f"{size // 1024**power}{unit}"
+    return f"{size} bytes"
+
+
+def parse_size(value: object, maximum: int | None = None) -> int:
+    """``"256MiB"``, ``"1G"``, ``512`` (bytes) → bytes; refuses what ``parse_duration`` does."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        fractional = isinstance(value, float) and math.isfinite(value)
+        what = "a fractional number" if fractional else _kind(value)
+        raise ValueError(f'must be a size such as "256MiB" or a number of bytes, not {what}')
+    if isinstance(value, str):
+        m = _SIZE.match(value.strip())
+        if not m:
+            raise ValueError(f'{shown(value)} is not a size such as "256MiB" or "1G"')
+        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[(m.group(2) or "B")[0].upper()]
+        scaled = float(m.group(1)) * 1024**power
+        size = int(scaled) if math.isfinite(scaled) else None
+    else:
+        size = value
+    if size is not None and size < 0:
+        raise ValueError("must be ≥ 0")
+    if size is None or (maximum is not None and size > maximum):
+        limit = f"at most {_bytes_text(maximum)}" if maximum is not None else "a finite size"
+        raise ValueError(f"must be {limit}")
+    return size
+
+
+def _spec_duration(value: object) -> float:
+    return parse_duration(value, MAX_DURATION)
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value, MAX_DURATION)
+    if seconds <= 0:
+        raise ValueError("must be > 0")
+    return seconds
+
+
+def _memory(value: object) -> int | None:
+    if value is None:
+        return None
+    size = parse_size(value, MAX_MEMORY)
+    if size < MIN_MEMORY:
+        raise ValueError(f"must be at least {_bytes_text(MIN_MEMORY)}")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(_spec_duration, json_schema_input_type=str | float)]
+"""A duration in ``kiln.toml``: ``"250ms"`` … ``"24h"``, or a number of seconds."""
+PositiveDuration = Annotated[
+    float, BeforeValidator(_positive_duration, json_schema_input_type=str | float)
+]
+Count = Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]
+"""A whole number of things: TOML booleans, floats and strings are refused, not coerced."""
+PositiveCount = Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT)]
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+
+
+def _exposed_port(value: object) -> object:
+    """``8080``, ``"8080"`` or ``"53/udp"``: the spellings of Docker's ``ExposedPorts``."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"(\d{1,5})(?:/(?:tcp|udp|sctp))?", value)
+        number = int(m.group(1)) if m else None
+    if number is None:
+        raise ValueError(f'must be a port such as 8080 or "53/udp", not {shown(value)}')
+    if not 1 <= number <= 65535:
+        raise ValueError("must be a port between 1 and 65535")
+    return value
+
+
+ExposedPort = Annotated[int | str, BeforeValidator(_exposed_port)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    """Strict: TOML has real booleans and numbers, so ``"3"`` or ``1`` for ``true`` is a mistake."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 class Project(_Model):
@@ -128,10 +248,8 @@ class ImageHealthcheck(_Model):
     http: str | None = None
     tcp: bool | None = None
     exec: list[str] | None = None
-    interval: float = 1.0
-    timeout: float = 1.0
-
-    _durations = field_validator("interval", "timeout", mode="before")(lambda v: parse_duration(v))
+    interval: Duration = 1.0
+    timeout: Duration = 1.0
 
 
 class Recipe(_Model):
@@ -145,7 +263,7 @@ class Recipe(_Model):
     workdir: str | None = None
     cmd: list[str] | None = None
     entrypoint: list[str] | None = None
-    expose: list[int | str] = []
+    expose: list[ExposedPort] = []
     labels: dict[str, str] = {}
     healthcheck: ImageHealthcheck | None = None
     tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -157,23 +275,17 @@ class Health(_Model):
     http: str | None = None
     tcp: bool = False
     exec: list[str] | None = None
-    interval: float = 1.0
-    timeout: float = 1.0
-    healthy_after: int = Field(default=1, ge=1)
-    unhealthy_after: int = Field(default=3, ge=1)
-    start_period: float = 0.0
-
-    _durations = field_validator("interval", "timeout", "start_period", mode="before")(
-        lambda v: parse_duration(v)
-    )
+    interval: PositiveDuration = 1.0
+    timeout: PositiveDuration = 1.0
+    healthy_after: PositiveCount = 1
+    unhealthy_after: PositiveCount = 3
+    start_period: Duration = 0.0
 
     @model_validator(mode="after")
     def _one_kind(self) -> Health:
         kinds = [k for k in ("http", "exec") if getattr(self, k)] + (["tcp"] if self.tcp else [])
         if len(kinds) > 1:
             raise ValueError(f"choose one check kind, not {' and '.join(kinds)}")
-        if self.timeout <= 0 or self.interval <= 0:
-            raise ValueError("interval and timeout must be > 0")
         return self
 
     @property
@@ -191,16 +303,12 @@ class Update(_Model):
     """Rolling-update knobs, with Nomad's names and Kiln's safe defaults."""
 
     strategy: Literal["rolling"] = "rolling"
-    max_surge: int = Field(default=1, ge=0)
-    max_unavailable: int = Field(default=0, ge=0)
-    min_healthy_time: float = 2.0
-    healthy_deadline: float = 60.0
-    progress_deadline: float = 300.0
+    max_surge: Count = 1
+    max_unavailable: Count = 0
+    min_healthy_time: Duration = 2.0
+    healthy_deadline: Duration = 60.0
+    progress_deadline: Duration = 300.0
     auto_rollback: bool = True
-
-    _durations = field_validator(
-        "min_healthy_time", "healthy_deadline", "progress_deadline", mode="before"
-    )(lambda v: parse_duration(v))
 
     @model_validator(mode="after")
     def _can_progress(self) -> Update:
@@ -212,21 +320,18 @@ class Update(_Model):
 class Heal(_Model):
     """The reconciler's knobs, with BOSH's meltdown breaker as the default."""
 
-    max_parallel: int = Field(default=4, ge=1)
-    meltdown_fraction: float = Field(default=0.2, gt=0)
-    meltdown_window: float = 600.0
-    backoff_cap: float = 60.0
-
-    _durations = field_validator("meltdown_window", "backoff_cap", mode="before")(
-        lambda v: parse_duration(v)
+    max_parallel: PositiveCount = 4
+    meltdown_fraction: float = Field(
+        default=0.2, gt=0, le=MAX_COUNT, strict=True, allow_inf_nan=False
     )
+    """Above 1 the breaker never trips."""
+    meltdown_window: Duration = 600.0
+    backoff_cap: Duration = 60.0
 
 
 class Resources(_Model):
-    memory: int | None = None
-    cpu: float | None = Field(default=None, gt=0)
-
-    _size = field_validator("memory", mode="before")(lambda v: None if v is None else parse_size(v))
+    memory: Annotated[int, BeforeValidator(_memory, json_schema_input_type=str | int)] | None = None
+    cpu: float | None = Field(default=None, gt=0, le=MAX_CPU, strict=True, allow_inf_nan=False)
 
 
 class Volume(_Model):
@@ -241,9 +346,9 @@ class Service(_Model):
     """``[services.NAME]``: how one service runs."""
 
     image: str = Field(min_length=1)
-    replicas: int = Field(default=1, ge=0, le=1000)
-    port: int = Field(default=8080, ge=1, le=65535)
-    listen: int | None = Field(default=None, ge=1, le=65535)
+    replicas: Count = 1
+    port: Port = 8080
+    listen: Port | None = None
     protocol: Literal["http", "tcp"] = "http"
     health: Health = Health()
     env: dict[str, str] = {}
@@ -251,14 +356,10 @@ class Service(_Model):
     volumes: list[Volume] = []
     writable: list[str] = []
     resources: Resources = Resources()
-    stop_grace: float = 10.0
-    drain_timeout: float = 10.0
+    stop_grace: Duration = 10.0
+    drain_timeout: Duration = 10.0
     update: Update = Update()
     heal: Heal = Heal()
-
-    _durations = field_validator("stop_grace", "drain_timeout", mode="before")(
-        lambda v: parse_duration(v)
-    )
 
 
 class Environment(_Model):

@@ -47,6 +47,9 @@ INSTANCE_KEYS = (
     "writable",
     "resources",
     "health",
+    "cap_add",
+    "seccomp",
+    "network",
 )
 """Service keys that shape an instance; a change to any of them replaces instances."""
 SETTING_KEYS = ("listen", "drain_timeout", "stop_grace", "update", "heal")
@@ -348,7 +351,7 @@ def instance_diff(
         for sub in sorted(set(a) | set(b)):
             if a.get(sub) != b.get(sub):
                 reasons.append(f"{key}.{sub} changed")
-    for key in ("volumes", "writable"):
+    for key in ("volumes", "writable", "cap_add", "seccomp", "network"):
         if old.get(key) != new.get(key):
             reasons.append(f"{key} changed")
     for name in sorted(set(old_secrets) | set(new_secrets)):

@@ -34,6 +34,9 @@ MIN_MEMORY = 1024**2
 MAX_MEMORY = 64 * 1024**4
 """More memory than any one machine has is a typo."""
 MAX_CPU = 1024.0
+DEFAULT_PIDS = 1024
+MAX_PIDS = 1 << 22
+"""The kernel's own ceiling (pid_max)."""
 
 
 def _kind(value: object) -> str:
@@ -332,6 +335,23 @@ class Heal(_Model):
 class Resources(_Model):
     memory: Annotated[int, BeforeValidator(_memory, json_schema_input_type=str | int)] | None = None
     cpu: float | None = Field(default=None, gt=0, le=MAX_CPU, strict=True, allow_inf_nan=False)
+    pids: int = Field(default=DEFAULT_PIDS, ge=1, le=MAX_PIDS, strict=True)
+    """Every instance has a pids limit: a fork bomb stops at it, not at the host's."""
+
+
+def _capability(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    from kiln.errors import KilnError
+    from kiln.oci.config import capability_name
+
+    try:
+        return capability_name(value)
+    except KilnError as e:
+        raise ValueError(str(e)) from e
+
+
+Capability = Annotated[str, BeforeValidator(_capability)]
 
 
 class Volume(_Model):
@@ -356,6 +376,11 @@ class Service(_Model):
     volumes: list[Volume] = []
     writable: list[str] = []
     resources: Resources = Resources()
+    cap_add: list[Capability] = []
+    """Capabilities the app keeps (``NET_ADMIN``, ``CAP_CHOWN`` …); none by default."""
+    seccomp: Literal["default", "unconfined"] = "default"
+    network: Literal["private", "outbound"] = "private"
+    """``outbound``: the instances may open connections beyond the host (NAT)."""
     stop_grace: Duration = 10.0
     drain_timeout: Duration = 10.0
     update: Update = Update()

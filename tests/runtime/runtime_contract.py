@@ -4,7 +4,8 @@ A runtime's test module subclasses :class:`RuntimeContract` and provides two
 fixtures: ``runtime`` (a fresh Runtime) and ``app_spec`` (a callable
 ``(command: list[str], **InstanceSpec overrides) -> InstanceSpec`` for an image
 with busybox under /bin and ``/www/index.html``). A new runtime is done when
-this suite passes.
+this suite passes. The app listens on ``$PORT`` at the address the handle names
+(``handle.data["host"]``; a runtime on the host network may leave it out).
 """
 
 from __future__ import annotations
@@ -30,12 +31,19 @@ TRAP_TERM = "trap 'echo got-term; exit 0' TERM; while true; do sleep 0.05; done"
 IGNORE_TERM = "trap '' TERM; while true; do sleep 0.05; done"
 
 
-def http_get(port: int, timeout: float = 5.0) -> bytes:
-    """GET / on the app's port, retrying until it listens."""
+def host_of(handle: InstanceHandle) -> str:
+    """Where the instance listens: its own address, or the host's loopback."""
+    return str(handle.data.get("host") or "127.0.0.1")
+
+
+def http_get(handle: InstanceHandle, port: int, timeout: float = 5.0) -> bytes:
+    """GET / on the app's port at the instance's address, retrying until it listens."""
     deadline = time.monotonic() + timeout
+    url = f"http://{host_of(handle)}:{port}/"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via $http_proxy
     while True:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as response:
+            with direct.open(url, timeout=1) as response:
                 body: bytes = response.read()
                 return body
         except OSError:
@@ -64,8 +72,8 @@ class RuntimeContract:
 
     def test_the_app_serves_http_on_its_port(self, runtime: Runtime, app_spec: AppSpec) -> None:
         spec = app_spec(["sh", "-c", "exec httpd -f -p $PORT -h /www"])
-        runtime.start(spec)
-        assert http_get(spec.port) == b"hello from kiln\n"
+        handle = runtime.start(spec)
+        assert http_get(handle, spec.port) == b"hello from kiln\n"
 
     def test_exit_code_is_recorded(self, runtime: Runtime, app_spec: AppSpec) -> None:
         handle = runtime.start(app_spec(["sh", "-c", "exit 3"]))

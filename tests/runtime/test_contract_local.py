@@ -1,4 +1,4 @@
-"""The shared runtime contract, run against the local (bubblewrap) runtime."""
+"""The shared runtime contract, run against the local (runc) runtime."""
 
 from __future__ import annotations
 

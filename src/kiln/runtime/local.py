@@ -183,9 +183,20 @@ class LocalRuntime:
         _check_name(spec.instance_id, spec.instance_id, "instance id")
         for name in spec.secrets:
             _check_name(spec.instance_id, name, "secret name")
-        if not spec.layers or not all(layer.is_dir() for layer in spec.layers):
-            raise RuntimeFailure(f"instance {spec.instance_id}: image layers not found")
+        if not spec.layers:
+            raise RuntimeFailure(f"instance {spec.instance_id}: no image layers")
+        for layer in spec.layers:
+            if not layer.is_dir():
+                raise RuntimeFailure(f"instance {spec.instance_id}: image layer {layer} not found")
         directory = self._dir(spec.instance_id)
+        ids = id_range(self.home)
+        # Everything that can refuse the spec, before anything is written for it.
+        try:
+            uid, gid = parse_user(spec.user)
+            config = runtime_config(self.sandbox_config(spec, directory))
+        except KilnError as e:
+            prefix = f"instance {spec.instance_id}: "
+            raise RuntimeFailure(str(e) if str(e).startswith(prefix) else prefix + str(e)) from e
         self.instances_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             directory.mkdir(mode=0o700)
@@ -193,14 +204,15 @@ class LocalRuntime:
             raise RuntimeFailure(
                 f"instance {spec.instance_id}: already exists in {self.instances_dir}"
             ) from e
-        ids = id_range(self.home)
-        uid, gid = parse_user(spec.user)
         (directory / "bundle").mkdir(mode=0o700)
-        for volume in spec.volumes:
-            self._prepare_volume(
-                spec.instance_id, volume.source, ids.to_host(uid), ids.to_host(gid)
-            )
-        config = runtime_config(self.sandbox_config(spec, directory))
+        try:
+            for volume in spec.volumes:
+                self._prepare_volume(
+                    spec.instance_id, volume.source, ids.to_host(uid), ids.to_host(gid)
+                )
+        except RuntimeFailure:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         write_json_atomic(directory / "bundle" / "config.json", config)
         plan = {
             "instance_id": spec.instance_id,

@@ -12,7 +12,7 @@ outlives the agent), and then:
 * becomes a child subreaper and runs ``runc create`` with pipes as the
   container's stdout/stderr, so the container's init becomes its child;
 * gives the container's network namespace its address on the home's bridge,
-  writes ``DIR/handle.json``, then ``runc start``;
+  ``runc start``, then writes ``DIR/handle.json``;
 * timestamps every line into the instance log through ``LogWriter``;
 * forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the
   container's init (tini, which passes them to the app's process group);
@@ -248,20 +248,29 @@ class _Supervisor:
                     )
                     .to_json()
                 )
+            sandbox_start_time = proc_start_time(self.sandbox_pid)
+            # handle.json (how a runtime finds us to signal) only once the app runs: a stop
+            # racing runc start would kill runc's init and read as "cannot start sandbox".
+            self.runc.start(self.container_id)
             write_json_atomic(
                 self.dir / "handle.json",
                 {
                     "shim_pid": os.getpid(),
                     "shim_start_time": proc_start_time(os.getpid()),
                     "sandbox_pid": self.sandbox_pid,
-                    "sandbox_start_time": proc_start_time(self.sandbox_pid),
+                    "sandbox_start_time": sandbox_start_time,
                     "container_id": self.container_id,
                     "address": lease["address"] if lease else None,
                 },
             )
-            self.runc.start(self.container_id)
         except Exception as e:
             self.teardown()
+            # The init is our child (subreaper), so its pid cannot be reused before we reap
+            # it: make sure it is dead (runc delete may have failed), then leave no zombie.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.sandbox_pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.sandbox_pid, 0)
             os.close(out_r)
             os.close(err_r)
             return self.fail(writer, f"cannot start sandbox: {e}")

@@ -151,6 +151,6 @@ def run_step(
         for leftover in (bundle / "config.json",):
             with contextlib.suppress(OSError):
                 leftover.unlink()
-        for directory in (bundle, view, work):
+        for directory in (bundle, view, work, work.parent):
             with contextlib.suppress(OSError):
                 directory.rmdir()

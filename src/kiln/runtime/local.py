@@ -70,6 +70,36 @@ def parse_user(user: str | None) -> tuple[int, int]:
     return uid, gid
 
 
+def host_resolv_conf() -> Path | None:
+    """The resolver list an outbound instance can use: the host's, unless it names
+    a loopback resolver (unreachable from a private network), then resolved's own."""
+    for candidate in (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf")):
+        try:
+            text = candidate.read_text()
+        except OSError:
+            continue
+        servers = [line.split()[1] for line in text.splitlines() if line.startswith("nameserver ")]
+        if servers and not all(s.startswith("127.") or s == "::1" for s in servers):
+            return candidate.resolve()
+    return None
+
+
+def _image_has_file(layers: tuple[Path, ...], relative: str) -> bool:
+    """Whether the merged image holds a regular file there (the top layer that names it wins:
+    an overlay whiteout is a character device). runc may then mount over it without
+    creating anything in a directory the container's root may not write."""
+    parts = Path(relative).parts
+    for layer in reversed(layers):
+        path = layer
+        for part in parts:
+            path = path / part
+            if path.is_symlink():
+                return False
+        if os.path.lexists(path):
+            return path.is_file()
+    return False
+
+
 def _check_name(instance_id: str, name: str, what: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\0" in name or len(name) > 128:
         raise RuntimeFailure(f"instance {instance_id}: invalid {what} {name!r}")
@@ -147,6 +177,11 @@ class LocalRuntime:
                     str(view / "secrets"),
                     ("rbind", "ro", "nosuid", "nodev", "noexec"),
                 )
+            )
+        resolv = host_resolv_conf()
+        if spec.outbound and resolv is not None and _image_has_file(spec.layers, "etc/resolv.conf"):
+            mounts.append(
+                Mount("/etc/resolv.conf", "bind", str(resolv), ("rbind", "ro", "nosuid", "nodev"))
             )
         args = list(spec.command)
         if INIT_BINARY.exists():

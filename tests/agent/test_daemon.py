@@ -59,7 +59,7 @@ def test_image_launch_joins_entrypoint_and_cmd_and_service_env_wins() -> None:
         service="web",
         revision=2,
         image_digest="sha256:" + "a" * 64,
-        rootfs=Path("/r"),
+        layers=(Path("/r"),),
         launch=launch,
         service_env={"GREETING": "service", "PORT": "1"},
         port=41000,

@@ -192,29 +192,3 @@ def test_corrupt_layer_blob_fails_the_unpack(
 def test_garbage_is_not_a_layer(tmp_path: Path) -> None:
     with pytest.raises(KilnError, match="base layer: not a valid tar archive"):
         apply_layer(io.BytesIO(b"\x1f\x8b garbage" * 100), tmp_path, source="base layer")
-
-
-def test_seeded_unpack_matches_a_full_one_and_leaves_the_seed_alone(
-    store: ImageStore, tmp_path: Path, image_builder: Callable[..., Descriptor]
-) -> None:
-    base = _layer(
-        store,
-        _tar([("etc", D, ""), ("etc/conf", R, "v1"), ("etc/gone", R, "x"), ("bin", D, "")]),
-    )
-    app = _layer(store, _tar([("etc", D, ""), ("etc/conf", R, "v2"), ("etc/.wh.gone", R, "")]))
-    image_builder(store, [base], "seed:1")
-    image_builder(store, [base, app], "seed:2")
-    seed = tmp_path / "one"
-    unpack_image(store, "seed:1", seed)
-    seeded, full = tmp_path / "two-seeded", tmp_path / "two-full"
-    unpack_image(store, "seed:2", seeded, seed=seed, seed_layers=1)
-    unpack_image(store, "seed:2", full)
-
-    def tree(root: Path) -> list[tuple[str, str]]:
-        return sorted(
-            (str(p.relative_to(root)), p.read_text() if p.is_file() else "dir")
-            for p in root.rglob("*")
-        )
-
-    assert tree(seeded) == tree(full) == [("bin", "dir"), ("etc", "dir"), ("etc/conf", "v2")]
-    assert tree(seed) == [("bin", "dir"), ("etc", "dir"), ("etc/conf", "v1"), ("etc/gone", "x")]

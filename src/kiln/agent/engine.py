@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kiln.agent.errors import Conflict, NotFound
-from kiln.agent.executor import PortPool, RootfsCache, build_instance_spec, image_launch
+from kiln.agent.executor import ImageSnapshots, PortPool, build_instance_spec, image_launch
 from kiln.agent.proxy import ProxyProcess
 from kiln.deploy.health import ExecRunner, HealthState, HealthTracker, probe
 from kiln.deploy.plan import DesiredService, Plan, make_plan
@@ -66,7 +66,7 @@ class Engine:
         self.state = state
         self.runtime = runtime
         self.proxy = ProxyProcess(home)
-        self.rootfs = RootfsCache(home)
+        self.snapshots = ImageSnapshots(home)
         self.ports = PortPool()
         self._on_event = on_event
         self.trackers: dict[str, HealthTracker] = {}
@@ -254,9 +254,9 @@ class Engine:
         try:
             pinned = dict(cfg.get("secrets_versions") or {})
             values = await _thread(SecretStore(self.home / "secrets").values_for, pinned)
-            rootfs = await _thread(self.rootfs.ensure, rev.image_digest)
+            layers = await _thread(self.snapshots.layers, rev.image_digest)
             image_cfg: dict[str, Any] = dict(cfg.get("image_config") or {}) or await _thread(
-                self.rootfs.image_config, rev.image_digest
+                self.snapshots.image_config, rev.image_digest
             )
             launch = image_launch(image_cfg, f"{service} r{rev.number} ({rev.image_digest[:19]})")
             res = cfg.get("resources") or {}
@@ -266,7 +266,7 @@ class Engine:
                 service=service,
                 revision=rev.number,
                 image_digest=rev.image_digest,
-                rootfs=rootfs,
+                layers=layers,
                 launch=launch,
                 service_env={str(k): str(v) for k, v in (cfg.get("env") or {}).items()},
                 port=rec.port,
@@ -277,6 +277,10 @@ class Engine:
                 cpu=res.get("cpu"),
                 stop_grace=float(cfg.get("stop_grace", 10.0)),
                 secrets=values,
+                pids=int(res.get("pids") or 1024),
+                cap_add=tuple(str(c) for c in cfg.get("cap_add") or ()),
+                seccomp=cfg.get("seccomp", "default") != "unconfined",
+                outbound=cfg.get("network") == "outbound",
             )
             handle = await _thread(self.runtime.start, spec)
         except KilnError as e:
@@ -646,7 +650,7 @@ class Engine:
                             sp.service,
                             data={"breaker_reset_at": reset},
                         )
-                    image_cfg = await _thread(self.rootfs.image_config, want.image_digest)
+                    image_cfg = await _thread(self.snapshots.image_config, want.image_digest)
                     rev = self.state.next_revision(
                         sp.service,
                         image_digest=want.image_digest,

@@ -1,4 +1,4 @@
-"""What the agent does to the outside world for one instance: rootfs, port, spec, start, retire.
+"""What the agent does to the outside world for one instance: layers, port, spec, start, retire.
 
 The pure parts (launch command from the image config, the InstanceSpec) are
 plain functions so tests can assert them; the blocking parts run in the
@@ -7,9 +7,6 @@ agent's thread pool.
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
 import socket
 import threading
 from pathlib import Path
@@ -20,8 +17,8 @@ from kiln.runtime import InstanceSpec, VolumeMount
 
 __all__ = [
     "ImageLaunch",
+    "ImageSnapshots",
     "PortPool",
-    "RootfsCache",
     "build_instance_spec",
     "image_launch",
 ]
@@ -70,7 +67,7 @@ def build_instance_spec(
     service: str,
     revision: int,
     image_digest: str,
-    rootfs: Path,
+    layers: tuple[Path, ...],
     launch: ImageLaunch,
     service_env: dict[str, str],
     port: int,
@@ -80,6 +77,10 @@ def build_instance_spec(
     memory: int | None,
     cpu: float | None,
     stop_grace: float,
+    pids: int = 1024,
+    cap_add: tuple[str, ...] = (),
+    seccomp: bool = True,
+    outbound: bool = False,
     secrets: dict[str, bytes] | None = None,
 ) -> InstanceSpec:
     """Image env, then service env, then PORT: the service wins over the image, Kiln over both."""
@@ -97,7 +98,7 @@ def build_instance_spec(
         service=service,
         revision=revision,
         image_digest=image_digest,
-        rootfs=rootfs,
+        layers=layers,
         command=list(launch.command),
         user=launch.user,
         workdir=launch.workdir,
@@ -108,7 +109,11 @@ def build_instance_spec(
         secrets=dict(secrets or {}),
         memory=memory,
         cpu=cpu,
+        pids=pids,
         stop_grace=stop_grace,
+        cap_add=cap_add,
+        seccomp=seccomp,
+        outbound=outbound,
     )
 
 
@@ -139,75 +144,32 @@ class PortPool:
         raise KilnError("no free port on 127.0.0.1 for a new instance")
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+class ImageSnapshots:
+    """The layer snapshots instances run from (:mod:`kiln.image.snapshots`) and image configs.
 
-
-class RootfsCache:
-    """``KILN_HOME/rootfs/<digest>``: unpacked once per image, shared read-only by instances.
-
-    A thread lock per digest serialises unpacks inside the agent; an flock
-    guards against another process (a second tool) unpacking the same image.
+    A new image costs the unpacking of the layers no earlier image had (an
+    app edit: the app layers only); the snapshots' own flocks serialise two
+    starts, in this agent or another process, that need the same layer.
     """
 
     def __init__(self, home: Path) -> None:
-        self.root = home / "rootfs"
-        self.images_root = home / "images"
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self.home = home
+        self._legacy_checked = False
 
-    def path(self, digest: str) -> Path:
-        return self.root / digest.replace(":", "-")
-
-    def ensure(self, digest: str) -> Path:
-        final = self.path(digest)
-        if final.is_dir():
-            return final
-        with self._guard:
-            lock = self._locks.setdefault(digest, threading.Lock())
-        with lock:
-            if final.is_dir():
-                return final
-            self.root.mkdir(parents=True, exist_ok=True)
-            with open(self.root / f".{final.name}.lock", "w") as lf:
-                fcntl.flock(lf, fcntl.LOCK_EX)
-                if final.is_dir():
-                    return final
-                try:
-                    self._unpack(digest, final)
-                except OSError as e:
-                    raise KilnError(f"cannot unpack image {digest} into {final}: {e}") from e
-        return final
-
-    def _unpack(self, digest: str, final: Path) -> None:
-        """Seed from the unpacked image sharing the most bottom layers: a new app
-        layer over the same Debian base unpacks in a second, not a minute."""
+    def layers(self, digest: str) -> tuple[Path, ...]:
+        """The image's layer dirs, bottom first, for ``InstanceSpec.layers``."""
+        from kiln.image.snapshots import SnapshotStore, remove_legacy_trees
         from kiln.image.store import ImageStore
-        from kiln.image.unpack import image_layers, unpack_image
 
-        store = ImageStore(self.images_root)
-        layers = image_layers(store, digest)
-        seed: Path | None = None
-        shared = 0
-        for sidecar in self.root.glob("*.layers.json"):
-            tree = sidecar.with_name(sidecar.name.removesuffix(".layers.json"))
-            try:
-                other = json.loads(sidecar.read_text())
-            except (OSError, ValueError):
-                continue
-            common = 0
-            for mine, theirs in zip(layers, other, strict=False):
-                if mine != theirs:
-                    break
-                common += 1
-            if common > shared and common == len(other) and tree.is_dir():
-                seed, shared = tree, common
-        unpack_image(store, digest, final, seed=seed, seed_layers=shared)
-        _write_json(self.root / f"{final.name}.layers.json", layers)
+        if not self._legacy_checked:
+            remove_legacy_trees(self.home, ("rootfs",))  # whole unpacked images, before snapshots
+            self._legacy_checked = True
+        try:
+            return SnapshotStore(self.home).layers_for(ImageStore(self.home / "images"), digest)
+        except OSError as e:
+            raise KilnError(f"cannot unpack the layers of image {digest}: {e}") from e
 
     def image_config(self, digest: str) -> dict[str, Any]:
         from kiln.image.store import ImageStore
 
-        return ImageStore(self.images_root).config(digest)
+        return ImageStore(self.home / "images").config(digest)

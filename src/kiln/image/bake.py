@@ -5,8 +5,15 @@ Every layer-producing step (a Debian base, ``copy``, ``run``) has a cache
 key derived from that chain and the step's inputs (see :mod:`kiln.image.cache`);
 a hit appends the cached layer without touching the filesystem. Only when a
 ``run`` step actually has to run is a root filesystem materialised in
-``$KILN_HOME/tmp``, by applying the layers so far, so a fully cached re-bake
-costs a few ``stat`` calls and two small JSON blobs.
+``$KILN_HOME/tmp``: an overlay of the layer snapshots so far (the same ones
+instances run from, see :mod:`kiln.image.snapshots`), so a fully cached
+re-bake costs a few ``stat`` calls and two small JSON blobs, and a re-bake
+after an app edit unpacks only the layers that changed.
+
+Steps run as root of a user namespace mapped to the home's id range, so
+the rootfs holds shifted owners: what the bake writes into it is shifted
+(``ids``) and what it reads back for a layer is mapped back, so the layers
+are byte for byte what they would be without the shift.
 
 Images are assembled as canonical JSON and tagged last: an interrupted bake
 leaves blobs that nothing points at (swept by ``gc``) and a staging directory
@@ -16,7 +23,6 @@ that the next bake removes, never a half-made tag.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import shutil
 import stat
@@ -30,7 +36,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from kiln.errors import KilnError
 from kiln.image.base import (
@@ -58,7 +64,9 @@ from kiln.paths import download_cache, kiln_home
 from kiln.process import pid_alive
 
 if TYPE_CHECKING:
-    from kiln.image.trees import OverlayRootfs, TreeLayer
+    from kiln.image.overlay import OverlayRootfs
+    from kiln.image.snapshots import HeldSnapshots, SnapshotStore
+    from kiln.oci.idmap import IdRange
     from kiln.spec.models import CopyStep, Recipe, RunStep, Spec
 
 ANNOTATION_REVISION = "org.opencontainers.image.revision"
@@ -71,6 +79,7 @@ _STAGING_PREFIX = "bake-"
 # the tree (a KILN_HOME under /root), leaves var/lib/apt/lists/partial owned by root
 # instead of _apt, so the base layer would depend on where KILN_HOME lies.
 _DEBIAN_PREFIX = "kiln-debian-"
+_MAX_SYMLINKS = 40
 
 
 @dataclass(frozen=True)
@@ -191,8 +200,20 @@ def staging_root() -> Path:
     return kiln_home() / "tmp"
 
 
-def tree_root() -> Path:
-    return kiln_home() / "cache" / "trees"
+def step_ids(home: Path) -> IdRange | None:
+    """The ids ``run`` steps are mapped to: the home's range when Kiln can run them in a
+    user namespace (as root, with runc), else None — bwrap as real root over real owners.
+    """
+    from kiln.oci.idmap import id_range
+    from kiln.oci.runc import runc_binary
+
+    if os.geteuid() != 0:
+        return None
+    try:
+        runc_binary()
+    except KilnError:
+        return None
+    return id_range(home)
 
 
 def clean_stale_staging(root: Path, prefix: str = _STAGING_PREFIX) -> None:
@@ -207,7 +228,7 @@ def clean_stale_staging(root: Path, prefix: str = _STAGING_PREFIX) -> None:
         except ValueError:
             continue
         if pid != os.getpid() and not pid_alive(pid):
-            from kiln.image.trees import unmount_all_under
+            from kiln.image.overlay import unmount_all_under
 
             # A bake killed with its rootfs mounted leaves the overlay behind: unmount
             # first, and never remove through a mount that would not go away.
@@ -231,6 +252,9 @@ class _Shared:
     update_lock: bool
     epoch: int
     facts: GitFacts
+    ids: IdRange | None = None
+    """Owners in the rootfs are these shifted ids (steps run in a user namespace); None: real."""
+    snapshots: SnapshotStore | None = None
     results: dict[str, BakeResult] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -283,8 +307,8 @@ class _ImageBake:
         self._rootfs: Path | None = None
         self._debian_dir: Path | None = None
         self._applied = 0
-        self._base_layers = 0
         self._overlay: OverlayRootfs | None = None
+        self._held: HeldSnapshots | None = None
         self._overlay_ready = False
 
     # -- staging
@@ -302,6 +326,9 @@ class _ImageBake:
 
     def cleanup(self) -> None:
         unmounted = self._overlay is None or self._overlay.unmount()
+        if self._held is not None and unmounted:
+            self._held.release()
+            self._held = None
         if self._staging is not None and unmounted:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
@@ -312,61 +339,57 @@ class _ImageBake:
     def rootfs(self) -> Path:
         """The filesystem so far, made on the first run step that misses the cache.
 
-        Over a cached tree of the base layers when overlayfs is usable (see
-        :mod:`kiln.image.trees`), else unpacked into staging; a Debian base's
-        own tree when this bake built it and no overlay is possible. The
-        layers after that are applied with the one safe extractor.
+        An overlay of the layers' snapshots when overlayfs is usable (see
+        :mod:`kiln.image.overlay`), else unpacked into staging; a Debian
+        base's own tree when this bake built it and no overlay is possible.
+        Layers added after that are applied with the one safe extractor.
         """
+        ids = self.shared.ids
         if self._rootfs is None:
-            self._rootfs = self._mount_over_tree()
+            self._rootfs = self._mount_snapshots()
         if self._rootfs is None:
             self._rootfs = self.staging / "rootfs"
             self._rootfs.mkdir(mode=0o755)
-        from kiln.image.unpack import apply_layer
+            if ids is not None:
+                os.chown(self._rootfs, ids.to_host(0), ids.to_host(0))
+        from kiln.image.unpack import apply_stored_layer
 
         for layer in self.layers[self._applied :]:
-            with self.shared.store.open_blob(layer.descriptor.digest) as blob:
-                apply_layer(blob, self._rootfs, source=layer.source)
+            apply_stored_layer(
+                self.shared.store,
+                layer.descriptor,
+                self._rootfs,
+                source=layer.source,
+                diff_id=layer.diff_id,
+                ids=ids,
+            )
             self._applied += 1
         if self._overlay is not None and not self._overlay_ready:
             self._overlay.copy_up_directories()
             self._overlay_ready = True
         return self._rootfs
 
-    def _tree_layers(self, count: int) -> list[TreeLayer]:
-        from kiln.image.trees import TreeLayer
+    def _mount_snapshots(self) -> Path | None:
+        """An overlay over the snapshots of every layer so far, unpacking those missing.
 
-        store = self.shared.store
-        return [
-            TreeLayer(
-                layer.diff_id,
-                layer.descriptor.digest,
-                layer.source,
-                functools.partial(store.open_blob, layer.descriptor.digest),
-            )
-            for layer in self.layers[:count]
-        ]
+        They stay held (gc keeps them) until the bake unmounts.
+        """
+        from kiln.image import overlay
 
-    def _mount_over_tree(self) -> Path | None:
-        """An overlay over the longest cached tree of these layers; the base's tree is
-        unpacked (once, for every later bake) when none is cached yet."""
-        from kiln.image import trees
-
-        if self._applied or not self.layers or not trees.overlay_usable(staging_root()):
+        snapshots = self.shared.snapshots
+        if snapshots is None or self._applied or not self.layers:
             return None
-        cache = trees.TreeCache(tree_root())
-        if not trees.options_safe(cache.root, self.staging):
+        if not overlay.overlay_usable(staging_root()):
             return None
-        found = cache.longest_prefix(self._parents())
-        if found is None:
-            if not self._base_layers:
-                return None
-            count = self._base_layers
-            found = (count, cache.build(self._tree_layers(count)))
-        count, tree = found
-        self._overlay = trees.OverlayRootfs(tree, self.staging)
-        merged = self._overlay.mount()
-        self._applied = count
+        held = snapshots.hold(self.shared.store, self.layers)
+        rootfs = overlay.OverlayRootfs(held.paths, self.staging)
+        if not overlay.options_fit(held.paths, rootfs.upper, rootfs.work):
+            held.release()
+            return None
+        self._held = held
+        self._overlay = rootfs
+        merged = rootfs.mount()
+        self._applied = len(self.layers)
         return merged
 
     # -- run
@@ -459,7 +482,6 @@ class _ImageBake:
 
     def _adopt(self, base: BaseImage) -> None:
         self.layers = list(base.layers)
-        self._base_layers = len(self.layers)
         self.inherited = dict(base.config)
         self.env = _env_list_to_dict(self.inherited.get("Env"))
         self.workdir = str(self.inherited.get("WorkingDir") or "/")
@@ -541,26 +563,38 @@ class _ImageBake:
                 debian.write_lock(lock_path, {k: v for k, v in entries.items() if k in live})
         debian.finish_tree(out, epoch)
         result = layer_from_dir(out, shared.store, epoch)
-        if not self._keep_as_tree(out, result.diff_id, result.descriptor.digest, source):
-            self._rootfs = out
+        layer = BaseLayer(
+            result.descriptor, result.diff_id, f"{source}: layer {result.descriptor.digest}"
+        )
+        if not self._keep_as_snapshot(out, layer):
+            self._rootfs = self._own_tree(out, layer)
         entry_layer = CachedLayer(result.descriptor, result.diff_id, result.size_uncompressed)
         shared.cache.put(key_for(installed), entry_layer)
         self._record(0, label, False, started, result.descriptor.size)
         return self._debian_image(base, entry_layer, source, created_by)
 
-    def _keep_as_tree(self, out: Path, diff_id: str, digest: str, source: str) -> bool:
-        """mmdebstrap's tree becomes the cached tree of the base layer when overlays work:
-        the steps of this bake and of later ones then run over it, never unpacking it."""
-        from kiln.image import trees
+    def _keep_as_snapshot(self, tree: Path, layer: BaseLayer) -> bool:
+        """mmdebstrap's tree becomes the snapshot of the base layer when overlays work:
+        the steps of this bake and of later ones, and instances, then run over it,
+        never unpacking it."""
+        from kiln.image import overlay
 
-        if not trees.overlay_usable(staging_root()):
+        snapshots = self.shared.snapshots
+        if snapshots is None or not overlay.overlay_usable(staging_root()):
             return False
-        cache = trees.TreeCache(tree_root())
+        return snapshots.adopt(tree, layer) is not None
 
-        def unreadable() -> contextlib.AbstractContextManager[BinaryIO]:
-            raise KilnError(f"{source}: the tree is adopted, not unpacked")
+    def _own_tree(self, tree: Path, layer: BaseLayer) -> Path:
+        """mmdebstrap's tree as the plain rootfs of the first run step, its owners
+        shifted when steps run in a user namespace (after closing its directory to
+        everyone else: shifted setuid files must not be reachable)."""
+        ids = self.shared.ids
+        if ids is not None and self._debian_dir is not None:
+            from kiln.image.snapshots import shift_tree
 
-        return cache.adopt(out, [trees.TreeLayer(diff_id, digest, source, unreadable)]) is not None
+            os.chmod(self._debian_dir, 0o700)
+            shift_tree(tree, ids, layer.source)
+        return tree
 
     def _debian_image(
         self, base: Any, layer: CachedLayer, source: str, created_by: str
@@ -679,11 +713,10 @@ class _ImageBake:
             return
         from kiln.image.layer import layer_from_diff, snapshot
 
+        ids = self.shared.ids
         rootfs = self.rootfs()
-        before = snapshot(rootfs)
-        workdir = rootfs / self.workdir.lstrip("/")
-        if not workdir.is_dir() and not workdir.is_symlink():
-            workdir.mkdir(parents=True, mode=0o755)
+        before = snapshot(rootfs, ids)
+        make_workdir(rootfs, self.workdir, ids, f"{self.where} step {index} (run)")
         outcome = sandbox.run_in_sandbox(
             rootfs,
             sandbox.step_command(step.run),
@@ -691,11 +724,12 @@ class _ImageBake:
             self.workdir,
             step.network,
             lambda line: self.shared.progress.step_output(self.name, index, line),
+            ids=ids,
         )
         if outcome.exit_code != 0:
             tail = "\n".join(outcome.tail)
             raise KilnError(f"{self.where} step {index} (run): exit {outcome.exit_code}\n{tail}")
-        after = snapshot(rootfs)
+        after = snapshot(rootfs, ids)
         if self._overlay is not None:
             after = self._overlay.settle(before, after)
         result = layer_from_diff(rootfs, before, after, self.shared.store, self.shared.epoch)
@@ -856,6 +890,48 @@ def _input_entry(
     raise KilnError(f"{where}: {path} is not a file, directory or symlink")
 
 
+def make_workdir(rootfs: Path, workdir: str, ids: IdRange | None, where: str) -> None:
+    """Create a step's missing working directory, root's and 0755, inside ``rootfs``.
+
+    Symlinks on the way are followed as the sandbox will follow them: inside
+    the rootfs (an absolute target is rootfs-relative, ``..`` stops at its
+    root), never on the host.
+    """
+    pending = [part for part in workdir.split("/") if part not in ("", ".")]
+    resolved: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        path = rootfs.joinpath(*resolved, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, 0o755)
+            if ids is not None:
+                os.chown(path, ids.to_host(0), ids.to_host(0))
+            os.chmod(path, 0o755)
+            resolved.append(part)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise KilnError(f"{where}: workdir {workdir}: too many symlinks")
+            target = os.readlink(path)
+            if target.startswith("/"):
+                resolved = []
+            pending = [p for p in target.split("/") if p not in ("", ".")] + pending
+        elif stat.S_ISDIR(st.st_mode):
+            resolved.append(part)
+        else:
+            raise KilnError(
+                f"{where}: workdir {workdir}: /{'/'.join([*resolved, part])} is not a directory"
+            )
+
+
 def stage_copy(source: Path, staged: Path, epoch: int, chmod: str | None) -> None:
     """A private copy whose modes and times depend only on the recipe and the epoch."""
     forced = int(chmod, 8) if chmod else None
@@ -898,12 +974,18 @@ def bake(
     the results in bake order. Raises KilnError for the first failure, after
     the other running bakes finished; nothing of a failed image is tagged.
     """
+    from kiln.image.snapshots import SnapshotStore, remove_legacy_trees
+
     order = bake_order(spec, names)
     home = kiln_home()
     store = store or ImageStore(home / "images")
+    ids = step_ids(home)
+    snapshots = SnapshotStore(home, ids) if ids is not None else None
     clean_stale_staging(staging_root())
     clean_stale_staging(Path(tempfile.gettempdir()), _DEBIAN_PREFIX)
-    clean_stale_staging(tree_root(), ".new-")
+    remove_legacy_trees(home, ("cache/trees",))
+    if snapshots is not None:
+        snapshots.sweep_staging()
     facts = git_facts(spec.root)
     shared = _Shared(
         spec=spec,
@@ -915,6 +997,8 @@ def bake(
         update_lock=update_lock,
         epoch=source_date_epoch(spec.root, facts),
         facts=facts,
+        ids=ids,
+        snapshots=snapshots,
     )
     try:
         _run_in_order(shared, order)
@@ -962,18 +1046,17 @@ def _run_in_order(shared: _Shared, order: list[str]) -> None:
 def collect_garbage(store: ImageStore) -> GcResult:
     """``kiln image gc``: keep what a tag or the layer cache needs.
 
-    Then the unpacked trees go whose chain lost a layer blob, i.e. whose
-    layers no tag and no cache entry references any more; ``freed_bytes``
-    counts them too. A tree a running bake has mounted is kept.
+    Then the layer snapshots go that no image left in the store uses (a
+    snapshot a running bake has mounted stays), and what Kiln kept before
+    snapshots (``rootfs/``, ``cache/trees/``); ``freed_bytes`` counts them too.
     """
-    from kiln.image.trees import TreeCache
+    from kiln.image.snapshots import SnapshotStore, image_chains, remove_legacy_trees
 
-    cache = LayerCache(kiln_home() / "cache" / "layers")
+    home = kiln_home()
+    cache = LayerCache(home / "cache" / "layers")
     result = store.gc(keep=cache.digests())
-    freed = TreeCache(tree_root()).remove_unreferenced(
-        lambda digests: all(store.has(digest) for digest in digests)
-    )
-    clean_stale_staging(tree_root(), ".new-")
+    freed = SnapshotStore(home).remove_unreferenced(image_chains(store))
+    freed += remove_legacy_trees(home)
     return GcResult(result.removed_blobs, result.freed_bytes + freed)
 
 

@@ -33,6 +33,7 @@ from typing import IO, BinaryIO
 from kiln.errors import KilnError
 from kiln.image.digest import MEDIA_TYPE_LAYER_GZIP, Descriptor
 from kiln.image.store import ImageStore
+from kiln.oci.idmap import IdRange
 
 GZIP_LEVEL = 6
 _BLOCK = tarfile.BLOCKSIZE
@@ -79,20 +80,30 @@ class Snapshot:
     paths: dict[str, PathState] = field(default_factory=dict)
 
 
-def snapshot(root: Path) -> Snapshot:
+def snapshot(root: Path, ids: IdRange | None = None) -> Snapshot:
+    """Every path under ``root`` as it is now.
+
+    With ``ids`` the tree's owners are shifted host ids (a rootfs over layer
+    snapshots, written by steps in a user namespace): they are recorded as
+    the container ids the step saw, so the layer carries what it would
+    without the shift.
+    """
     root = Path(root)
     paths: dict[str, PathState] = {}
     for rel, st in _walk(root):
         link = os.readlink(root / rel) if stat.S_ISLNK(st.st_mode) else None
-        paths[rel] = _state(st, link)
+        paths[rel] = _state(st, link, ids)
     return Snapshot(root, paths)
 
 
-def _state(st: os.stat_result, link: str | None = None) -> PathState:
+def _state(st: os.stat_result, link: str | None = None, ids: IdRange | None = None) -> PathState:
+    uid, gid = st.st_uid, st.st_gid
+    if ids is not None:
+        uid, gid = ids.to_container(uid), ids.to_container(gid)
     return PathState(
         st.st_mode,
-        st.st_uid,
-        st.st_gid,
+        uid,
+        gid,
         st.st_size,
         st.st_mtime_ns,
         st.st_ctime_ns,

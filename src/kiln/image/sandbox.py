@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.oci.idmap import IdRange
 from kiln.oci.step import stream_command, terminal_line
 
 __all__ = [
@@ -114,13 +115,12 @@ def bwrap_argv(
     return argv
 
 
-def _missing_mount_points(rootfs: Path, network: bool) -> list[Path]:
-    wanted = [*_MOUNT_POINTS, *(("/etc", RESOLV_CONF) if network else ())]
+def _missing_mount_points(rootfs: Path, wanted: Sequence[str]) -> list[Path]:
     return [rootfs / p.lstrip("/") for p in wanted if not os.path.lexists(rootfs / p.lstrip("/"))]
 
 
 def _remove_mount_points(created: list[Path]) -> None:
-    """Undo the empty mount points bwrap made, so they do not show up as the step's changes."""
+    """Undo the empty mount points the sandbox made, so they are not the step's changes."""
     for path in reversed(created):
         try:
             if path.is_dir() and not path.is_symlink():
@@ -139,17 +139,39 @@ def run_in_sandbox(
     network: bool,
     on_line: Callable[[str], None],
     *,
+    ids: IdRange | None = None,
     bwrap: str | None = None,
 ) -> SandboxResult:
     """Run ``command`` over ``rootfs``; every output line goes to ``on_line``.
 
-    Returns the exit code and the last lines of output (stdout and stderr
-    merged, in order) for the error message of a failing step.
+    With ``ids`` (``rootfs`` holds owners shifted into them: a bake over the
+    layer snapshots) the step runs with runc as root of a user namespace
+    mapped to them (:func:`kiln.oci.step.run_step`), so what it creates comes
+    out shifted too; without, through bwrap as real root. Returns the exit
+    code and the last lines of output (stdout and stderr merged, in order)
+    for the error message of a failing step.
     """
-    argv = bwrap_argv(bwrap or bwrap_path(), rootfs, command, env, workdir, network)
-    created = _missing_mount_points(rootfs, network)
     if network and (rootfs / "etc").is_symlink():
         raise KilnError(f"{rootfs}: /etc is a symlink; refusing to bind resolv.conf through it")
+    if ids is not None:
+        from kiln.oci.step import mount_points, run_step
+
+        created = _missing_mount_points(
+            rootfs, [*(("/etc",) if network else ()), *mount_points(network)]
+        )
+        try:
+            code, tail = run_step(
+                rootfs, command, env, workdir, network, on_line, ids=ids, umask=STEP_UMASK
+            )
+        except OSError as e:
+            raise KilnError(f"cannot start the step's sandbox: {e}") from e
+        finally:
+            _remove_mount_points(created)
+        return SandboxResult(code, tail)
+    argv = bwrap_argv(bwrap or bwrap_path(), rootfs, command, env, workdir, network)
+    created = _missing_mount_points(
+        rootfs, [*_MOUNT_POINTS, *(("/etc", RESOLV_CONF) if network else ())]
+    )
     try:
         code, tail = stream_command(argv, on_line, umask=STEP_UMASK)
     except OSError as e:

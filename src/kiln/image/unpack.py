@@ -6,8 +6,17 @@ directory inside ``dest`` (checked with ``lstat``, never followed), so nothing
 is ever written through a symlink; symlink targets may be absolute (they are
 rootfs-relative, as Debian uses them) but may not climb above the root;
 hardlinks must point at something already extracted; device nodes are
-refused; sizes are bounded. Whiteouts (``.wh.NAME``) and opaque directories
-(``.wh..wh..opq``) hide what lower layers put there.
+refused; sizes are bounded; a whiteout must name an entry, never ``.`` or
+``..``.
+
+A layer lands in one of two ways. Applied (``whiteouts="apply"``) on top of
+the layers below it, whiteouts (``.wh.NAME``) and opaque directories
+(``.wh..wh..opq``) remove what lower layers put there. Unpacked alone as one
+overlayfs lower dir (``whiteouts="overlay"``, the layer snapshots of
+:mod:`kiln.image.snapshots`), they are recorded as overlayfs records them: a
+0/0 character device named like the hidden entry, and the xattr
+``trusted.overlay.opaque=y``. ``ids`` shifts every owner into a home's id
+range, so a user namespace sees the owners the layer names.
 """
 
 from __future__ import annotations
@@ -17,13 +26,13 @@ import hashlib
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO, cast
+from typing import IO, BinaryIO, Literal, cast
 
 from kiln.errors import KilnError
 from kiln.image.digest import (
@@ -33,11 +42,15 @@ from kiln.image.digest import (
     Descriptor,
 )
 from kiln.image.store import ImageStore
+from kiln.oci.idmap import IdRange
 
 MAX_ENTRY_SIZE = 64 << 30
+OPAQUE_XATTR = "trusted.overlay.opaque"
+WhiteoutMode = Literal["apply", "overlay"]
 _CHUNK = 1 << 20
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
+_GZIP_MAGIC = b"\x1f\x8b"
 _LAYER_TYPES = {
     MEDIA_TYPE_LAYER_GZIP,
     MEDIA_TYPE_LAYER_TAR,
@@ -46,79 +59,114 @@ _LAYER_TYPES = {
 }
 
 
-def image_layers(store: ImageStore, ref: str) -> list[str]:
-    """The layer digests of ``ref``, bottom first: what a seed tree must share."""
-    manifest = store.read_json(store.resolve(ref).digest)
-    return [str(layer["digest"]) for layer in manifest.get("layers", [])]
-
-
-def clone_command(seed: Path, dest: Path) -> list[str]:
-    """Hard-linked copy: files are shared, directories are new."""
-    return ["cp", "-a", "--link", "--no-target-directory", str(seed), str(dest)]
-
-
-def unpack_image(
-    store: ImageStore, ref: str, dest: Path, *, seed: Path | None = None, seed_layers: int = 0
-) -> None:
+def unpack_image(store: ImageStore, ref: str, dest: Path) -> None:
     """Extract every layer of ``ref`` into ``dest``, which must not exist yet.
 
     The tree is built in a temp dir beside ``dest`` and renamed into place,
     so a failure (hostile entry, corrupt blob, full disk) leaves nothing.
-    Each layer's bytes are checked against its digest as they stream.
-
-    ``seed`` is an already unpacked tree of the first ``seed_layers`` layers
-    (a previous image of the same recipe): it is cloned with hard links and
-    only the remaining layers are applied. That is safe because applying a
-    layer never writes into an existing file — it removes the path first.
+    Each layer's bytes are checked against its digest and its diff_id as
+    they stream.
     """
+    from kiln.image.base import kiln_image_base
+
     dest = Path(dest).absolute()
     descriptor = store.resolve(ref)
-    manifest = store.read_json(descriptor.digest)
-    try:
-        layers = [Descriptor.from_json(layer) for layer in manifest.get("layers", [])]
-    except (KilnError, TypeError, AttributeError) as e:
-        raise KilnError(f"manifest of {ref} has malformed layers: {e}") from e
+    layers = kiln_image_base(store, ref, descriptor.digest).layers
     if dest.exists() or dest.is_symlink():
         raise KilnError(f"cannot unpack {ref}: {dest} already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpack-"))
     try:
         os.chmod(tmp, 0o755)
-        if seed is not None and seed_layers > 0:
-            os.rmdir(tmp)
-            done = subprocess.run(clone_command(seed, tmp), capture_output=True, text=True)
-            if done.returncode != 0:
-                raise KilnError(f"cannot clone {seed} for {ref}: {done.stderr.strip()}")
         for number, layer in enumerate(layers, start=1):
-            if number <= seed_layers and seed is not None:
-                continue
-            source = f"layer {number} ({layer.digest[:19]}…) of {ref}"
-            if layer.media_type not in _LAYER_TYPES:
-                raise KilnError(f"{source}: unsupported media type {layer.media_type}")
-            with store.open_blob(layer.digest) as blob:
-                reader = _DigestReader(blob)
-                apply_layer(cast(BinaryIO, reader), tmp, source=source)
-                reader.drain()
-            if reader.digest() != layer.digest:
-                raise KilnError(f"{source}: blob content hashes to {reader.digest()}")
+            source = f"layer {number} ({layer.descriptor.digest[:19]}…) of {ref}"
+            apply_stored_layer(store, layer.descriptor, tmp, source=source, diff_id=layer.diff_id)
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def apply_layer(fileobj: BinaryIO, dest: Path, *, source: str = "layer") -> None:
-    """Apply one layer (gzip or plain tar, by magic) on top of the tree at ``dest``.
+def apply_stored_layer(
+    store: ImageStore,
+    layer: Descriptor,
+    dest: Path,
+    *,
+    source: str,
+    diff_id: str | None = None,
+    ids: IdRange | None = None,
+    whiteouts: WhiteoutMode = "apply",
+    lowers: Sequence[Path] = (),
+) -> int:
+    """Apply the blob ``layer`` from ``store`` to ``dest``; returns the bytes of files written.
+
+    The blob is hashed as it streams and must match its digest; with
+    ``diff_id`` the uncompressed tar must match that too — a snapshot is
+    named by the diff_ids an image's config claims, so a claim is checked
+    before anything is published under it. Options as :func:`apply_layer`.
+    """
+    if layer.media_type not in _LAYER_TYPES:
+        raise KilnError(f"{source}: unsupported media type {layer.media_type}")
+    with store.open_blob(layer.digest) as blob:
+        packed = _DigestReader(blob)
+        plain = _TarStream(cast(BinaryIO, packed), source)
+        written = _apply_tar(
+            cast(BinaryIO, plain), dest, source, "r|", ids=ids, whiteouts=whiteouts, lowers=lowers
+        )
+        plain.drain()
+        packed.drain()
+    if packed.digest() != layer.digest:
+        raise KilnError(f"{source}: blob content hashes to {packed.digest()}")
+    if diff_id is not None and plain.digest() != diff_id:
+        raise KilnError(
+            f"{source}: its tar hashes to {plain.digest()}, but the image config says {diff_id}"
+        )
+    return written
+
+
+def apply_layer(
+    fileobj: BinaryIO,
+    dest: Path,
+    *,
+    source: str = "layer",
+    ids: IdRange | None = None,
+    whiteouts: WhiteoutMode = "apply",
+    lowers: Sequence[Path] = (),
+) -> int:
+    """Apply one layer (gzip or plain tar, by magic) to the tree at ``dest``.
+
+    ``ids`` shifts every owner into that range (refusing owners outside it);
+    ``whiteouts="overlay"`` records whiteouts and opaque directories as
+    overlayfs does instead of removing anything, for a layer unpacked alone
+    into an empty ``dest``; ``lowers`` are the lower dirs below it, top first:
+    a parent directory the layer does not name takes its metadata from them,
+    as it would on the merged tree. Both need root. Returns the bytes of
+    files written.
 
     Raises KilnError naming ``source`` and the entry for anything unsafe; the
     caller owns cleanup of ``dest`` (see :func:`unpack_image`).
     """
+    return _apply_tar(fileobj, dest, source, "r|*", ids=ids, whiteouts=whiteouts, lowers=lowers)
+
+
+def _apply_tar(
+    fileobj: BinaryIO,
+    dest: Path,
+    source: str,
+    mode: Literal["r|", "r|*"],
+    *,
+    ids: IdRange | None,
+    whiteouts: WhiteoutMode,
+    lowers: Sequence[Path],
+) -> int:
     dest = Path(dest).absolute()
     if not dest.is_dir() or dest.is_symlink():
         raise KilnError(f"{source}: destination {dest} is not a directory")
-    applier = _LayerApplier(dest, source)
+    if (ids is not None or whiteouts == "overlay") and os.geteuid() != 0:
+        raise KilnError(f"{source}: shifting owners and recording whiteouts need root")
+    applier = _LayerApplier(dest, source, ids=ids, overlay=whiteouts == "overlay", lowers=lowers)
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+        with tarfile.open(fileobj=fileobj, mode=mode) as tf:
             for member in tf:
                 applier.apply(member, tf)
     except (tarfile.TarError, EOFError, zlib.error) as e:
@@ -126,6 +174,7 @@ def apply_layer(fileobj: BinaryIO, dest: Path, *, source: str = "layer") -> None
     except OSError as e:
         raise KilnError(f"{source}: extraction failed: {e}") from e
     applier.finish()
+    return applier.used
 
 
 @dataclass(frozen=True)
@@ -157,15 +206,89 @@ class _DigestReader:
         return "sha256:" + self._hash.hexdigest()
 
 
+class _TarStream:
+    """The tar inside a layer blob (gzip or plain, by magic), hashed as it is read: its diff_id.
+
+    Inflates at most a chunk per input read, so a gzip bomb costs time
+    bounded by the entry size limits, never memory.
+    """
+
+    def __init__(self, inner: BinaryIO, source: str) -> None:
+        self._inner = inner
+        self._source = source
+        self._hash = hashlib.sha256()
+        self._buffer = bytearray(inner.read(len(_GZIP_MAGIC)))
+        self._inflate: zlib._Decompress | None = None
+        if bytes(self._buffer) == _GZIP_MAGIC:
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._pending = bytes(self._buffer)
+            self._buffer = bytearray()
+        else:
+            self._pending = b""
+        self._ended = False
+
+    def read(self, size: int = -1) -> bytes:
+        while (size < 0 or len(self._buffer) < size) and not self._ended:
+            self._ended = not self._more()
+        take = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+        data = bytes(self._buffer[:take])
+        del self._buffer[:take]
+        self._hash.update(data)
+        return data
+
+    def _more(self) -> bool:
+        """Adds some bytes to the buffer; False at the end of the blob."""
+        if self._inflate is None:
+            chunk = self._inner.read(_CHUNK)
+            self._buffer += chunk
+            return bool(chunk)
+        if self._inflate.eof:
+            data = self._inflate.unused_data or self._inner.read(_CHUNK)
+            if not data:
+                return False
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # a further gzip member
+        else:
+            data = self._pending or self._inflate.unconsumed_tail or self._inner.read(_CHUNK)
+            self._pending = b""
+            if not data:
+                raise zlib.error("the gzip stream ends early")
+        self._buffer += self._inflate.decompress(data, _CHUNK)
+        return True
+
+    def drain(self) -> None:
+        try:
+            while self.read(_CHUNK):
+                pass
+        except zlib.error as e:
+            raise KilnError(f"{self._source}: not a valid tar archive: {e}") from e
+
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
 class _LayerApplier:
-    def __init__(self, dest: Path, source: str) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        source: str,
+        *,
+        ids: IdRange | None = None,
+        overlay: bool = False,
+        lowers: Sequence[Path] = (),
+    ) -> None:
         self.dest = dest
         self.source = source
+        self.ids = ids
+        self.overlay = overlay
+        self.lowers = tuple(lowers)
         self.as_root = os.geteuid() == 0
         self.written: set[tuple[str, ...]] = set()
+        self.hidden: set[tuple[str, ...]] = set()
         self.dirs: list[_DirMeta] = []
         self.budget = shutil.disk_usage(dest).free
         self.used = 0
+        if overlay:
+            self._inherit(dest, ())
 
     def fail(self, member: tarfile.TarInfo, why: str) -> KilnError:
         return KilnError(f"{self.source}: entry {member.name!r}: {why}")
@@ -179,12 +302,13 @@ class _LayerApplier:
         name = parts[-1]
         parent = self._parent(parts[:-1], member, create=True)
         if name == _OPAQUE:
-            self._make_opaque(parts[:-1])
+            if self.overlay:
+                _mark_opaque(parent)
+            else:
+                self._make_opaque(parts[:-1])
             return
         if name.startswith(_WHITEOUT):
-            hidden = (*parts[:-1], name[len(_WHITEOUT) :])
-            if hidden not in self.written and name != _WHITEOUT:
-                _remove(parent / hidden[-1])
+            self._whiteout(parent, parts, member)
             return
         path = parent / name
         if member.isdir():
@@ -192,6 +316,8 @@ class _LayerApplier:
             if existing is None or not stat.S_ISDIR(existing.st_mode):
                 _remove(path)
                 os.mkdir(path, 0o700)
+                if tuple(parts) in self.hidden:
+                    _mark_opaque(path)  # it replaces, not merges with, what lies below
             self.dirs.append(_DirMeta(tuple(parts), *self._meta(member)))
         elif member.isreg():
             self._write_file(path, member, tf)
@@ -254,11 +380,17 @@ class _LayerApplier:
                 if not create:
                     raise self.fail(member, f"{'/'.join(parts[:depth])} does not exist")
                 os.mkdir(current, 0o755)
+                self._inherit(current, tuple(parts[:depth]))
             elif stat.S_ISLNK(st.st_mode):
                 raise self.fail(
                     member,
                     f"parent {'/'.join(parts[:depth])} is a symlink; refusing to write through it",
                 )
+            elif tuple(parts[:depth]) in self.hidden and stat.S_ISCHR(st.st_mode):
+                os.unlink(current)  # this layer's own whiteout, now a new directory
+                os.mkdir(current, 0o755)
+                self._new_dir(current)
+                _mark_opaque(current)
             elif not stat.S_ISDIR(st.st_mode):
                 raise self.fail(member, f"parent {'/'.join(parts[:depth])} is not a directory")
         return current
@@ -288,6 +420,12 @@ class _LayerApplier:
         parts = self._clean(member.linkname, member, "hardlink target")
         if not parts:
             raise self.fail(member, "hardlink target is the root")
+        if self.overlay and tuple(parts) not in self.written:
+            raise self.fail(
+                member,
+                f"hardlink target {member.linkname!r} is not in this layer "
+                "(a layer snapshot can only link within its own layer)",
+            )
         target = self._parent(parts[:-1], member, create=False) / parts[-1]
         st = _lstat(target)
         if st is None:
@@ -298,6 +436,24 @@ class _LayerApplier:
 
     # -- writes --------------------------------------------------------------
 
+    def _whiteout(self, parent: Path, parts: list[str], member: tarfile.TarInfo) -> None:
+        """``.wh.NAME``: hide NAME of the layers below (never one this layer wrote)."""
+        name = parts[-1][len(_WHITEOUT) :]
+        if name in ("", ".", ".."):
+            raise self.fail(member, "whiteout names no entry; it would hide a directory itself")
+        hidden = (*parts[:-1], name)
+        path = parent / name
+        if hidden in self.written:
+            existing = _lstat(path)
+            if self.overlay and existing is not None and stat.S_ISDIR(existing.st_mode):
+                _mark_opaque(path)
+            return
+        _remove(path)
+        if self.overlay:
+            os.mknod(path, stat.S_IFCHR, os.makedev(0, 0))
+            os.chown(path, *self._root_ids(), follow_symlinks=False)
+            self.hidden.add(hidden)
+
     def _write_file(self, path: Path, member: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
         if member.size > MAX_ENTRY_SIZE:
             raise self.fail(member, f"size {member.size} exceeds the {MAX_ENTRY_SIZE} byte limit")
@@ -306,6 +462,7 @@ class _LayerApplier:
             raise self.fail(
                 member, f"layer needs more than the {self.budget} bytes free at {self.dest}"
             )
+        uid, gid, mode, mtime = self._meta_tuple(member)
         _remove(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(path, flags, 0o600)
@@ -321,9 +478,8 @@ class _LayerApplier:
                     while view:
                         view = view[os.write(fd, view) :]
                     remaining -= len(chunk)
-            uid, gid, mode, mtime = self._meta_tuple(member)
             if self.as_root:
-                os.fchown(fd, uid, gid)
+                os.fchown(fd, uid, gid)  # before the mode: chown clears setuid and setgid
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime * 1_000_000_000, mtime * 1_000_000_000))
         finally:
@@ -342,9 +498,42 @@ class _LayerApplier:
         uid, gid, mode, mtime = self._meta_tuple(member)
         return mode, uid, gid, mtime
 
-    @staticmethod
-    def _meta_tuple(member: tarfile.TarInfo) -> tuple[int, int, int, int]:
-        return member.uid, member.gid, member.mode & 0o7777, max(0, int(member.mtime))
+    def _meta_tuple(self, member: tarfile.TarInfo) -> tuple[int, int, int, int]:
+        uid, gid = member.uid, member.gid
+        if self.ids is not None:
+            for what, value in (("uid", uid), ("gid", gid)):
+                if not 0 <= value < self.ids.size:
+                    raise self.fail(
+                        member,
+                        f"{what} {value} is outside the {self.ids.size} ids a Kiln sandbox maps "
+                        f"(0-{self.ids.size - 1})",
+                    )
+            uid, gid = self.ids.to_host(uid), self.ids.to_host(gid)
+        return uid, gid, member.mode & 0o7777, max(0, int(member.mtime))
+
+    def _root_ids(self) -> tuple[int, int]:
+        root = self.ids.to_host(0) if self.ids is not None else 0
+        return root, root
+
+    def _inherit(self, path: Path, parts: tuple[str, ...]) -> None:
+        """Metadata of a directory the layer needs but does not name.
+
+        Applied, it is new: root's, mode 0755. Unpacked alone, it stands for
+        the directory of the layers below (whose metadata the merged tree
+        would show, as containerd's ``mkparent`` does), else a new one.
+        """
+        below = _lower_dir(self.lowers, parts) if self.overlay else None
+        if below is None:
+            self._new_dir(path)
+            return
+        os.chown(path, below.st_uid, below.st_gid, follow_symlinks=False)
+        os.chmod(path, stat.S_IMODE(below.st_mode))
+        os.utime(path, ns=(below.st_atime_ns, below.st_mtime_ns), follow_symlinks=False)
+
+    def _new_dir(self, path: Path) -> None:
+        if self.ids is not None:
+            os.chown(path, *self._root_ids(), follow_symlinks=False)
+        os.chmod(path, 0o755)
 
     def _make_opaque(self, parts: list[str]) -> None:
         """Hide everything under ``parts`` that this layer did not itself write."""
@@ -361,6 +550,42 @@ class _LayerApplier:
                     stack.append(child_rel)
                 else:
                     _remove(here / child)
+
+
+def _lower_dir(lowers: Sequence[Path], parts: tuple[str, ...]) -> os.stat_result | None:
+    """The directory ``parts`` as overlayfs would merge it from ``lowers`` (top first), or None.
+
+    Looked up one component at a time, as overlayfs does: a whiteout or a
+    non-directory ends the search below it, and so does an opaque directory.
+    """
+    layers = [Path(lower) for lower in lowers]
+    for part in parts:
+        found: list[Path] = []
+        for layer in layers:
+            path = layer / part
+            st = _lstat(path)
+            if st is None:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                break  # a whiteout or a file: nothing of this name below it
+            found.append(path)
+            if _is_opaque(path):
+                break
+        if not found:
+            return None
+        layers = found
+    return _lstat(layers[0]) if layers else None
+
+
+def _is_opaque(path: Path) -> bool:
+    try:
+        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _mark_opaque(path: Path) -> None:
+    os.setxattr(path, OPAQUE_XATTR, b"y", follow_symlinks=False)
 
 
 def _lstat(path: Path) -> os.stat_result | None:

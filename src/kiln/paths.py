@@ -27,7 +27,7 @@ __all__ = [
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
-HOME_DIRS = ("cache", "deployments", "images", "instances", "logs", "tmp", "volumes")
+HOME_DIRS = ("cache", "deployments", "images", "instances", "logs", "snapshots", "tmp", "volumes")
 """Made 0700 up front, so code that fills them with ``mkdir(parents=True)`` finds them
 private. (``snapshots`` makes itself 0700; an older ``rootfs`` is tightened, not made.)"""
 

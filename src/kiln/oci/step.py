@@ -9,8 +9,8 @@ network as ``docker build --network host`` does, never the host's files.
 
 runc resolves the root as the step's (unprivileged) root, which may not
 traverse the owner-only ``KILN_HOME``; so the step runs in a private mount
-namespace (``unshare``) where the staged root is bound at a traversable path
-under ``/run/kiln``.
+namespace (:mod:`kiln.oci.launch`) where the staged root is bound at a
+traversable path under ``/run/kiln``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -76,8 +77,12 @@ def stream_command(
             on_line(line)
         code = proc.wait()
     except BaseException:
-        proc.kill()
-        proc.wait()
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         raise
     return code, tuple(tail)
 
@@ -136,11 +141,10 @@ def run_step(
     )
     config["process"]["user"]["umask"] = umask
     (bundle / "config.json").write_text(json.dumps(config))
-    script = 'mount --rbind "$0" "$1" && shift && exec "$@"'
     argv = [
-        "unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script,
-        str(rootfs), str(view),
-        *runc.argv("run", "--bundle", str(bundle), step_id),
+        sys.executable, "-m", "kiln.oci.launch",
+        "--runc", runc.binary, "--runc-root", str(runc.root),
+        "--bundle", str(bundle), "--id", step_id, "--bind", str(rootfs), "--at", str(view),
     ]  # fmt: skip
     try:
         return stream_command(argv, on_line)

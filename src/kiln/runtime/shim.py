@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -40,6 +39,16 @@ from types import FrameType
 from typing import Any
 
 from kiln.observe.logs import LogMeta, LogStore, LogWriter
+from kiln.oci.launch import (
+    MS_BIND,
+    MS_REC,
+    become_subreaper,
+    exit_code,
+    mount,
+    private_mount_namespace,
+    umount_detached,
+    wait_for,
+)
 from kiln.oci.runc import RUN_ROOT, Runc
 from kiln.process import proc_start_time
 
@@ -54,32 +63,6 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR2,
 )
 MAX_LINE = 64 * 1024
-CLONE_NEWNS = 0x00020000
-MS_REC = 0x4000
-MS_BIND = 0x1000
-MS_SLAVE = 1 << 19
-MNT_DETACH = 2
-PR_SET_CHILD_SUBREAPER = 36
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    _check(
-        _libc.mount(
-            source.encode(),
-            target.encode(),
-            fstype.encode() if fstype else None,
-            ctypes.c_ulong(flags),
-            data.encode() if data else None,
-        ),
-        f"mount {fstype or ''} on {target}",
-    )
 
 
 def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
@@ -90,12 +73,6 @@ def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def private_mount_namespace() -> None:
-    """Our mounts stay ours; the host's still propagate in (rslave, as runc's default)."""
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _mount("none", "/", None, MS_REC | MS_SLAVE, None)
 
 
 def prepare_view(plan: dict[str, Any], secrets: dict[str, bytes]) -> None:
@@ -116,7 +93,7 @@ def prepare_view(plan: dict[str, Any], secrets: dict[str, bytes]) -> None:
     # runc exec starts from the root's path as seen on the host: keep an empty one there.
     (view / "rootfs").mkdir(mode=0o711, exist_ok=True)
     size = 16 * 1024 * 1024 + sum(len(v) + 4096 for v in secrets.values())
-    _mount("tmpfs", str(view), "tmpfs", 0, f"mode=0711,size={size}")
+    mount("tmpfs", str(view), "tmpfs", 0, f"mode=0711,size={size}")
     upper, work, rootfs = view / "upper", view / "work", view / "rootfs"
     for directory in (upper, work, rootfs):
         directory.mkdir(mode=0o700)
@@ -137,11 +114,9 @@ def prepare_view(plan: dict[str, Any], secrets: dict[str, bytes]) -> None:
     for index, source in enumerate(plan.get("volumes") or []):
         target = volumes / str(index)
         target.mkdir(mode=0o700)
-        _mount(source, str(target), None, MS_BIND | MS_REC, None)
+        mount(source, str(target), None, MS_BIND | MS_REC, None)
     lower = ":".join(reversed(plan["layers"]))
-    _mount(
-        "overlay", str(rootfs), "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}"
-    )
+    mount("overlay", str(rootfs), "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
 
 
 def memory_cgroup_dir(pid: int) -> Path | None:
@@ -181,6 +156,17 @@ class _Supervisor:
         self.container_id: str = self.plan["container_id"]
         self.sandbox_pid: int | None = None
         self.pending: list[int] = []
+        self.held: object = None
+
+    def hold_snapshots(self) -> None:
+        """While the overlay is mounted, ``kiln image gc`` must leave its snapshots alone
+        (the image may be removed meanwhile); the shared flocks go with this process."""
+        home = Path(self.plan["home"])
+        layers = [Path(p) for p in self.plan["layers"]]
+        if layers and all(p.parent.parent == home / "snapshots" for p in layers):
+            from kiln.image.snapshots import SnapshotStore
+
+            self.held = SnapshotStore(home).hold_dirs(layers)
 
     def forward(self, signum: int, _frame: FrameType | None = None) -> None:
         if self.sandbox_pid is None:
@@ -198,10 +184,11 @@ class _Supervisor:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
+            self.hold_snapshots()
             private_mount_namespace()
             prepare_view(self.plan, self.secrets)
             self.secrets.clear()
-            _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(SUBREAPER)")
+            become_subreaper()
             bundle = self.dir / "bundle"
             create = subprocess.run(
                 self.runc.argv(
@@ -277,27 +264,13 @@ class _Supervisor:
         for pending in self.pending:
             self.forward(pending)
         self.pump({out_r: "stdout", err_r: "stderr"}, writer)
-        status = self.reap()
+        status = wait_for(self.sandbox_pid)
         writer.close()
         killed_by = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        exit_code = 128 + killed_by if killed_by else os.WEXITSTATUS(status)
         oom = oom_kills(memory_dir) > 0
         self.teardown()
-        self.write_exit(exit_code, killed_by, oom_killed=oom)
+        self.write_exit(exit_code(status), killed_by, oom_killed=oom)
         return 0
-
-    def reap(self) -> int:
-        """Wait for the container's init (our child, as subreaper); reap strays on the way."""
-        assert self.sandbox_pid is not None
-        while True:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                return 137
-            except InterruptedError:
-                continue
-            if pid == self.sandbox_pid:
-                return status
 
     def teardown(self) -> None:
         with contextlib.suppress(Exception):
@@ -309,7 +282,7 @@ class _Supervisor:
                 BridgeNetwork(Path(self.plan["home"])).detach(self.plan["instance_id"])
         view = Path(self.plan["view"])
         with contextlib.suppress(OSError):
-            _check(_libc.umount2(str(view).encode(), MNT_DETACH), "umount")
+            umount_detached(view)
         for leftover in (view / "rootfs", view):
             with contextlib.suppress(OSError):
                 leftover.rmdir()

@@ -8,7 +8,7 @@ it. Call it only once the home's runtime has been shut down
 (``LocalRuntime.shutdown()`` or ``kiln down``).
 
 The names it looks for are the local runtime's (see ``kiln.oci.runc`` and
-``kiln.runtime.network``): container and cgroup ``kiln-<tag>-<instance>``,
+``kiln.oci.network``): container and cgroup ``kiln-<tag>-<instance>``,
 runc root and views under ``/run/kiln/<tag>``, bridge ``kiln-<tag>``, host
 veths ``kv<12 hex>``, nftables table ``inet kiln_<tag>``.
 """

@@ -156,7 +156,7 @@ def test_instances_unknown_to_the_state_are_destroyed_on_start(
             service="web",
             revision=1,
             image_digest="sha256:" + "0" * 64,
-            rootfs=rootfs,
+            layers=(rootfs,),
             command=["/bin/sleep", "60"],
             user=None,
             workdir="/",

@@ -18,6 +18,7 @@ import pytest
 
 import busybox_tree
 from kiln.observe.load import LoadGenerator
+from leftovers import assert_nothing_left
 
 pytestmark = pytest.mark.e2e
 
@@ -152,6 +153,7 @@ def test_the_main_job_through_the_cli(home: Path, tmp_path: Path) -> None:
         fetch(listen)
     shims = subprocess.run(["pgrep", "-f", f"kiln.runtime.shim.*{home}"], capture_output=True)
     assert shims.stdout == b""
+    assert_nothing_left(home)
 
 
 def test_bad_inputs_through_the_cli_change_nothing(home: Path, tmp_path: Path) -> None:

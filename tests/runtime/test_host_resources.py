@@ -11,11 +11,11 @@ from pathlib import Path
 
 from runtime_contract import AppSpec, http_get
 
+from kiln.oci.network import BridgeNetwork
 from kiln.oci.runc import RUN_ROOT, home_tag
 from kiln.process import proc_start_time
 from kiln.runtime import HostResources, InstanceStatus
 from kiln.runtime.local import LocalRuntime
-from kiln.runtime.network import BridgeNetwork
 from leftovers import assert_nothing_left, leftovers, veth_name
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from runtime_contract import AppSpec, http_get
 
+from kiln.oci.network import BridgeNetwork
 from kiln.runtime import HostResources, InstanceHandle
 from kiln.runtime.local import LocalRuntime
-from kiln.runtime.network import BridgeNetwork
 from leftovers import veth_name
 
 GREETING = "hello-from-the-host"

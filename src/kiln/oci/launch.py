@@ -7,7 +7,10 @@ the container's unprivileged root may traverse), as a child subreaper, with
 ``runc create`` + ``runc start`` so the container inherits this process's
 stdout and stderr as they are — one pipe stays one pipe, in order — and exits
 with the container's status (128+N when killed by signal N). SIGTERM or
-SIGINT kill the container, which ``runc delete`` then removes.
+SIGINT kill the container, which ``runc delete`` then removes. With
+``--network-home`` the container's own network namespace gets an address on
+that home's bridge, masqueraded to the outside (what a networked bake step
+gets: the internet, not the host's services).
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True)
     parser.add_argument("--bind", required=True)
     parser.add_argument("--at", required=True)
+    parser.add_argument("--network-home", type=Path, help="attach to this home's bridge (NAT)")
     args = parser.parse_args(argv)
     runc = [args.runc, "--root", args.runc_root]
     pid: int | None = None
@@ -129,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         if created.returncode != 0:
             return 125
         pid = int(pid_file.read_text().strip())
+        if args.network_home is not None:
+            from kiln.oci.network import BridgeNetwork
+
+            BridgeNetwork(args.network_home).attach(args.id, pid, outbound=True)
         started = subprocess.run([*runc, "start", args.id], stdin=subprocess.DEVNULL, check=False)
         if started.returncode != 0:
             os.kill(pid, signal.SIGKILL)

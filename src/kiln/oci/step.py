@@ -4,8 +4,10 @@ The step runs as root inside a user namespace mapped onto the home's id
 range, so what it creates on disk is owned by shifted ids (the layer writer
 maps them back). It gets Docker's build capabilities (what apt and dpkg
 need), Kiln's seccomp profile, a pids limit, masked and read-only /proc
-paths, and no network unless the step asks for it; then it shares the host's
-network as ``docker build --network host`` does, never the host's files.
+paths, and its own network namespace: empty unless the step asks for the
+network, then an address on the home's bridge masqueraded to the outside, as
+``docker build``'s default bridge gives — the internet, never the host's own
+services.
 
 runc resolves the root as the step's (unprivileged) root, which may not
 traverse the owner-only ``KILN_HOME``; so the step runs in a private mount
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from kiln.oci.config import BUILD_CAPABILITIES, Mount, SandboxConfig, runtime_config
 from kiln.oci.idmap import IdRange
+from kiln.oci.network import host_resolv_conf
 from kiln.oci.runc import RUN_ROOT, Runc, home_tag
 
 __all__ = [
@@ -89,8 +92,8 @@ def stream_command(
 
 def mount_points(network: bool) -> tuple[str, ...]:
     """Paths runc mounts over inside the root; created there if missing."""
-    points = ("/proc", "/dev", "/tmp")
-    return (*points, RESOLV_CONF) if network else (*points, "/sys")
+    points = ("/proc", "/dev", "/tmp", "/sys")
+    return (*points, RESOLV_CONF) if network else points
 
 
 def run_step(
@@ -121,7 +124,8 @@ def run_step(
     bundle.mkdir(mode=0o700)
     mounts = [Mount("/tmp", "tmpfs", "tmpfs", ("nosuid", "nodev", "mode=1777"))]
     if network:
-        mounts.append(Mount(RESOLV_CONF, "bind", RESOLV_CONF, ("rbind", "ro", "nosuid", "nodev")))
+        resolv = str(host_resolv_conf() or RESOLV_CONF)
+        mounts.append(Mount(RESOLV_CONF, "bind", resolv, ("rbind", "ro", "nosuid", "nodev")))
     config = runtime_config(
         SandboxConfig(
             args=tuple(command),
@@ -136,7 +140,7 @@ def run_step(
             capabilities=BUILD_CAPABILITIES,
             no_new_privileges=True,
             pids=STEP_PIDS,
-            network_namespace=not network,
+            network_namespace=True,
         )
     )
     config["process"]["user"]["umask"] = umask
@@ -145,6 +149,7 @@ def run_step(
         sys.executable, "-m", "kiln.oci.launch",
         "--runc", runc.binary, "--runc-root", str(runc.root),
         "--bundle", str(bundle), "--id", step_id, "--bind", str(rootfs), "--at", str(view),
+        *(("--network-home", str(home)) if network else ()),
     ]  # fmt: skip
     try:
         return stream_command(argv, on_line)

@@ -32,6 +32,7 @@ from typing import Any
 from kiln.errors import KilnError
 from kiln.oci.config import Mount, SandboxConfig, capability_name, runtime_config
 from kiln.oci.idmap import id_range
+from kiln.oci.network import host_resolv_conf
 from kiln.oci.runc import RUN_ROOT, Runc, home_tag
 from kiln.process import proc_start_time
 from kiln.runtime import (
@@ -68,20 +69,6 @@ def parse_user(user: str | None) -> tuple[int, int]:
             f"image user {user!r}: only numeric uid[:gid] is supported by the local runtime"
         ) from e
     return uid, gid
-
-
-def host_resolv_conf() -> Path | None:
-    """The resolver list an outbound instance can use: the host's, unless it names
-    a loopback resolver (unreachable from a private network), then resolved's own."""
-    for candidate in (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf")):
-        try:
-            text = candidate.read_text()
-        except OSError:
-            continue
-        servers = [line.split()[1] for line in text.splitlines() if line.startswith("nameserver ")]
-        if servers and not all(s.startswith("127.") or s == "::1" for s in servers):
-            return candidate.resolve()
-    return None
 
 
 def _image_has_file(layers: tuple[Path, ...], relative: str) -> bool:
@@ -423,7 +410,7 @@ class LocalRuntime:
         except KilnError as e:
             raise RuntimeFailure(f"instance {instance_id}: {e}") from e
         if self.network:
-            from kiln.runtime.network import BridgeNetwork
+            from kiln.oci.network import BridgeNetwork
 
             BridgeNetwork(self.home).detach(instance_id)
         view = self.view_dir(instance_id)
@@ -490,7 +477,7 @@ class LocalRuntime:
     def publish_ports(self, ports: set[int]) -> None:
         """The proxy's listen ports: the only host ports an instance may reach."""
         if self.network:
-            from kiln.runtime.network import BridgeNetwork
+            from kiln.oci.network import BridgeNetwork
 
             BridgeNetwork(self.home).publish_ports(ports)
 
@@ -501,7 +488,7 @@ class LocalRuntime:
         for instance_id in self.leftovers():
             self.release(instance_id)
         if self.network:
-            from kiln.runtime.network import BridgeNetwork
+            from kiln.oci.network import BridgeNetwork
 
             BridgeNetwork(self.home).remove()
         shutil.rmtree(self.runc.root.parent, ignore_errors=True)

@@ -224,7 +224,7 @@ class _Supervisor:
         lease: dict[str, Any] | None = None
         try:
             if self.plan.get("network"):
-                from kiln.runtime.network import BridgeNetwork
+                from kiln.oci.network import BridgeNetwork
 
                 lease = (
                     BridgeNetwork(Path(self.plan["home"]))
@@ -276,7 +276,7 @@ class _Supervisor:
         with contextlib.suppress(Exception):
             self.runc.delete(self.container_id)
         if self.plan.get("network"):
-            from kiln.runtime.network import BridgeNetwork
+            from kiln.oci.network import BridgeNetwork
 
             with contextlib.suppress(Exception):
                 BridgeNetwork(Path(self.plan["home"])).detach(self.plan["instance_id"])
@@ -310,7 +310,8 @@ class _Supervisor:
                         lines = [partial[fd]] if partial[fd] else []
                         partial[fd] = b""
                     else:
-                        *lines, partial[fd] = (partial[fd] + chunk).split(b"\n")
+                        *whole, partial[fd] = (partial[fd] + chunk).split(b"\n")
+                        lines = [p for line in whole for p in _cut(line)]
                         while len(partial[fd]) > MAX_LINE:
                             lines.append(partial[fd][:MAX_LINE])
                             partial[fd] = partial[fd][MAX_LINE:]
@@ -335,6 +336,11 @@ class _Supervisor:
         if error:
             record["error"] = error
         write_json_atomic(self.dir / "exit.json", record)
+
+
+def _cut(line: bytes) -> list[bytes]:
+    """A line longer than MAX_LINE is logged as MAX_LINE pieces."""
+    return [line[i : i + MAX_LINE] for i in range(0, len(line), MAX_LINE)] or [b""]
 
 
 def _drain(fd: int) -> str:

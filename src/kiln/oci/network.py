@@ -28,7 +28,7 @@ from typing import Any
 from kiln.errors import KilnError
 from kiln.oci.runc import RUN_ROOT, home_tag
 
-__all__ = ["BridgeNetwork", "Lease"]
+__all__ = ["BridgeNetwork", "Lease", "host_resolv_conf"]
 
 SUBNET_POOL = ipaddress.IPv4Network("10.213.0.0/16")
 SUBNETS = tuple(SUBNET_POOL.subnets(new_prefix=24))
@@ -129,8 +129,11 @@ class BridgeNetwork:
         if Path(f"/sys/class/net/{self.bridge}").exists():
             return
         net = self.subnet()
+        # A fixed address, as docker0 has: a bridge otherwise takes its lowest port's,
+        # which changes as instances come and go and leaves their gateway entry stale.
+        mac = "02:4b:" + ":".join(self.tag[i : i + 2] for i in range(0, 8, 2))
         with contextlib.suppress(KilnError):
-            _ip("link", "add", "name", self.bridge, "type", "bridge")
+            _ip("link", "add", "name", self.bridge, "address", mac, "type", "bridge")
         with contextlib.suppress(OSError):
             Path(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6").write_text("1")
         with contextlib.suppress(KilnError):
@@ -194,6 +197,7 @@ table inet {self.table} {{
             lease = Lease(address, self.gateway(), net.prefixlen, host_if)
             leases[instance_id] = lease.to_json()
             _write(self.leases_path, leases)
+        self._forget_neighbour(address)
         try:
             _ip(
                 "link",
@@ -236,11 +240,18 @@ table inet {self.table} {{
             if lease is None:
                 return
             _write(self.leases_path, leases)
+        self._forget_neighbour(lease["address"])
         with contextlib.suppress(KilnError):
             _nft(f"delete element inet {self.table} outbound {{ {lease['address']} }}\n")
         if Path(f"/sys/class/net/{lease['host_if']}").exists():
             with contextlib.suppress(KilnError):
                 _ip("link", "delete", lease["host_if"])
+
+    def _forget_neighbour(self, address: str) -> None:
+        """A reused address must not be sent to the MAC of the veth that held it before."""
+        if Path(f"/sys/class/net/{self.bridge}").exists():
+            with contextlib.suppress(KilnError):
+                _ip("neigh", "flush", "to", address, "dev", self.bridge)
 
     def leases(self) -> dict[str, dict[str, Any]]:
         return _read(self.leases_path)
@@ -259,6 +270,20 @@ table inet {self.table} {{
             kept = {k: v for k, v in registry.items() if v != str(self.home)}
             if kept != registry:
                 _write(self.registry, kept)
+
+
+def host_resolv_conf() -> Path | None:
+    """The resolver list an outbound instance can use: the host's, unless it names
+    a loopback resolver (unreachable from a private network), then resolved's own."""
+    for candidate in (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf")):
+        try:
+            text = candidate.read_text()
+        except OSError:
+            continue
+        servers = [line.split()[1] for line in text.splitlines() if line.startswith("nameserver ")]
+        if servers and not all(s.startswith("127.") or s == "::1" for s in servers):
+            return candidate.resolve()
+    return None
 
 
 def _host_networks() -> list[ipaddress.IPv4Network]:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +86,10 @@ class Runc:
         if result.returncode != 0 and self.state(container_id) is not None:
             raise KilnError(f"runc delete {container_id}: {_error_text(result.stderr)}")
 
-    def exec_argv(
-        self, container_id: str, argv: Sequence[str], *, user: str, cwd: str, env: dict[str, str]
-    ) -> builtins.list[str]:
-        args = ["exec", "--user", user, "--cwd", cwd]
-        for key, value in sorted(env.items()):
-            args += ["--env", f"{key}={value}"]
-        return self.argv(*args, container_id, *argv)
+    def exec_argv(self, container_id: str, process_file: Path) -> builtins.list[str]:
+        """``runc exec`` of a process given as an OCI process file: its env and argv stay
+        off the host's command lines, where any host user could read them."""
+        return self.argv("exec", "--process", str(process_file), container_id)
 
 
 def _error_text(stderr: bytes) -> str:

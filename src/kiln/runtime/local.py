@@ -500,15 +500,15 @@ class LocalRuntime:
         self._check_handle(handle)
         if not self._shim_alive(handle):
             raise RuntimeFailure(f"instance {handle.instance_id}: not running, cannot exec")
-        plan = _read_json(self._dir(handle.instance_id) / "spec.json") or {}
-        uid, gid = plan.get("user", [0, 0])
-        command = self.runc.exec_argv(
-            self.container_id(handle.instance_id),
-            argv,
-            user=f"{uid}:{gid}",
-            cwd=plan.get("workdir") or "/",
-            env=dict(plan.get("env", {})),
-        )
+        directory = self._dir(handle.instance_id)
+        config = _read_json(directory / "bundle" / "config.json") or {}
+        process = dict(config.get("process") or {})
+        if not process:
+            raise RuntimeFailure(f"instance {handle.instance_id}: no runtime config to exec with")
+        process["args"] = list(argv)
+        process_file = directory / f".exec-{os.getpid()}-{time.monotonic_ns()}.json"
+        write_json_atomic(process_file, process)
+        command = self.runc.exec_argv(self.container_id(handle.instance_id), process_file)
         try:
             result = subprocess.run(
                 command,
@@ -522,6 +522,8 @@ class LocalRuntime:
             raise RuntimeFailure(
                 f"instance {handle.instance_id}: exec {argv[0]!r} timed out after {timeout}s"
             ) from e
+        finally:
+            process_file.unlink(missing_ok=True)
         return result.returncode, result.stdout.decode("utf-8", errors="replace")
 
 

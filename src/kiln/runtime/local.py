@@ -285,13 +285,16 @@ class LocalRuntime:
 
     def _prepare_volume(self, instance_id: str, source: Path, uid: int, gid: int) -> None:
         """A new named volume belongs to the instance's user, inside the mapped range."""
+        source.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            source.mkdir(mode=0o755)
+        except FileExistsError:
+            pass  # an older volume, or another instance starting at the same moment made it
+        else:
+            os.chown(source, uid, gid)
         if source.is_symlink():
             raise RuntimeFailure(f"instance {instance_id}: volume {source} is a symlink")
-        if not source.exists():
-            source.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-            source.mkdir(mode=0o755)
-            os.chown(source, uid, gid)
-        elif not source.is_dir():
+        if not source.is_dir():
             raise RuntimeFailure(f"instance {instance_id}: volume {source} is not a directory")
 
     def _await_handle(self, spec: InstanceSpec, directory: Path) -> InstanceHandle:

@@ -19,13 +19,6 @@ from kiln.paths import HOME_DIRS, ensure_home, open_private, private_dirs, write
 KILN = str(Path(sys.executable).parent / "kiln")
 IMAGE_CONTENT = ("rootfs", "snapshots")
 """Unpacked images: their modes are the image's; only the top directory must be 0700."""
-NOT_YET_PRIVATE = ("images", "cache", "idmap.json")
-"""Written at the umask (or chmod 0644) by code outside kiln.paths' reach so far:
-kiln.image's store and caches, kiln.oci.idmap's ``idmap.json``. Private through the
-0700 home (and top directories), not yet owner-only themselves;
-``test_image_store_and_caches_are_owner_only`` fails the day they are."""
-
-
 def mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
@@ -144,14 +137,11 @@ def test_kiln_bake_leaves_a_private_home_and_the_same_digest(project: Path, tmp_
     home.chmod(0o755)
     digest = bake(project, home)
     assert digest.startswith("web@sha256:")
-    assert loose_entries(home, IMAGE_CONTENT + NOT_YET_PRIVATE) == []
+    assert loose_entries(home, IMAGE_CONTENT) == []
     assert mode(home / "images") == mode(home / "cache") == 0o700
     assert bake(project, tmp_path / "other", umask=0o077) == digest
 
 
-@pytest.mark.xfail(
-    strict=True, reason="kiln.image writes its store and caches 0644/0755 (see NOT_YET_PRIVATE)"
-)
 def test_image_store_and_caches_are_owner_only(project: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     bake(project, home)

@@ -35,6 +35,7 @@ from kiln.deploy.state import (
     new_instance_id,
 )
 from kiln.errors import KilnError
+from kiln.paths import private_dirs, write_private
 from kiln.runtime import Execer, HostResources, InstanceHandle, InstanceStatus, Runtime
 from kiln.spec.models import Health, Update
 
@@ -781,10 +782,9 @@ class Engine:
     def _save(self, deployment: str) -> None:
         """Deployments outlive the agent so a CLI following one survives a restart."""
         directory = self.home / "deployments"
-        directory.mkdir(exist_ok=True)
-        tmp = directory / f".{deployment}.tmp"
-        tmp.write_text(json.dumps(self.deployments[deployment], sort_keys=True))
-        tmp.replace(directory / f"{deployment}.json")
+        private_dirs(directory)
+        data = json.dumps(self.deployments[deployment], sort_keys=True).encode()
+        write_private(directory / f"{deployment}.json", data)
 
     def deployment(self, deployment: str) -> dict[str, Any]:
         record = self.deployments.get(deployment)

@@ -27,6 +27,7 @@ from typing import Any
 from kiln.errors import KilnError
 from kiln.image.digest import Descriptor, canonical_json, sha256_hex
 from kiln.image.store import ImageStore
+from kiln.paths import private_dirs
 
 _CHUNK = 1 << 20
 
@@ -63,9 +64,11 @@ def step_key(parent_diff_ids: Sequence[str], step: Mapping[str, Any]) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
 
 

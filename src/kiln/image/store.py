@@ -36,7 +36,7 @@ from kiln.image.digest import (
     check_digest,
     is_digest,
 )
-from kiln.paths import kiln_home
+from kiln.paths import kiln_home, private_dirs
 
 _CHUNK = 1 << 20
 _NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
@@ -98,8 +98,8 @@ class ImageStore:
         self._lock_path = self.root / ".lock"
         self._index_path = self.root / "index.json"
         try:
-            self.blobs.mkdir(parents=True, exist_ok=True)
-            self.tmp_dir.mkdir(exist_ok=True)
+            private_dirs(self.blobs)
+            private_dirs(self.tmp_dir)
             if not (self.root / "oci-layout").exists():
                 self._write_atomic(
                     self.root / "oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"})
@@ -444,7 +444,7 @@ class ImageStore:
         if final.exists():
             tmp.unlink(missing_ok=True)
             return
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o600)
         os.rename(tmp, final)
         _fsync_dir(self.blobs)
 
@@ -455,7 +455,7 @@ class ImageStore:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, 0o600)
             os.rename(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -472,7 +472,7 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -81,7 +81,9 @@ def id_range(home: Path) -> IdRange:
     chosen = IdRange(_default_base(home.absolute()))
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps(chosen.to_json()))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(chosen.to_json()))
     try:
         os.link(tmp, path)
     except FileExistsError:

@@ -34,6 +34,7 @@ from kiln.oci.config import Mount, SandboxConfig, capability_name, runtime_confi
 from kiln.oci.idmap import id_range
 from kiln.oci.network import host_resolv_conf
 from kiln.oci.runc import RUN_ROOT, Runc, home_tag
+from kiln.paths import open_private
 from kiln.process import proc_start_time
 from kiln.runtime import (
     HANDLE_VERSION,
@@ -263,7 +264,9 @@ class LocalRuntime:
         }
         write_json_atomic(directory / "spec.json", plan)
         secrets = json.dumps({k: base64.b64encode(v).decode() for k, v in spec.secrets.items()})
-        with (directory / "shim.log").open("ab") as shim_log:
+        with os.fdopen(
+            open_private(directory / "shim.log", os.O_WRONLY | os.O_APPEND), "ab"
+        ) as shim_log:
             launcher = subprocess.Popen(
                 [self.python, "-m", "kiln.runtime.shim", "--instance-dir", str(directory)],
                 stdin=subprocess.PIPE,

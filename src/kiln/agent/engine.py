@@ -305,8 +305,15 @@ class Engine:
         self._track(rec)
 
     def new_instance(self, service: str, rev: Revision) -> InstanceRecord:
-        """Recorded before it starts, so every view taken meanwhile counts it."""
-        port = self.ports.allocate()
+        """Recorded before it starts, so every view taken meanwhile counts it.
+
+        An instance with a network of its own listens on the service's port, as a
+        container does (a stock image that listens on 80 runs unchanged); only on the
+        host's network does each instance need a port of its own."""
+        if self.runtime.capabilities.host_network:
+            port = self.ports.allocate()
+        else:
+            port = int(rev.config.get("port") or 8080)
         return self.state.add_instance(service, rev.number, port=port, id=new_instance_id(service))
 
     def _track(self, rec: InstanceRecord, adopted: bool = False) -> None:

@@ -88,10 +88,17 @@ def make_plan(home: Path, target: Path, env: str | None, say: Say = _stderr) -> 
 
 
 def load_plan_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise KilnError(
+            f"{path}: is a directory, not a plan file; apply a project with "
+            f"kiln apply -f {path}, or a plan saved by kiln plan -o FILE"
+        )
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise KilnError(f"{path}: no such plan file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KilnError(f"{path}: cannot read the plan file ({e})") from None
     except json.JSONDecodeError as e:
         raise KilnError(f"{path}:{e.lineno}: not a plan file ({e.msg})") from None
     if not isinstance(data, dict) or "actions" not in data:

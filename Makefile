@@ -36,6 +36,8 @@ test: setup lint
 bench: setup
 	$(PY) bench/bake.py
 	$(PY) bench/deploy.py
+	$(PY) bench/sandbox.py
+	$(PY) bench/loop.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -24,6 +24,7 @@ from agent_harness import (
 )
 
 from kiln.agent.client import AgentClient, start_background
+from leftovers import assert_nothing_left
 
 
 @pytest.fixture
@@ -65,6 +66,7 @@ def busybox_image(kiln_home: Path, tmp_path: Path) -> ImageFactory:
 def agent(kiln_home: Path) -> Iterator[RunningAgent]:
     start_background(kiln_home)
     client = AgentClient(kiln_home)
+    downed = False
     try:
         yield RunningAgent(kiln_home, client)
     finally:
@@ -74,5 +76,12 @@ def agent(kiln_home: Path) -> Iterator[RunningAgent]:
                 deadline = time.monotonic() + 10
                 while client.running() and time.monotonic() < deadline:
                     time.sleep(0.1)
+                downed = not client.running()
         client.close()
-        kill_everything(kiln_home)
+        try:
+            if downed:
+                # After every story: kiln down leaves no process, mount, cgroup,
+                # interface or secret copy.
+                assert_nothing_left(kiln_home)
+        finally:
+            kill_everything(kiln_home)

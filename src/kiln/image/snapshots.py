@@ -144,6 +144,11 @@ class HeldSnapshots:
         while self._fds:
             os.close(self._fds.pop())
 
+    def detach(self) -> list[int]:
+        """The locked descriptors, now the caller's to pass on (to a shim) and close."""
+        fds, self._fds = self._fds, []
+        return fds
+
 
 class SnapshotStore:
     """``$KILN_HOME/snapshots``: one read-only unpacked tree per layer chain.

@@ -264,19 +264,34 @@ class LocalRuntime:
         }
         write_json_atomic(directory / "spec.json", plan)
         secrets = json.dumps({k: base64.b64encode(v).decode() for k, v in spec.secrets.items()})
-        with os.fdopen(
-            open_private(directory / "shim.log", os.O_WRONLY | os.O_APPEND), "ab"
-        ) as shim_log:
-            launcher = subprocess.Popen(
-                [self.python, "-m", "kiln.runtime.shim", "--instance-dir", str(directory)],
-                stdin=subprocess.PIPE,
-                stdout=shim_log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                env={k: v for k, v in os.environ.items() if k != "KILN_SECRET_KEY"},
-            )
-            launcher.communicate(secrets.encode())
+        held = self._hold_snapshots(spec)
+        ready_r, ready_w = os.pipe()
+        try:
+            with os.fdopen(
+                open_private(directory / "shim.log", os.O_WRONLY | os.O_APPEND), "ab"
+            ) as shim_log:
+                launcher = subprocess.Popen(
+                    [
+                        self.python, "-m", "kiln.runtime.shim", "--instance-dir", str(directory),
+                        "--notify-fd", str(ready_w),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=shim_log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(ready_w, *held),
+                    env={k: v for k, v in os.environ.items() if k != "KILN_SECRET_KEY"},
+                )  # fmt: skip
+                launcher.communicate(secrets.encode())
+        finally:
+            # The shim keeps its own copies: the locks live as long as it does.
+            for fd in (ready_w, *held):
+                os.close(fd)
+        try:
+            select.select([ready_r], [], [], START_TIMEOUT)
+        finally:
+            os.close(ready_r)
         try:
             return self._await_handle(spec, directory)
         except RuntimeFailure:
@@ -285,6 +300,22 @@ class LocalRuntime:
                 self.stop(handle, 0.0)
             self.release(spec.instance_id)
             raise
+
+    def _hold_snapshots(self, spec: InstanceSpec) -> list[int]:
+        """Shared locks on the image's layer snapshots, for the shim to hold while they are
+        mounted: ``kiln image gc`` never removes a snapshot an instance runs from."""
+        snapshots = self.home / "snapshots"
+        if not all(layer.parent.parent == snapshots for layer in spec.layers):
+            return []
+        from kiln.image.snapshots import SnapshotStore
+
+        try:
+            held = SnapshotStore(self.home).hold_dirs(spec.layers)
+        except KilnError as e:
+            self.release(spec.instance_id)
+            raise RuntimeFailure(f"instance {spec.instance_id}: {e}") from e
+        fds = held.detach()
+        return fds
 
     def _prepare_volume(self, instance_id: str, source: Path, uid: int, gid: int) -> None:
         """A new named volume belongs to the instance's user, inside the mapped range."""

@@ -13,6 +13,9 @@ outlives the agent), and then:
   container's stdout/stderr, so the container's init becomes its child;
 * gives the container's network namespace its address on the home's bridge,
   ``runc start``, then writes ``DIR/handle.json``;
+* holds, through the descriptors the runtime handed it, shared locks on the
+  image's layer snapshots, so ``kiln image gc`` leaves them alone while they
+  are mounted (even if the image is removed meanwhile);
 * timestamps every line into the instance log through ``LogWriter``;
 * forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the
   container's init (tini, which passes them to the app's process group);
@@ -156,17 +159,7 @@ class _Supervisor:
         self.container_id: str = self.plan["container_id"]
         self.sandbox_pid: int | None = None
         self.pending: list[int] = []
-        self.held: object = None
-
-    def hold_snapshots(self) -> None:
-        """While the overlay is mounted, ``kiln image gc`` must leave its snapshots alone
-        (the image may be removed meanwhile); the shared flocks go with this process."""
-        home = Path(self.plan["home"])
-        layers = [Path(p) for p in self.plan["layers"]]
-        if layers and all(p.parent.parent == home / "snapshots" for p in layers):
-            from kiln.image.snapshots import SnapshotStore
-
-            self.held = SnapshotStore(home).hold_dirs(layers)
+        self.notify_fd: int | None = None
 
     def forward(self, signum: int, _frame: FrameType | None = None) -> None:
         if self.sandbox_pid is None:
@@ -184,7 +177,6 @@ class _Supervisor:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            self.hold_snapshots()
             private_mount_namespace()
             prepare_view(self.plan, self.secrets)
             self.secrets.clear()
@@ -250,6 +242,7 @@ class _Supervisor:
                     "address": lease["address"] if lease else None,
                 },
             )
+            self.notify()
         except Exception as e:
             self.teardown()
             # The init is our child (subreaper), so its pid cannot be reused before we reap
@@ -287,11 +280,20 @@ class _Supervisor:
             with contextlib.suppress(OSError):
                 leftover.rmdir()
 
+    def notify(self) -> None:
+        """Tell the runtime that handle.json or exit.json is there (or, by EOF, that we died)."""
+        if self.notify_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.notify_fd, b"1")
+            os.close(self.notify_fd)
+            self.notify_fd = None
+
     def fail(self, writer: LogWriter, error: str) -> int:
         writer.write("stderr", f"kiln: {error}")
         writer.close()
         self.teardown()
         self.write_exit(127, None, error=error)
+        self.notify()
         return 1
 
     def pump(self, streams: dict[int, str], writer: LogWriter) -> None:
@@ -376,9 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kiln.runtime.shim")
     parser.add_argument("--instance-dir", required=True, type=Path)
     parser.add_argument("--foreground", action="store_true", help="do not fork into the background")
+    parser.add_argument("--notify-fd", type=int, help="written to, then closed, once started")
     args = parser.parse_args(argv)
     secrets = read_secrets(sys.stdin.buffer)
     supervisor = _Supervisor(args.instance_dir.absolute(), secrets)
+    supervisor.notify_fd = args.notify_fd
     if not args.foreground and os.fork() != 0:
         os._exit(0)
     with contextlib.suppress(OSError):

@@ -19,6 +19,8 @@ from kiln.paths import HOME_DIRS, ensure_home, open_private, private_dirs, write
 KILN = str(Path(sys.executable).parent / "kiln")
 IMAGE_CONTENT = ("rootfs", "snapshots")
 """Unpacked images: their modes are the image's; only the top directory must be 0700."""
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 

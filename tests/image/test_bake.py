@@ -1,4 +1,4 @@
-"""The bake executor end to end on busybox recipes: real bwrap, real store, real cache."""
+"""The bake executor end to end on busybox recipes: real runc steps, real store, real cache."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,10 +32,15 @@ from conftest_bake import (
 )
 
 from kiln.errors import KilnError
+from kiln.image import sandbox
 from kiln.image.bake import bake, bake_order, git_facts, source_date_epoch
+from kiln.image.base import oci_architecture
 from kiln.image.unpack import unpack_image
 
-pytestmark = needs_busybox
+pytestmark = [
+    needs_busybox,
+    pytest.mark.skipif(sandbox.step_blocker() is not None, reason=str(sandbox.step_blocker())),
+]
 
 
 @pytest.fixture
@@ -503,3 +512,125 @@ def test_stale_debian_trees_of_dead_bakes_are_removed_and_live_ones_kept(tmp_pat
     assert (stale.exists(), live.exists(), other.exists()) == (False, True, True)
     clean_stale_staging(tmp_path)
     assert not other.exists()
+
+
+# No run step, no binary: its digest is the same on every amd64 machine, root or not.
+NO_RUN_STEPS = """
+[images.known]
+from = "scratch"
+steps = [
+  { copy = "app/", to = "/srv/app" },
+  { copy = "app/main.sh", to = "/usr/local/bin/", chmod = "0755" },
+  { env = { APP = "demo" } },
+  { workdir = "/srv/app" },
+]
+cmd = ["/bin/sh", "main.sh"]
+expose = [8080]
+labels = { team = "core" }
+"""
+KNOWN_DIGEST = "sha256:f0505781e3334bf840b761cce91f0cbf0ae4e5168ac3c6e8f00ca9784e26f06d"
+WITH_A_RUN_STEP = """
+[images.stepped]
+from = "image:known"
+steps = [
+  { copy = "rootfs/", to = "/" },
+  { run = "echo never" },
+]
+"""
+NOBODY = 65534
+
+
+def _line_of(project: Path, text: str) -> int:
+    lines = (project / "kiln.toml").read_text().splitlines()
+    return next(number for number, line in enumerate(lines, 1) if text in line)
+
+
+@pytest.mark.skipif(oci_architecture() != "amd64", reason="the digest names the architecture")
+def test_a_recipe_without_run_steps_keeps_its_known_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    project = make_project(tmp_path / "known", NO_RUN_STEPS, files=APP_FILES)
+    assert bake(load(project))["known"].digest == KNOWN_DIGEST
+
+
+def _no_runc() -> str:
+    raise KilnError("runc not found: install it (Debian: apt-get install runc)")
+
+
+def test_without_runc_cached_run_steps_still_bake_and_one_that_must_run_fails_naming_it(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = bake(load(project))["bb"]
+    store = default_store()
+    before = index_refs(store)
+    monkeypatch.setattr(sandbox, "runc_binary", _no_runc)
+    again = bake(load(project))["bb"]
+    assert (again.digest, again.layers_built) == (first.digest, 0)
+    (project / "app" / "main.sh").write_text("echo changed\n")
+    with pytest.raises(KilnError) as err:
+        bake(load(project))
+    line = _line_of(project, '{ run = "mkdir -p /etc;')
+    assert str(err.value) == (
+        f"kiln.toml:{line}: images.bb.steps[2].run: run steps execute in runc inside a user "
+        "namespace, which needs root and runc (apt-get install runc); runc is not installed"
+    )
+    assert index_refs(store) == before
+    assert staging_dirs() == []
+
+
+def _as_nobody(job: Callable[[], object]) -> tuple[str, object]:
+    """``job`` in a forked child whose uids and gids are all 65534: ("ok", its result),
+    ("error", a KilnError's message) or ("crash", a traceback). It may import nothing
+    new (the interpreter lies under /root), so the caller bakes the same way first."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                out: tuple[str, object] = ("ok", job())
+            except KilnError as e:
+                out = ("error", str(e))
+            except BaseException:
+                out = ("crash", traceback.format_exc())
+            os.write(write, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    kind, value = json.loads(data)
+    return str(kind), value
+
+
+def test_as_an_unprivileged_user_a_bake_without_run_steps_works_and_one_with_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    shared = Path(tempfile.mkdtemp(prefix="kiln-nobody-"))  # pytest's tmp_path is root's only
+    try:
+        os.chmod(shared, 0o755)
+        project = make_project(shared / "project", NO_RUN_STEPS + WITH_A_RUN_STEP, files=APP_FILES)
+        # As root every image bakes; this also imports all that the child will need.
+        as_root = bake(load(project))["known"].digest
+        home = shared / "home"
+        home.mkdir()
+        os.chown(home, NOBODY, NOBODY)
+        monkeypatch.setenv("KILN_HOME", str(home))
+
+        kind, digest = _as_nobody(lambda: bake(load(project), ["known"])["known"].digest)
+        assert (kind, digest) == ("ok", as_root)
+        kind, message = _as_nobody(lambda: sorted(bake(load(project), ["stepped"])))
+        line = _line_of(project, '{ run = "echo never" }')
+        assert (kind, message) == (
+            "error",
+            f"kiln.toml:{line}: images.stepped.steps[1].run: {sandbox.STEPS_NEED}; "
+            f"running as uid {NOBODY}",
+        )
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -54,6 +54,17 @@ def test_environment_overlay_is_merged() -> None:
     assert spec.services["web"].listen == 8000
 
 
+def test_a_key_found_wrong_after_loading_has_its_line_the_overlays_when_it_has_one() -> None:
+    spec = parse_spec(VALID, Path("kiln.toml"))
+    assert spec.line("images", "web", "steps", 1) == 9
+    assert spec.line("images", "web", "steps", 7) == 7  # not written: its nearest ancestor
+    assert spec.line("services", "web", "replicas") == 15
+    overlaid = parse_spec(VALID, Path("kiln.toml"), env="production")
+    assert overlaid.line("services", "web", "replicas") == 21
+    assert overlaid.line("services", "web", "listen") == 16
+    assert parse_spec(VALID, Path("kiln.toml")).line("nothing") is None
+
+
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [

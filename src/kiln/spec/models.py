@@ -423,3 +423,18 @@ class Spec(_Model):
     def root(self) -> Path:
         """The project directory: ``copy`` sources are relative to it and may not leave it."""
         return self.path.parent
+
+    def line(self, *path: str | int) -> int | None:
+        """The line of key ``path`` in the file (or of its nearest written ancestor),
+        for errors found after loading: the environment's overlay of it when it has one."""
+        from kiln.spec._locate import key_lines
+
+        lines = key_lines(self._text)
+        env = self._environment
+        for end in range(len(path), 0, -1):
+            key = path[:end]
+            overlaid = lines.get(("environments", env, *key)) if env is not None else None
+            found = overlaid if overlaid is not None else lines.get(key)
+            if found is not None:
+                return found
+        return None

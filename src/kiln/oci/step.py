@@ -120,6 +120,8 @@ def run_step(
     view.mkdir(parents=True, mode=0o711)
     for parent in (RUN_ROOT, RUN_ROOT / home_tag(home), work.parent, work):
         os.chmod(parent, 0o711)
+    # A runc root of the step's own: nothing of it outlives the step.
+    runc.root = work / "runc"
     bundle = work / "bundle"
     bundle.mkdir(mode=0o700)
     mounts = [Mount("/tmp", "tmpfs", "tmpfs", ("nosuid", "nodev", "mode=1777"))]
@@ -160,6 +162,6 @@ def run_step(
         for leftover in (bundle / "config.json", bundle / "pid"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
-        for directory in (bundle, view, work, work.parent):
+        for directory in (runc.root, bundle, view, work, work.parent, work.parent.parent):
             with contextlib.suppress(OSError):
                 directory.rmdir()

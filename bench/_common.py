@@ -33,11 +33,12 @@ def timed(fn: Callable[[], object], runs: int) -> list[float]:
     return out
 
 
-def dockerd_command(root: Path) -> list[str]:
+def dockerd_command(root: Path, bridge: str = "none", userns: bool = False) -> list[str]:
     return [
         "dockerd",
         "--iptables=false",
-        "--bridge=none",
+        f"--bridge={bridge}",
+        *(("--userns-remap=default",) if userns else ()),
         f"--data-root={root / 'data'}",
         f"--exec-root={root / 'exec'}",
         f"--pidfile={root / 'docker.pid'}",
@@ -46,14 +47,22 @@ def dockerd_command(root: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def private_dockerd(timeout: float = 30.0) -> Iterator[str | None]:
-    """Yields DOCKER_HOST for a fresh engine, or None when none can run here."""
+def private_dockerd(
+    timeout: float = 30.0, bridge: str = "none", userns: bool = False
+) -> Iterator[str | None]:
+    """Yields DOCKER_HOST for a fresh engine, or None when none can run here.
+
+    ``bridge`` names an existing bridge for containers (default: no network);
+    ``userns`` remaps container ids as Kiln's sandbox does."""
     if shutil.which("dockerd") is None:
         yield None
         return
     root = Path(tempfile.mkdtemp(prefix="kiln-bench-docker-"))
+    if userns:
+        root.chmod(0o711)  # the remapped root must traverse it, as with Kiln's /run/kiln
     log = open(root / "dockerd.log", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(dockerd_command(root), stdout=log, stderr=subprocess.STDOUT)
+    command = dockerd_command(root, bridge, userns)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     host = f"unix://{root / 'docker.sock'}"
     try:
         deadline = time.monotonic() + timeout

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import subprocess
 import sys
@@ -31,9 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _common import docker, median_p95, unmount_below
+from _common import docker, median_p95, private_dockerd
 
 from busybox_tree import build_busybox_rootfs
+from kiln.image.snapshots import shift_tree
 from kiln.oci.idmap import id_range
 from kiln.runtime import InstanceSpec
 from kiln.runtime.local import LocalRuntime
@@ -61,25 +61,13 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                    found.append(int(entry))
-    return found
-
-
 def kiln_figures(tree: Path, runs: int) -> tuple[list[float], list[float]]:
     home = Path(tempfile.mkdtemp(prefix="kiln-bench-sandbox-"))
     home.chmod(0o700)
     ids = id_range(home)
     layer = home / "layer"
     shutil.copytree(tree, layer, symlinks=True)
-    for path in [layer, *layer.rglob("*")]:
-        os.lchown(path, ids.base, ids.base)
+    shift_tree(layer, ids, "bench")
     runtime = LocalRuntime(home)
 
     def spec(n: int) -> InstanceSpec:
@@ -123,48 +111,14 @@ def kiln_figures(tree: Path, runs: int) -> tuple[list[float], list[float]]:
 
 @contextlib.contextmanager
 def bridged_dockerd() -> Iterator[str | None]:
-    """A private engine on its own bridge, with user-namespace remapping as Kiln has."""
-    if shutil.which("dockerd") is None:
-        yield None
-        return
-    root = Path(tempfile.mkdtemp(prefix="kiln-bench-docker-"))
-    root.chmod(0o711)  # the remapped root must traverse it, as with Kiln's /run/kiln
+    """A private engine on a bridge the host reaches, with user-namespace remapping."""
     subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], capture_output=True)
     subprocess.run(["ip", "addr", "add", f"{BRIDGE_NET}.1/24", "dev", BRIDGE], capture_output=True)
     subprocess.run(["ip", "link", "set", BRIDGE, "up"], capture_output=True)
-    argv = [
-        "dockerd",
-        "--iptables=false",
-        f"--bridge={BRIDGE}",
-        "--userns-remap=default",
-        f"--data-root={root / 'data'}",
-        f"--exec-root={root / 'exec'}",
-        f"--pidfile={root / 'docker.pid'}",
-        f"--host=unix://{root / 'docker.sock'}",
-    ]
-    log = open(root / "dockerd.log", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    host = f"unix://{root / 'docker.sock'}"
     try:
-        deadline = time.monotonic() + 30
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            if docker(host, "info", check=False).returncode == 0:
-                ready = True
-                break
-            time.sleep(0.3)
-        if not ready:
-            print((root / "dockerd.log").read_text()[-2000:], file=sys.stderr)
-        yield host if ready else None
+        with private_dockerd(bridge=BRIDGE, userns=True) as host:
+            yield host
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        unmount_below(root)
-        shutil.rmtree(root, ignore_errors=True)
         subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
 
 

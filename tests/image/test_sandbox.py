@@ -22,6 +22,7 @@ from kiln.image.sandbox import (
     step_command,
     terminal_line,
 )
+from kiln.image.snapshots import shift_tree
 from kiln.oci.idmap import IdRange, id_range
 from kiln.oci.network import BridgeNetwork
 
@@ -64,13 +65,7 @@ def ids(kiln_home: Path) -> Iterator[IdRange]:
 
 def _shift(tree: Path, ids: IdRange) -> None:
     """Owners into the range, as the layer unpacker leaves a snapshot."""
-    for directory, dirs, files in os.walk(tree):
-        for name in [*dirs, *files]:
-            path = os.path.join(directory, name)
-            st = os.lstat(path)
-            os.lchown(path, ids.base + st.st_uid, ids.base + st.st_gid)
-    st = os.lstat(tree)
-    os.lchown(tree, ids.base + st.st_uid, ids.base + st.st_gid)
+    shift_tree(tree, ids, str(tree))
 
 
 @pytest.fixture

@@ -42,15 +42,10 @@ def build_image_tree(dest: Path, mount_points: bool = True) -> Path:
 
 
 def shift_tree(tree: Path, home: Path) -> Path:
-    """Chown every entry of ``tree`` by the home's id base, as the layer unpacker does."""
-    ids = id_range(home)
-    for directory, dirs, files in os.walk(tree):
-        for name in [*dirs, *files]:
-            path = os.path.join(directory, name)
-            st = os.lstat(path)
-            os.lchown(path, ids.base + st.st_uid, ids.base + st.st_gid)
-    st = os.lstat(tree)
-    os.lchown(tree, ids.base + st.st_uid, ids.base + st.st_gid)
+    """Owners into the home's id range, as the layer unpacker leaves a snapshot."""
+    from kiln.image.snapshots import shift_tree as shift
+
+    shift(tree, id_range(home), str(tree))
     return tree
 
 

@@ -35,11 +35,14 @@ SUBNETS = tuple(SUBNET_POOL.subnets(new_prefix=24))
 
 
 class Lease:
-    def __init__(self, address: str, gateway: str, prefix: int, host_if: str) -> None:
+    def __init__(
+        self, address: str, gateway: str, prefix: int, host_if: str, outbound: bool = False
+    ) -> None:
         self.address = address
         self.gateway = gateway
         self.prefix = prefix
         self.host_if = host_if
+        self.outbound = outbound
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +50,7 @@ class Lease:
             "gateway": self.gateway,
             "prefix": self.prefix,
             "host_if": self.host_if,
+            "outbound": self.outbound,
         }
 
 
@@ -194,26 +198,20 @@ table inet {self.table} {{
             address = next((str(h) for h in hosts if str(h) not in used), None)
             if address is None:
                 raise KilnError(f"network {net}: no free address for instance {instance_id}")
-            lease = Lease(address, self.gateway(), net.prefixlen, host_if)
+            lease = Lease(address, self.gateway(), net.prefixlen, host_if, outbound)
             leases[instance_id] = lease.to_json()
             _write(self.leases_path, leases)
         self._forget_neighbour(address)
         try:
             _ip(
-                "link",
-                "add",
-                "name",
-                host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                str(pid),
+                "-batch",
+                "-",
+                stdin=(
+                    f"link add name {host_if} type veth peer name eth0 netns {pid}\n"
+                    f"link set {host_if} master {self.bridge} up\n"
+                    f"link set dev {host_if} type bridge_slave isolated on\n"
+                ),
             )
-            _ip("link", "set", host_if, "master", self.bridge, "up")
-            _ip("link", "set", "dev", host_if, "type", "bridge_slave", "isolated", "on")
             _ip(
                 "-batch",
                 "-",
@@ -241,8 +239,9 @@ table inet {self.table} {{
                 return
             _write(self.leases_path, leases)
         self._forget_neighbour(lease["address"])
-        with contextlib.suppress(KilnError):
-            _nft(f"delete element inet {self.table} outbound {{ {lease['address']} }}\n")
+        if lease.get("outbound", True):
+            with contextlib.suppress(KilnError):
+                _nft(f"delete element inet {self.table} outbound {{ {lease['address']} }}\n")
         if Path(f"/sys/class/net/{lease['host_if']}").exists():
             with contextlib.suppress(KilnError):
                 _ip("link", "delete", lease["host_if"])

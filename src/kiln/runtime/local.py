@@ -442,6 +442,13 @@ class LocalRuntime:
 
     def release(self, instance_id: str) -> None:
         """Everything an instance held outside its logs, whether or not its shim cleaned up."""
+        record = _read_json(self._dir(instance_id) / "exit.json") or {}
+        handle = self.handle_for(instance_id)
+        shim_gone = handle is None or not self._shim_alive(handle)
+        if shim_gone and record.get("released"):
+            # The shim deleted the container and freed the address itself.
+            self._remove_dirs(instance_id)
+            return
         try:
             self.runc.delete(self.container_id(instance_id))
         except KilnError as e:
@@ -450,6 +457,9 @@ class LocalRuntime:
             from kiln.oci.network import BridgeNetwork
 
             BridgeNetwork(self.home).detach(instance_id)
+        self._remove_dirs(instance_id)
+
+    def _remove_dirs(self, instance_id: str) -> None:
         view = self.view_dir(instance_id)
         for leftover in (view / "rootfs", view):
             with contextlib.suppress(OSError):

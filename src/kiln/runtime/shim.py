@@ -160,6 +160,7 @@ class _Supervisor:
         self.sandbox_pid: int | None = None
         self.pending: list[int] = []
         self.notify_fd: int | None = None
+        self.released = False
 
     def forward(self, signum: int, _frame: FrameType | None = None) -> None:
         if self.sandbox_pid is None:
@@ -266,13 +267,21 @@ class _Supervisor:
         return 0
 
     def teardown(self) -> None:
-        with contextlib.suppress(Exception):
+        """Container, cgroups, address and mounts go; ``released`` says all of it went,
+        so the runtime's destroy need not do it again."""
+        released = True
+        try:
             self.runc.delete(self.container_id)
+        except Exception:
+            released = False
         if self.plan.get("network"):
             from kiln.oci.network import BridgeNetwork
 
-            with contextlib.suppress(Exception):
+            try:
                 BridgeNetwork(Path(self.plan["home"])).detach(self.plan["instance_id"])
+            except Exception:
+                released = False
+        self.released = released
         view = Path(self.plan["view"])
         with contextlib.suppress(OSError):
             umount_detached(view)
@@ -334,6 +343,7 @@ class _Supervisor:
             "signal": signum,
             "finished": time.time(),
             "oom_killed": oom_killed,
+            "released": self.released,
         }
         if error:
             record["error"] = error

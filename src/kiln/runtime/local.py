@@ -244,6 +244,7 @@ class LocalRuntime:
             "dir": str(directory),
             "runc": self.runc.binary,
             "view": str(self.view_dir(spec.instance_id)),
+            "init": INIT_BINARY.exists(),
             "layers": [str(p) for p in spec.layers],
             "volumes": [str(v.source) for v in spec.volumes],
             "ids": ids.to_json(),

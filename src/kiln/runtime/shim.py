@@ -232,6 +232,7 @@ class _Supervisor:
             # handle.json (how a runtime finds us to signal) only once the app runs: a stop
             # racing runc start would kill runc's init and read as "cannot start sandbox".
             self.runc.start(self.container_id)
+            await_init(self.sandbox_pid, with_init=bool(self.plan.get("init")))
             write_json_atomic(
                 self.dir / "handle.json",
                 {
@@ -348,6 +349,27 @@ class _Supervisor:
         if error:
             record["error"] = error
         write_json_atomic(self.dir / "exit.json", record)
+
+
+def await_init(pid: int, *, with_init: bool, timeout: float = 2.0) -> None:
+    """Until the container's pid 1 is the image's program, not runc's init, and, for
+    tini, until it has set up its signals: the kernel drops a signal that a namespace's
+    init neither blocks nor handles, so a stop sent earlier would be lost and wait out
+    the grace. tini blocks what it forwards, then ignores SIGTTIN and SIGTTOU; the
+    second is what /proc shows (a waiting sigtimedwait hides the first)."""
+    ready = (1 << (signal.SIGTTIN - 1)) | (1 << (signal.SIGTTOU - 1))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fields = dict(
+                line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            )
+        except (OSError, ValueError):
+            return
+        execed = not fields.get("Name", "").strip().startswith("runc")
+        if execed and (not with_init or int(fields.get("SigIgn", "0"), 16) & ready == ready):
+            return
+        time.sleep(0.0005)
 
 
 def _cut(line: bytes) -> list[bytes]:

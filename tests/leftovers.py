@@ -107,6 +107,7 @@ def _processes(home: Path, tag: str) -> list[str]:
     cgroup_mark = f"/kiln-{tag}-"
     run_mark = f"{RUN_ROOT}/{tag}/".encode()
     home_mark = f"{home}/instances/".encode()
+    anywhere_in_home = f"{home}/".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == own:
             continue
@@ -127,6 +128,8 @@ def _processes(home: Path, tag: str) -> list[str]:
             found.append(f"process {entry.name} using {RUN_ROOT}/{tag} ({shown})")
         elif cgroup_mark in cgroups:
             found.append(f"process {entry.name} in a kiln-{tag} cgroup ({shown})")
+        elif anywhere_in_home in cmdline:
+            found.append(f"process {entry.name} naming the home ({shown})")
     return found
 
 

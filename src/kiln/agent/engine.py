@@ -150,10 +150,18 @@ class Engine:
         """Drain and stop every instance, then the proxy; the agent exits afterwards."""
         for task in [*self._loops, *self.rollouts.values()]:
             task.cancel()
+        # A start already in the runtime cannot be called back: let it land, then retire it
+        # with the rest, or it would outlive the down.
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=60)
         live = self.state.instances(live_only=True)
         await asyncio.gather(
             *(self.retire(i.id, "kiln down") for i in live), return_exceptions=True
         )
+        for handle in await _thread(self.runtime.list):
+            with contextlib.suppress(KilnError):
+                await _thread(self.runtime.destroy, handle)
         await _thread(self.proxy.stop)
         if isinstance(self.runtime, HostResources):
             with contextlib.suppress(KilnError):

@@ -23,8 +23,7 @@ def down_without_agent(home: Path) -> dict[str, Any]:
         runtime.destroy(handle)
         stopped.append(handle.instance_id)
     proxy = ProxyProcess(home)
-    had_proxy = proxy.alive()
-    if had_proxy:
-        proxy.stop()
+    had_proxy = proxy.recorded_alive()
+    proxy.stop()
     runtime.shutdown()
     return {"stopped": sorted(stopped), "proxy": "stopped" if had_proxy else "none"}

@@ -99,6 +99,12 @@ class ProxyProcess:
         finally:
             client.close()
 
+    def recorded_alive(self) -> bool:
+        """Whether the proxy this home recorded still runs, whoever started it (an agent
+        that died since, say)."""
+        pid = self._recorded_pid()
+        return pid is not None and pid_alive(pid, PROXY_MARK)
+
     def _recorded_pid(self) -> int | None:
         try:
             text = self.pid_file.read_text().strip()

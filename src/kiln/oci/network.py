@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import ipaddress
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.oci.runc import RUN_ROOT, home_tag
+from kiln.paths import write_private
 
 __all__ = ["BridgeNetwork", "Lease", "host_resolv_conf"]
 
@@ -86,11 +86,12 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_private(path, json.dumps(data).encode())
+
+
+def _gateway(net: ipaddress.IPv4Network) -> str:
+    """The bridge's own address: the first of the home's /24."""
+    return str(next(net.hosts()))
 
 
 class BridgeNetwork:
@@ -126,7 +127,7 @@ class BridgeNetwork:
         raise KilnError(f"no free /24 left in {SUBNET_POOL} for a Kiln bridge")
 
     def gateway(self) -> str:
-        return str(next(self.subnet().hosts()))
+        return _gateway(self.subnet())
 
     def ensure(self) -> None:
         """Create the bridge and its rules if they are missing (idempotent)."""
@@ -141,7 +142,7 @@ class BridgeNetwork:
         with contextlib.suppress(OSError):
             Path(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6").write_text("1")
         with contextlib.suppress(KilnError):
-            _ip("addr", "add", f"{self.gateway()}/{net.prefixlen}", "dev", self.bridge)
+            _ip("addr", "add", f"{_gateway(net)}/{net.prefixlen}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         self._install_rules(net)
 
@@ -156,7 +157,7 @@ table inet {self.table} {{
   chain input {{
     type filter hook input priority -10; policy accept;
     iifname "{br}" ct state established,related accept
-    iifname "{br}" ip daddr {self.gateway()} tcp dport @listen accept
+    iifname "{br}" ip daddr {_gateway(net)} tcp dport @listen accept
     iifname "{br}" drop
   }}
   chain forward {{
@@ -198,7 +199,7 @@ table inet {self.table} {{
             address = next((str(h) for h in hosts if str(h) not in used), None)
             if address is None:
                 raise KilnError(f"network {net}: no free address for instance {instance_id}")
-            lease = Lease(address, self.gateway(), net.prefixlen, host_if, outbound)
+            lease = Lease(address, _gateway(net), net.prefixlen, host_if, outbound)
             leases[instance_id] = lease.to_json()
             _write(self.leases_path, leases)
         self._forget_neighbour(address)

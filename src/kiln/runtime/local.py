@@ -166,8 +166,8 @@ class LocalRuntime:
                     ("rbind", "ro", "nosuid", "nodev", "noexec"),
                 )
             )
-        resolv = host_resolv_conf()
-        if spec.outbound and resolv is not None and _image_has_file(spec.layers, "etc/resolv.conf"):
+        resolv = host_resolv_conf() if spec.outbound else None
+        if resolv is not None and _image_has_file(spec.layers, "etc/resolv.conf"):
             mounts.append(
                 Mount("/etc/resolv.conf", "bind", str(resolv), ("rbind", "ro", "nosuid", "nodev"))
             )

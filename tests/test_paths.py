@@ -168,13 +168,16 @@ def running_agent(home: Path) -> Iterator[AgentClient]:
         with contextlib.suppress(Exception):
             client.down()
         client.close()
-        for pid_file in ("agent.pid", "proxy.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int((home / pid_file).read_text()), signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((home / "agent.pid").read_text()), signal.SIGKILL)
+        from kiln.traffic.haproxy import HAProxyRouter
+
+        with contextlib.suppress(Exception):
+            HAProxyRouter(home).stop()
 
 
 def test_an_agent_keeps_its_home_private(tmp_path: Path) -> None:
-    """State database with its WAL, sockets, pid files and logs of agent and proxy."""
+    """State database with its WAL, sockets, pid files and logs of the agent and HAProxy."""
     home = tmp_path / "home"
     home.mkdir(mode=0o755)
     home.chmod(0o755)
@@ -183,6 +186,7 @@ def test_an_agent_keeps_its_home_private(tmp_path: Path) -> None:
     with running_agent(home) as client:
         assert client.events()
         names = {p.name for p in home.iterdir()}
-        assert {"state.db", "state.db-wal", "agent.sock", "agent.log", "proxy.log"} <= names
+        assert {"state.db", "state.db-wal", "agent.sock", "agent.log", "haproxy"} <= names
+        assert {"router.json", "haproxy.log"} <= {p.name for p in (home / "haproxy").iterdir()}
         assert loose_entries(home) == []
     assert loose_entries(home) == []

@@ -68,12 +68,15 @@ _free_port = busybox_tree.free_port
 
 
 def kill_everything(home: Path) -> None:
-    """Leave no process behind: the agent, every instance shim/sandbox, the proxy."""
-    for pid_file in ("agent.pid", "proxy.pid"):
-        with contextlib.suppress(OSError, ValueError):
-            pid = int((home / pid_file).read_text().strip())
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    """Leave no process behind: the agent, every instance shim/sandbox, HAProxy."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((home / "agent.pid").read_text().strip())
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    from kiln.traffic.haproxy import HAProxyRouter
+
+    with contextlib.suppress(Exception):
+        HAProxyRouter(home).stop()
     instances = home / "instances"
     if instances.is_dir():
         from kiln.runtime.local import LocalRuntime

@@ -1,4 +1,4 @@
-"""The main job against a real agent: real sandboxes, the real proxy, real HTTP on loopback."""
+"""The main job against a real agent: real sandboxes, real HAProxy, real HTTP on loopback."""
 
 from __future__ import annotations
 
@@ -117,6 +117,7 @@ def test_agent_killed_and_restarted_adopts_everything_while_the_proxy_serves(
         == "succeeded"
     )
     before = {i["id"]: i["pid"] for i in instances(agent)}
+    router_before = agent.client.status()["proxy"]
     with Load(listen) as load:
         time.sleep(0.3)
         os.kill(agent.pid(), signal.SIGKILL)
@@ -130,6 +131,9 @@ def test_agent_killed_and_restarted_adopts_everything_while_the_proxy_serves(
     assert not events_of(agent, "reconcile.replace")
     assert not load.failures, load.failures[:5]
     assert load.ok > 20
+    # HAProxy was adopted and read back, not reset: same process, same generation.
+    assert agent.client.status()["proxy"] == router_before
+    assert [e["kind"] for e in events_of(agent, "proxy.adopted")] == ["proxy.adopted"]
 
 
 def test_a_plan_made_against_an_older_state_is_refused(
@@ -228,7 +232,7 @@ def test_a_dead_proxy_is_restarted_with_its_routes(
     old = agent.client.health()["proxy_pid"]
     os.kill(old, signal.SIGKILL)
     restarted = wait_for(lambda: events_of(agent, "proxy.restarted"), 10, "proxy restart")
-    assert restarted[0]["data"]["old_pid"] == old
+    assert restarted[0]["data"]["old"]["pid"] == old
     assert agent.client.health()["proxy_pid"] not in (None, old)
     assert wait_for(lambda: _serves(listen), 5, "the route after the restart") == (200, "v1\n")
 

@@ -1,5 +1,5 @@
 """Fixtures for the traffic tests; the helpers live in traffic_harness."""
 
-from traffic_harness import backends, proxy
+from traffic_harness import backends, router
 
-__all__ = ["backends", "proxy"]
+__all__ = ["backends", "router"]

@@ -1,16 +1,19 @@
-"""Real backends and a real proxy process for the traffic tests."""
+"""Real backends and Kiln's real data plane (HAProxy) for the traffic tests."""
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,7 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from kiln.traffic import Backend, ProxyClient, Route, proxy_command
+from kiln.traffic import Backend, Route
+from kiln.traffic.haproxy import HAProxyRouter, RouterSettings
 
 
 def free_port() -> int:
@@ -108,6 +112,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = read_chunked(self.rfile)
         else:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        url = urlsplit(self.path)
+        if url.path == "/slow":
+            time.sleep(float(parse_qs(url.query).get("t", ["1"])[0]))
         digest = hashlib.sha256(body).hexdigest()
         self._send(200, f"{len(body)} {digest}".encode())
 
@@ -115,6 +122,11 @@ class _Handler(BaseHTTPRequestHandler):
 class TestBackendServer(ThreadingHTTPServer):
     daemon_threads = True
     backend: HTTPBackend
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A proxy that cuts a connection (a drain, a killed worker) is expected here.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -159,49 +171,23 @@ def backends() -> Iterator[list[HTTPBackend]]:
         b.stop()
 
 
-@dataclass
-class ProxyProcess:
-    control: Path
-    state: Path
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-    # KILN_TEST_PROXY_LOOP=asyncio runs the whole suite on the fallback loop.
-    loop: str = os.environ.get("KILN_TEST_PROXY_LOOP", "auto")
-
-    def start(self) -> ProxyProcess:
-        cmd = [*proxy_command(self.control, self.state), "--host", "127.0.0.1", "--loop", self.loop]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stderr=log, stdout=log)
-        with ProxyClient(self.control) as c:
-            c.wait_ready(10)
-        return self
-
-    def client(self) -> ProxyClient:
-        return ProxyClient(self.control)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        rc = self.proc.returncode
-        self.proc = None
-        return rc
-
-
 @pytest.fixture
-def proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ProxyProcess]:
-    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
-    p = ProxyProcess(
-        tmp_path / "proxy.sock", tmp_path / "proxy-state.json", tmp_path / "proxy.log"
-    ).start()
-    yield p
-    p.stop()
+def router(tmp_path: Path) -> Iterator[HAProxyRouter]:
+    """Kiln's data plane for one test: HAProxy on a private home, stopped after."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    r = HAProxyRouter(home, RouterSettings(bind="127.0.0.1"))
+    r.start()
+    yield r
+    r.stop()
+    assert not [p for p in Path("/proc").glob("[0-9]*") if _names(p, str(home))], "haproxy left"
+
+
+def _names(proc: Path, mark: str) -> bool:
+    try:
+        return mark in (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
 
 
 def route(name: str, listen: int, specs: list[Backend], **kw: object) -> Route:
@@ -219,3 +205,252 @@ def wait_for(pred: object, timeout: float = 5.0) -> None:
 
 PYTHON = sys.executable
 ENV = dict(os.environ)
+
+
+# -- clients -----------------------------------------------------------------
+
+
+def get(
+    port: int,
+    path: str = "/",
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> tuple[int, bytes, http.client.HTTPResponse]:
+    """One request on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), resp
+    finally:
+        conn.close()
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5) -> bytes:
+    """Send ``data`` as is and read until the peer closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = bytearray()
+        while True:
+            try:
+                piece = s.recv(65536)
+            except ConnectionResetError:
+                return bytes(out)
+            if not piece:
+                return bytes(out)
+            out += piece
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+class Load:
+    """Traffic for a whole test: ``clients`` keep-alive connections doing GETs back to
+    back, and ``connectors`` threads that open a new connection for every request.
+
+    ``refused`` counts connections the kernel refused (ECONNREFUSED); every other
+    failure (a reset, an early close, a status other than 200) is in ``failures``.
+    """
+
+    def __init__(
+        self, port: int, clients: int = 4, connectors: int = 0, path: str = "/", timeout: float = 10
+    ) -> None:
+        self.port = port
+        self.path = path
+        self.timeout = timeout
+        self.ok = 0
+        self.failures: list[str] = []
+        self.refused = 0
+        self.bodies: Counter[bytes] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._client, name=f"load-client-{i}", daemon=True)
+            for i in range(clients)
+        ] + [
+            threading.Thread(target=self._connector, name=f"load-connector-{i}", daemon=True)
+            for i in range(connectors)
+        ]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout + 5)
+        assert not any(t.is_alive() for t in self._threads), "a load thread is stuck"
+
+    def _done(self, status: int, body: bytes) -> None:
+        with self._lock:
+            if status == 200:
+                self.ok += 1
+                self.bodies[body] += 1
+            else:
+                self.failures.append(f"status {status}: {body[:80]!r}")
+
+    def _failed(self, e: BaseException) -> None:
+        with self._lock:
+            if isinstance(e, ConnectionRefusedError):
+                self.refused += 1
+            else:
+                self.failures.append(repr(e))
+
+    def _client(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+        while not self._stop.is_set():
+            try:
+                conn.request("GET", self.path)
+                resp = conn.getresponse()
+                self._done(resp.status, resp.read())
+            except (OSError, http.client.HTTPException) as e:
+                self._failed(e)
+                conn.close()
+                time.sleep(0.001)
+        conn.close()
+
+    def _connector(self) -> None:
+        request = f"GET {self.path} HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n".encode()
+        while not self._stop.is_set():
+            try:
+                out = raw_exchange(self.port, request, self.timeout)
+            except OSError as e:
+                self._failed(e)
+                time.sleep(0.001)
+                continue
+            head, _, body = out.partition(b"\r\n\r\n")
+            status = int(head.split(b" ")[1]) if head.startswith(b"HTTP/1.1 ") else 0
+            self._done(status, body)
+
+    def wait_ok(self, more: int, timeout: float = 10) -> None:
+        """Until ``more`` requests have succeeded from now on."""
+        target = self.ok + more
+        wait_for(lambda: self.ok >= target, timeout)
+
+
+# -- backends that misbehave -------------------------------------------------
+
+
+class TCPServer:
+    """A tiny threaded TCP server: ``echo`` sends back what it reads; ``hangup`` reads
+    one HTTP request head, counts it and closes without answering."""
+
+    def __init__(self, mode: str = "echo") -> None:
+        self.mode = mode
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.port = int(self.sock.getsockname()[1])
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> TCPServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            target = self._echo if self.mode == "echo" else self._hangup
+            threading.Thread(target=target, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def _hangup(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        with conn:
+            head = b""
+            try:
+                while b"\r\n\r\n" not in head:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        break
+                    head += piece
+            except OSError:
+                pass
+            if head:
+                self.requests.append(head.split(b"\r\n", 1)[0])
+
+
+BACKEND_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+        def do_GET(self):
+            body = sys.argv[2].encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+    """
+)
+
+
+@contextmanager
+def backend_process(name: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """An HTTP backend in its own process, so that a test can SIGKILL it."""
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, "-c", BACKEND_SCRIPT, str(port), name], env=ENV)
+    try:
+        wait_for(lambda: proc.poll() is not None or not refused(port), 10)
+        assert proc.poll() is None, f"backend {name} exited"
+        yield proc, port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (HAProxy's workers under its master)."""
+    out = []
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[1]) == pid and stat[0] != "Z":
+            out.append(int(p.name))
+    return out

@@ -32,11 +32,12 @@ log = logging.getLogger("kiln.agent")
 
 
 class Agent:
-    """The composition root: lock, state, runtime, proxy, engine, API server."""
+    """The composition root: lock, state, runtime, router, engine, API server."""
 
-    def __init__(self, home: Path, runtime: Any | None = None) -> None:
+    def __init__(self, home: Path, runtime: Any | None = None, router: Any | None = None) -> None:
         self.home = home
         self.runtime = runtime
+        self.router = router
         self.stopping = asyncio.Event()
         self.started = time.time()
         self.engine: Engine | None = None
@@ -58,7 +59,10 @@ class Agent:
             from kiln.runtime.local import LocalRuntime
 
             self.runtime = LocalRuntime(self.home)
-        engine = Engine(self.home, state, self.runtime, on_event=self._new_event.set)
+        from kiln.traffic.haproxy import HAProxyRouter
+
+        router = self.router or HAProxyRouter(self.home)
+        engine = Engine(self.home, state, self.runtime, router, on_event=self._new_event.set)
         self.engine = engine
         sock = _bind_socket(self.home / "agent.sock")
         server = None
@@ -105,7 +109,7 @@ class Agent:
             "home": str(self.home),
             "version": __version__,
             "uptime": time.time() - self.started,
-            "proxy_pid": self._engine().proxy.pid,
+            "proxy_pid": self._engine().router.info().get("pid"),
         }
 
     def status(self) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""The agent's work: carry out plans, rollouts and reconciler decisions on the runtime and proxy.
+"""The agent's work: carry out plans, rollouts and reconciler decisions on the runtime and router.
 
 The decisions themselves are pure and live in :mod:`kiln.deploy` (the
 planner, the rolling strategy, the reconciler); this module only builds their
 views from the state store, carries out what they return and records it.
-Every blocking call (runtime, unpack, proxy control) goes to the thread pool.
+Every blocking call (runtime, unpack, router) goes to the thread pool; the router is
+programmed only through the :class:`kiln.traffic.Router` boundary.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any, TypeVar
 
 from kiln.agent.errors import Conflict, NotFound
 from kiln.agent.executor import ImageSnapshots, PortPool, build_instance_spec, image_launch
-from kiln.agent.proxy import ProxyProcess
 from kiln.deploy.health import ExecRunner, HealthState, HealthTracker, probe
 from kiln.deploy.plan import DesiredService, Plan, make_plan
 from kiln.deploy.reconcile import ReconcilePolicy, ReconcileView, reconcile
@@ -38,6 +38,7 @@ from kiln.errors import KilnError
 from kiln.paths import private_dirs, write_private
 from kiln.runtime import Execer, HostResources, InstanceHandle, InstanceStatus, Runtime
 from kiln.spec.models import Health, Update
+from kiln.traffic import Backend, BackendState, Route, Router
 
 __all__ = ["Engine"]
 
@@ -45,7 +46,9 @@ log = logging.getLogger("kiln.agent")
 T = TypeVar("T")
 
 RECONCILE_INTERVAL = 0.5
-PROXY_WATCH_INTERVAL = 0.1  # a /proc read: cheap, and every tick of it is an outage
+ROUTER_CHECK_INTERVAL = 2.0
+"""How often the router is asked to answer on every listener; its death is seen at once."""
+ROUTER_CHECK_FAILURES = 3
 ROLLOUT_TICK = 0.1
 ROUTED = ("ready",)
 IN_SERVICE = ("starting", "ready", "unhealthy")
@@ -61,12 +64,13 @@ class Engine:
         home: Path,
         state: StateStore,
         runtime: Runtime,
+        router: Router,
         on_event: Callable[[], None] = lambda: None,
     ) -> None:
         self.home = home
         self.state = state
         self.runtime = runtime
-        self.proxy = ProxyProcess(home)
+        self.router = router
         self.snapshots = ImageSnapshots(home)
         self.ports = PortPool()
         self._on_event = on_event
@@ -78,13 +82,12 @@ class Engine:
         self.deployments: dict[str, dict[str, Any]] = {}
         self.recovering: dict[str, tuple[str, float]] = {}
         """replacement id → (dead instance id, when its death was noticed)."""
-        self._pushed: dict[str, dict[str, Any]] = {}
+        self._pushed: dict[str, Route] = {}
         self._published: set[int] | None = None
         self._route_lock = asyncio.Lock()
         self._apply_lock = asyncio.Lock()
         self._loops: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._proxy_client: Any = None
         self._noticed: dict[str, float] = {}
         """dead instance id → when the reconciler noticed its death."""
         self.breaker_reset: dict[str, float] = {}
@@ -121,16 +124,18 @@ class Engine:
     # lifecycle
 
     async def start(self) -> None:
-        how = await _thread(self.proxy.ensure)
-        self.emit(
-            f"proxy.{how}", f"proxy {how} (pid {self.proxy.pid})", data={"pid": self.proxy.pid}
-        )
+        how = await _thread(self.router.start)
+        info = self.router.info()
+        self.emit(f"proxy.{how}", f"router {how} ({_describe(info)})", data=info)
+        # What the router serves now is read back from it, so an agent restart changes
+        # only what differs from the state instead of resetting every route.
+        self._pushed = await _thread(self.router.routes)
         self._restore_breaker_resets()
         await self.adopt()
-        await self.push_routes(force=True)
+        await self.push_routes()
         self._loops = [
             asyncio.create_task(self._reconcile_loop()),
-            asyncio.create_task(self._proxy_watch_loop()),
+            asyncio.create_task(self._router_watch_loop()),
             asyncio.create_task(self._log_retention_loop()),
         ]
 
@@ -143,8 +148,7 @@ class Engine:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
-        if self._proxy_client is not None:
-            self._proxy_client.close()
+        await _thread(self.router.close)
 
     async def down(self) -> dict[str, Any]:
         """Drain and stop every instance, then the proxy; the agent exits afterwards."""
@@ -162,7 +166,7 @@ class Engine:
         for handle in await _thread(self.runtime.list):
             with contextlib.suppress(KilnError):
                 await _thread(self.runtime.destroy, handle)
-        await _thread(self.proxy.stop)
+        await _thread(self.router.stop)
         if isinstance(self.runtime, HostResources):
             with contextlib.suppress(KilnError):
                 await _thread(self.runtime.shutdown)
@@ -467,8 +471,23 @@ class Engine:
             rec = self.state.update_instance(iid, state="draining", reason=reason)
         await self.push_routes(rec.service)
         if was_routed:
-            await self._wait_drained(rec.service, iid, float(cfg.get("drain_timeout", 10.0)))
+            timeout = float(cfg.get("drain_timeout", 10.0))
+            try:
+                cut = await _thread(self.router.drain, rec.service, iid, timeout)
+            except KilnError as e:
+                log.warning("drain of %s: %s", iid, e)
+                cut = 0
+            if cut:
+                self.emit(
+                    "instance.drain_timeout",
+                    f"{iid}: {cut} request(s) still in flight after {timeout:g}s were cut",
+                    rec.service,
+                    iid,
+                    rec.revision,
+                    {"cut": cut},
+                )
         self.state.update_instance(iid, state="stopping")
+        await self.push_routes(rec.service)
         handle = _handle(rec)
         exit_code = None
         if handle is not None:
@@ -485,88 +504,77 @@ class Engine:
             self.ports.release(rec.port)
         self.emit("instance.stopped", f"{iid} retired ({reason})", rec.service, iid, rec.revision)
 
-    async def _wait_drained(self, service: str, iid: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                stats = await _thread(self._proxy().stats)
-            except KilnError:
-                return
-            services = stats.get("services", stats)
-            backend = (services.get(service) or {}).get("backends", {}).get(iid)
-            if not backend or int(backend.get("active", 0)) <= 0:
-                return
-            await asyncio.sleep(0.05)
-
     def _config(self, rec: InstanceRecord) -> dict[str, Any]:
         try:
             return self.state.revision(rec.service, rec.revision).config
         except KilnError:
             return {}
 
-    # proxy
+    # router
 
-    def _proxy(self) -> Any:
-        if self._proxy_client is None:
-            self._proxy_client = self.proxy.client()
-        return self._proxy_client
-
-    def _route_for(self, service: str) -> dict[str, Any] | None:
+    def _route_for(self, service: str) -> Route | None:
+        """Ready instances take requests, draining ones finish theirs, starting and
+        unhealthy ones are known to the router but get nothing."""
         rev = self.state.active_revision(service)
         pending = [r for r in self.state.revisions(service) if r.status == "pending"]
         source = pending[-1] if pending else rev
         cfg = source.config if source is not None else None
         if not cfg or not cfg.get("listen"):
             return None
-        backends = [
-            {"id": i.id, "address": f"{_address(i)}:{i.port}", "weight": 100}
-            for i in self.state.instances(service, live_only=True)
-            if i.state in ROUTED and i.port is not None and i.id not in self.retiring
-        ]
-        return {
-            "listen": int(cfg["listen"]),
-            "protocol": str(cfg.get("protocol", "http")),
-            "drain_timeout": float(cfg.get("drain_timeout", 10.0)),
-            "backends": backends,
-        }
+        backends = []
+        for i in self.state.instances(service, live_only=True):
+            if i.port is None or i.state in ("stopping", "stopped"):
+                continue
+            state: BackendState = (
+                "ready"
+                if i.state == "ready"
+                else "draining"
+                if i.state == "draining"
+                else "maintenance"
+            )
+            backends.append(Backend(id=i.id, address=f"{_address(i)}:{i.port}", state=state))
+        return Route(
+            name=service,
+            listen=int(cfg["listen"]),
+            protocol=str(cfg.get("protocol", "http")),
+            drain_timeout=float(cfg.get("drain_timeout", 10.0)),
+            backends=tuple(backends),
+        )
 
     async def push_routes(self, service: str | None = None, force: bool = False) -> None:
         """Act only on a difference: a route identical to the last one pushed is not re-sent."""
-        from kiln.traffic.client import Backend, Route
-
         async with self._route_lock:
-            names = [service] if service else self.state.services()
+            names = [service] if service else sorted({*self.state.services(), *self._pushed})
             for name in names:
-                body = self._route_for(name)
-                if body is None:
-                    if name in self._pushed:
-                        with contextlib.suppress(KilnError):
-                            await _thread(self._proxy().delete_service, name)
-                        self._pushed.pop(name, None)
-                    continue
-                if not force and self._pushed.get(name) == body:
-                    continue
-                route = Route(
-                    name=name,
-                    listen=body["listen"],
-                    protocol=body["protocol"],
-                    drain_timeout=body["drain_timeout"],
-                    backends=tuple(Backend(**b) for b in body["backends"]),
-                )
                 try:
-                    await _thread(self._proxy().put_service, route)
+                    route = self._route_for(name)
+                except KilnError as e:
+                    log.warning("route for %s: %s", name, e)
+                    continue
+                if route is None:
+                    if name in self._pushed:
+                        try:
+                            await _thread(self.router.remove, name)
+                            self._pushed.pop(name, None)
+                        except KilnError as e:
+                            log.warning("removing the route of %s failed: %s", name, e)
+                    continue
+                if not force and self._pushed.get(name) == route:
+                    continue
+                try:
+                    await _thread(self.router.apply, route)
                 except KilnError as e:
                     self._pushed.pop(name, None)
                     log.warning("route push for %s failed: %s", name, e)
                     continue
-                self._pushed[name] = body
+                self._pushed[name] = route
             await self._publish_ports()
 
     async def _publish_ports(self) -> None:
         """Instances may reach the host only on the proxy's listen ports."""
         if not isinstance(self.runtime, HostResources):
             return
-        ports = {int(b["listen"]) for b in self._pushed.values()}
+        ports = {r.listen for r in self._pushed.values()}
         if ports != self._published:
             try:
                 await _thread(self.runtime.publish_ports, ports)
@@ -574,24 +582,33 @@ class Engine:
             except KilnError as e:
                 log.warning("publishing listen ports to the runtime failed: %s", e)
 
-    async def _proxy_watch_loop(self) -> None:
+    async def _router_watch_loop(self) -> None:
+        """The router's death wakes this at once (its exit fd); every interval it must also
+        answer on each listener, and one that stops answering is restarted."""
+        failures = 0
         while True:
-            await asyncio.sleep(PROXY_WATCH_INTERVAL)
-            if self.proxy.alive():
+            exited = await _readable(self.router.exit_fd(), ROUTER_CHECK_INTERVAL)
+            problems = await _thread(self.router.check)
+            if not problems:
+                failures = 0
                 continue
-            old = self.proxy.pid
+            failures += 1
+            if not exited and failures < ROUTER_CHECK_FAILURES:
+                log.warning("router check %d/%d: %s", failures, ROUTER_CHECK_FAILURES, problems)
+                continue
+            failures = 0
+            reason = "; ".join(problems)
+            old = self.router.info()
             try:
-                how = await _thread(self.proxy.ensure)
+                await _thread(self.router.restart, reason)
             except KilnError as e:
-                log.error("proxy restart failed: %s", e)
+                log.error("router restart failed: %s", e)
                 continue
-            if self._proxy_client is not None:
-                self._proxy_client.close()
-                self._proxy_client = None
+            new = self.router.info()
             self.emit(
                 "proxy.restarted",
-                f"proxy restarted (pid {old} died, now {self.proxy.pid})",
-                data={"old_pid": old, "pid": self.proxy.pid, "how": how},
+                f"router restarted ({reason}; was {_describe(old)}, now {_describe(new)})",
+                data={"reason": reason, "old": old, "new": new},
             )
             await self.push_routes(force=True)
 
@@ -691,37 +708,22 @@ class Engine:
         return {"deployment": deployment, "services": record["services"]}
 
     async def _check_listeners(self, plan: Plan) -> None:
-        """A listen port another program holds fails the apply before anything changes.
-
-        The proxy itself is asked (under a scratch route name) so the check sees
-        exactly what the real route will meet; the live route is never touched.
-        """
-        from kiln.traffic.client import Route
-
+        """A listen port another program holds fails the apply before anything changes."""
         for sp in plan.services:
             want = plan.desired.get(sp.service)
             if sp.removed or want is None or not want.service_config.get("listen"):
                 continue
             listen = int(want.service_config["listen"])
             current = self._pushed.get(sp.service)
-            if current is not None and current["listen"] == listen:
+            if current is not None and current.listen == listen:
                 continue
-            probe_name = f"{sp.service}.listen-check"
-            route = Route(
-                name=probe_name,
-                listen=listen,
-                protocol=str(want.service_config.get("protocol", "http")),
-            )
             try:
-                await _thread(self._proxy().put_service, route)
+                await _thread(self.router.check_listen, listen)
             except KilnError as e:
                 raise KilnError(
                     f"service {sp.service}: cannot listen on port {listen} ({e}); "
                     "nothing was changed"
                 ) from e
-            finally:
-                with contextlib.suppress(KilnError):
-                    await _thread(self._proxy().delete_service, probe_name)
 
     async def rollback(self, service: str, revision: int | None) -> dict[str, Any]:
         if service not in self.state.services():
@@ -1159,7 +1161,7 @@ class Engine:
                 "rollout": self.rollout_info.get(name),
                 "alarms": [a.message for a in self.state.alarms(name)],
             }
-        return {"services": services, "proxy": {"pid": self.proxy.pid, "alive": self.proxy.alive()}}
+        return {"services": services, "proxy": self.router.info()}
 
     def history(self, service: str) -> dict[str, Any]:
         revisions = self.state.revisions(service)
@@ -1221,3 +1223,33 @@ def _actions(plan: Plan) -> list[dict[str, Any]]:
 
 def runtime_can_exec(runtime: Runtime) -> bool:
     return bool(getattr(runtime.capabilities, "exec", False))
+
+
+async def _readable(fd: int | None, timeout: float) -> bool:
+    """Wait until ``fd`` is readable (True) or ``timeout`` passes (False), on the loop.
+
+    The fd is duplicated so that its owner may close it meanwhile."""
+    if fd is None:
+        await asyncio.sleep(timeout)
+        return False
+    own = os.dup(fd)
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(own, wake)
+    try:
+        await asyncio.wait_for(ready, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(own)
+        os.close(own)
+
+
+def _describe(info: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in info.items() if v is not None) or "no process"

@@ -14,16 +14,16 @@ __all__ = ["down_without_agent"]
 
 
 def down_without_agent(home: Path) -> dict[str, Any]:
-    from kiln.agent.proxy import ProxyProcess
     from kiln.runtime.local import LocalRuntime
+    from kiln.traffic.haproxy import HAProxyRouter
 
     runtime = LocalRuntime(home)
     stopped = []
     for handle in runtime.list():
         runtime.destroy(handle)
         stopped.append(handle.instance_id)
-    proxy = ProxyProcess(home)
-    had_proxy = proxy.recorded_alive()
-    proxy.stop()
+    router = HAProxyRouter(home)
+    had_proxy = router.recorded_alive()
+    router.stop()
     runtime.shutdown()
     return {"stopped": sorted(stopped), "proxy": "stopped" if had_proxy else "none"}

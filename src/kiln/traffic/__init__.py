@@ -1,11 +1,21 @@
-"""kiln.traffic — the data plane: a proxy per service, routing only to ready
-backends, with weights and connection draining, in its own process.
+"""kiln.traffic: the data plane behind the ``Router`` boundary.
 
-The agent drives it through ``ProxyClient``; ``proxy_command`` is how the
-agent starts it.
+The engine describes each service as a ``Route`` (listener, backends with
+weight and state) and programs a ``Router`` with it; the router that runs
+is HAProxy (:mod:`kiln.traffic.haproxy`), fed sockets the agent owns
+(:mod:`kiln.traffic.listeners`).
 """
 
-from kiln.traffic._routes import Backend, Route, RouteError
-from kiln.traffic.client import ProxyClient, proxy_command
+from kiln.traffic.router import BackendCounters, Latency, Router, ServiceCounters
+from kiln.traffic.routes import Backend, BackendState, Route, RouteError
 
-__all__ = ["Backend", "ProxyClient", "Route", "RouteError", "proxy_command"]
+__all__ = [
+    "Backend",
+    "BackendCounters",
+    "BackendState",
+    "Latency",
+    "Route",
+    "RouteError",
+    "Router",
+    "ServiceCounters",
+]

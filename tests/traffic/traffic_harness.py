@@ -181,6 +181,7 @@ def router(tmp_path: Path) -> Iterator[HAProxyRouter]:
     yield r
     r.stop()
     assert not [p for p in Path("/proc").glob("[0-9]*") if _names(p, str(home))], "haproxy left"
+    assert not r.run_dir.parent.exists(), f"{r.run_dir.parent} left behind"
 
 
 def _names(proc: Path, mark: str) -> bool:
@@ -330,9 +331,17 @@ class Load:
                 self._failed(e)
                 time.sleep(0.001)
                 continue
+            if not out:
+                self._failed(ConnectionResetError("closed without a response"))
+                continue
             head, _, body = out.partition(b"\r\n\r\n")
             status = int(head.split(b" ")[1]) if head.startswith(b"HTTP/1.1 ") else 0
             self._done(status, body)
+
+    def http_errors(self) -> list[str]:
+        """Failures that were answers (a 502, a 503...), not broken connections."""
+        with self._lock:
+            return [f for f in self.failures if f.startswith("status ")]
 
     def wait_ok(self, more: int, timeout: float = 10) -> None:
         """Until ``more`` requests have succeeded from now on."""

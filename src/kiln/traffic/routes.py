@@ -42,7 +42,7 @@ class Backend:
 
     def __post_init__(self) -> None:
         where = f"backend {self.id!r}"
-        if not _NAME.match(self.id):
+        if not _NAME.fullmatch(self.id):
             raise RouteError(f"{where}: id must match {_NAME.pattern}")
         if not valid_address(self.address):
             raise RouteError(f"{where}: address must be 'IP:port', got {self.address!r}")
@@ -92,7 +92,7 @@ class Route:
 
     def __post_init__(self) -> None:
         where = f"service {self.name!r}"
-        if not _NAME.match(self.name):
+        if not _NAME.fullmatch(self.name):
             raise RouteError(f"{where}: name must match {_NAME.pattern}")
         if isinstance(self.listen, bool) or not isinstance(self.listen, int):
             raise RouteError(f"{where}: listen must be a port 1-65535, got {self.listen!r}")
@@ -113,11 +113,11 @@ class Route:
         return next((b for b in self.backends if b.id == backend_id), None)
 
     def same_listener(self, other: Route) -> bool:
-        """Whether ``other`` differs only in its backends (no reload needed)."""
-        return (self.listen, self.protocol, self.drain_timeout, self.queue_timeout) == (
+        """Whether ``other`` differs only in what changes at run time: its backends and
+        the drain deadline (the engine's, not the proxy's)."""
+        return (self.listen, self.protocol, self.queue_timeout) == (
             other.listen,
             other.protocol,
-            other.drain_timeout,
             other.queue_timeout,
         )
 
@@ -153,10 +153,13 @@ def valid_address(address: str) -> bool:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536 or port != str(int(port)):
         return False
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
+    if not host or not all(c in "0123456789abcdefABCDEF.:" for c in host):
+        return False  # a scope id (``%eth0``) could carry any character into a config file
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return True
+    return bracketed == (ip.version == 6)

@@ -19,6 +19,9 @@ PROBE_HEADER = "x-kiln-probe"
 PROBE_ANSWER = "kiln-router-ok"
 LOG_FORMAT = r"%b\t%s\t%ST\t%Ta"
 TCP_LOG_FORMAT = r"%b\t%s\t-\t%Tt"
+LOG_RING = "kiln_access"
+LOG_RING_SIZE = 2 << 20
+"""Lines wait here while the agent reads slowly or restarts; the oldest go first."""
 CONTROL_CHARACTER = r"[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f]"
 r"""A control character other than HTAB in a header block (whose lines end in CRLF).
 
@@ -87,13 +90,23 @@ def render(
         f"    hard-stop-after {_ms(settings.hard_stop_after)}",
         f"    stats socket {paths.stats} mode 600 level admin",
         "    stats timeout 30s",
-        f"    log {paths.log} len 2048 format raw local0 info",
+        f"    log ring@{LOG_RING} local0 info",
         "    strict-limits",
     ]
     if paths.user is not None:
         out += [f"    user {paths.user}", f"    group {paths.user}"]
     if paths.chroot is not None:
         out.append(f"    chroot {paths.chroot}")
+    out += [
+        "",
+        f"ring {LOG_RING}",
+        "    format raw",
+        "    maxlen 1024",
+        f"    size {LOG_RING_SIZE}",
+        "    timeout connect 1s",
+        "    timeout server 10s",
+        f"    server agent unix@{paths.log}",
+    ]
     out += [
         "",
         "defaults",

@@ -59,6 +59,9 @@ START_TIMEOUT = 10.0
 PROBE_TIMEOUT = 1.0
 DEL_RETRIES = 40
 STOP_GRACE = 2.0
+RUNTIME_SERVER_POOL = "pool-max-conn -1 pool-purge-delay 5s"
+"""What a configured server has by default and one added at run time does not (HAProxy
+2.6 gives it no idle pool): without it every request opens a new backend connection."""
 
 
 def haproxy_binary() -> str:
@@ -73,13 +76,31 @@ def haproxy_binary() -> str:
 class Generation:
     """One HAProxy master and its worker, serving one rendered configuration."""
 
-    def __init__(self, number: int, pid: int, stats: Path, child: subprocess.Popen[bytes] | None):
+    def __init__(
+        self,
+        number: int,
+        pid: int,
+        stats: Path,
+        child: subprocess.Popen[bytes] | None,
+        master: Path | None = None,
+    ):
         self.number = number
         self.pid = pid
         self.api = RuntimeAPI(stats)
+        self.worker = RuntimeAPI(master, prefix="@1 ") if master is not None else None
+        """The worker through the master's CLI: a soft-stopped worker has closed its
+        stats socket with its other listeners, but still answers here."""
         self.child = child
         self.retired_at = 0.0
+        self.retired = False
+        self.seen: dict[str, ServiceCounters] = {}
+        """The totals last read from it (already in the router's counters)."""
         self._pidfd: int | None = None
+
+    def stat(self) -> list[dict[str, str]]:
+        if self.retired and self.worker is not None:
+            return self.worker.stat()
+        return self.api.stat()
 
     def pidfd(self) -> int:
         if self._pidfd is None:
@@ -137,6 +158,8 @@ class HAProxyRouter:
         self._current: Generation | None = None
         self._retired: list[Generation] = []
         self._base: dict[str, ServiceCounters] = {}
+        """Every total read from any generation (see ``_read_counters``)."""
+        self._counting = threading.RLock()
         self._token = ""
         self._number = 0
         self._maxconn = self.settings.maxconn
@@ -183,7 +206,7 @@ class HAProxyRouter:
             routes = {n: Route.from_json(r) for n, r in (state.get("routes") or {}).items()}
         except (KilnError, TypeError, ValueError):
             routes = {}
-        gen = Generation(number, pid, self._stats_path(number), None)
+        gen = Generation(number, pid, self._stats_path(number), None, self._master_path(number))
         config = str(self._config_path(number))
         if not pid or not pid_alive(pid, config):
             self._routes = routes
@@ -261,6 +284,8 @@ class HAProxyRouter:
             for cfg in self.dir.glob("gen-*.cfg"):
                 cfg.unlink(missing_ok=True)
             shutil.rmtree(self.run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the home's run directory, if now empty
+                self.run_dir.parent.rmdir()
 
     def recorded_alive(self) -> bool:
         """Whether the HAProxy this home recorded still runs, whoever started it."""
@@ -275,7 +300,7 @@ class HAProxyRouter:
             return None
         if not pid_alive(pid, str(self._config_path(number))):
             return None
-        return Generation(number, pid, self._stats_path(number), None)
+        return Generation(number, pid, self._stats_path(number), None, self._master_path(number))
 
     def exit_fd(self) -> int | None:
         with self._lock:
@@ -304,8 +329,9 @@ class HAProxyRouter:
         return current.pid if current is not None else None
 
     def restart(self, reason: str) -> None:
-        """A master that died may leave a worker serving: it is told to finish what it
-        has; a master that lives but stopped answering is killed with its worker."""
+        """A dead master's worker exits with it (HAProxy's worker leaves as soon as the
+        master's socket pair closes); what is left of that generation is told to finish
+        what it has. A master that lives but stopped answering is killed with its worker."""
         with self._lock:
             old = self._current
             if old is not None:
@@ -317,6 +343,7 @@ class HAProxyRouter:
                 else:
                     old.signal(signal.SIGUSR1)
                     old.retired_at = time.monotonic()
+                    old.retired = True
                     self._retired.append(old)
                 old.close()
                 self._current = None
@@ -336,6 +363,14 @@ class HAProxyRouter:
 
     def apply(self, route: Route) -> bool:
         with self._lock:
+            for other in self._routes.values():
+                if other.name != route.name and other.listen == route.listen:
+                    # Two listen sections on one inherited socket would share its
+                    # connections at random.
+                    raise RouteError(
+                        f"service {route.name!r}: port {route.listen} is already served "
+                        f"for service {other.name!r}"
+                    )
             current = self._routes.get(route.name)
             if current == route and self._current is not None:
                 return False
@@ -367,7 +402,7 @@ class HAProxyRouter:
             was = old.backend(b.id)
             if was is None:
                 api.expect(
-                    f"add server {name}/{b.id} {b.address} weight {b.weight}",
+                    f"add server {name}/{b.id} {b.address} weight {b.weight} {RUNTIME_SERVER_POOL}",
                     "New server registered",
                 )
                 api.expect(f"set server {name}/{b.id} state {_admin(b.state)}")
@@ -410,7 +445,7 @@ class HAProxyRouter:
         total = 0
         for gen in gens:
             try:
-                rows = gen.api.stat()
+                rows = gen.stat()
             except KilnError:
                 continue
             for row in rows:
@@ -430,6 +465,9 @@ class HAProxyRouter:
 
     def _stats_path(self, number: int) -> Path:
         return self.run_dir / f"stats-{number}.sock"
+
+    def _master_path(self, number: int) -> Path:
+        return self.run_dir / f"master-{number}.sock"
 
     def _switch(self, routes: dict[str, Route]) -> None:
         """Start a generation serving ``routes``; once it answers, retire the old one.
@@ -460,6 +498,7 @@ class HAProxyRouter:
             self._snapshot_counters(old)
             old.signal(signal.SIGUSR1)
             old.retired_at = time.monotonic()
+            old.retired = True
             old.close()
             self._retired.append(old)
         for port, sock in listeners.items():
@@ -492,7 +531,7 @@ class HAProxyRouter:
         text = render(_unroutable_drains(routes), fds, settings, paths, self._token, threads)
         config = self._config_path(number)
         write_private(config, text.encode())
-        master = self.run_dir / f"master-{number}.sock"
+        master = self._master_path(number)
         argv = [
             self._binary or haproxy_binary(),
             "-W",
@@ -510,7 +549,19 @@ class HAProxyRouter:
                 pass_fds=tuple(fds.values()),
                 start_new_session=True,
             )
-        gen = Generation(number, child.pid, stats, child)
+        gen = Generation(number, child.pid, stats, child, master)
+        try:
+            return self._await_generation(gen, child, routes)
+        except BaseException:
+            # Interrupted or refused: a master nobody records would outlive every stop().
+            gen.signal(signal.SIGKILL)
+            gen.reap(5)
+            gen.close()
+            raise
+
+    def _await_generation(
+        self, gen: Generation, child: subprocess.Popen[bytes], routes: dict[str, Route]
+    ) -> Generation:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if child.poll() is not None:
@@ -531,13 +582,7 @@ class HAProxyRouter:
                     ) from None
                 time.sleep(0.01)
                 continue
-            try:
-                _restore_drains(gen.api, routes)
-            except KilnError:
-                gen.signal(signal.SIGKILL)
-                gen.reap(5)
-                gen.close()
-                raise
+            _restore_drains(gen.api, routes)  # on failure, _spawn kills the generation
             return gen
 
     def _reap_retired(self) -> None:
@@ -571,18 +616,21 @@ class HAProxyRouter:
 
     def counters(self) -> dict[str, ServiceCounters]:
         with self._lock:
-            current = self._current
-            retired = [g for g in self._retired if g.alive()]
-            base = {n: _copy(c) for n, c in self._base.items()}
-            names = list(self._routes)
-        out: dict[str, ServiceCounters] = {n: base.get(n, ServiceCounters()) for n in names}
-        for gen in ([current] if current is not None else []) + retired:
-            try:
-                rows = gen.api.stat()
-            except KilnError:
+            gens = [g for g in (self._current, *self._retired) if g is not None and g.alive()]
+            routes = list(self._routes)
+        gauges: dict[str, ServiceCounters] = {}
+        with self._counting:
+            for gen in gens:
+                rows = self._read_counters(gen)
+                if rows is not None:
+                    _fold(gauges, rows, gauges_only=True)
+            out = {n: _copy(self._base.get(n, ServiceCounters())) for n in routes}
+        for name, live in gauges.items():
+            into = out.get(name)
+            if into is None:
                 continue
-            live_gauge_only = gen is not current
-            _fold(out, rows, gauges_only=live_gauge_only)
+            for bid, b in live.backends.items():
+                into.backends.setdefault(bid, BackendCounters()).active += b.active
         for (service, server), hist in self.access_log.latency().items():
             svc = out.get(service)
             if svc is None:
@@ -592,17 +640,25 @@ class HAProxyRouter:
                 backend.latency = hist
         return out
 
+    def _read_counters(self, gen: Generation) -> list[dict[str, str]] | None:
+        """Fold what ``gen`` counted since it was last read into the totals, so they
+        only grow and outlive the generation; its ``show stat`` rows, or None."""
+        with self._counting:
+            try:
+                rows = gen.stat()
+            except KilnError:
+                return None
+            totals: dict[str, ServiceCounters] = {}
+            _fold(totals, rows, gauges_only=False, with_gauges=False)
+            for name, svc in totals.items():
+                _grow(self._base.setdefault(name, ServiceCounters()), svc, gen.seen.get(name))
+            gen.seen = totals
+            return rows
+
     def _snapshot_counters(self, gen: Generation) -> None:
-        """Fold a generation's totals into the base before it goes, so counters only grow."""
-        try:
-            rows = gen.api.stat()
-        except KilnError:
-            return
-        snap: dict[str, ServiceCounters] = {}
-        _fold(snap, rows, gauges_only=False, with_gauges=False)
-        for name, svc in snap.items():
-            base = self._base.setdefault(name, ServiceCounters())
-            _add_service(base, svc)
+        """Read a generation's totals before it goes (a soft-stopped one is read again
+        through its master for as long as it lives)."""
+        self._read_counters(gen)
 
     # -- health of the data plane itself ---------------------------------
 
@@ -714,12 +770,36 @@ def _copy(c: ServiceCounters) -> ServiceCounters:
 
 
 def _add_service(into: ServiceCounters, other: ServiceCounters) -> None:
+    """``into += other``, totals only (gauges and latency live elsewhere)."""
     into.requests += other.requests
     into.connections += other.connections
     for k, v in other.responses.items():
         into.responses[k] = into.responses.get(k, 0) + v
     for bid, b in other.backends.items():
-        into.backends.setdefault(bid, BackendCounters()).add(b)
+        _grow_backend(into.backends.setdefault(bid, BackendCounters()), b, None)
+
+
+def _grow(into: ServiceCounters, now: ServiceCounters, was: ServiceCounters | None) -> None:
+    """Add what a generation counted between two reads (``was`` then ``now``). A backend
+    gone from ``now`` (deleted) keeps what it had; one whose counters went back (deleted
+    and added again in between) starts over from zero."""
+    if was is None or now.requests < was.requests or now.connections < was.connections:
+        was = ServiceCounters()
+    into.requests += now.requests - was.requests
+    into.connections += now.connections - was.connections
+    for k, v in now.responses.items():
+        into.responses[k] = into.responses.get(k, 0) + max(v - was.responses.get(k, 0), 0)
+    for bid, b in now.backends.items():
+        _grow_backend(into.backends.setdefault(bid, BackendCounters()), b, was.backends.get(bid))
+
+
+def _grow_backend(into: BackendCounters, now: BackendCounters, was: BackendCounters | None) -> None:
+    if was is None or now.requests < was.requests or now.errors < was.errors:
+        was = BackendCounters()
+    into.requests += now.requests - was.requests
+    into.errors += now.errors - was.errors
+    for k, v in now.responses.items():
+        into.responses[k] = into.responses.get(k, 0) + max(v - was.responses.get(k, 0), 0)
 
 
 def _fold(

@@ -27,9 +27,11 @@ class ServerState:
 
 
 class RuntimeAPI:
-    def __init__(self, path: Path, timeout: float = 5.0) -> None:
+    def __init__(self, path: Path, timeout: float = 5.0, prefix: str = "") -> None:
         self.path = path
         self.timeout = timeout
+        self.prefix = prefix
+        """Kiln's own routing prefix on a master CLI (``@1 ``), never a caller's."""
 
     def command(self, line: str, timeout: float | None = None) -> str:
         if "\n" in line or ";" in line:
@@ -38,7 +40,7 @@ class RuntimeAPI:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(self.timeout if timeout is None else timeout)
                 s.connect(str(self.path))
-                s.sendall(line.encode() + b"\n")
+                s.sendall(self.prefix.encode() + line.encode() + b"\n")
                 s.shutdown(socket.SHUT_WR)
                 chunks = []
                 size = 0

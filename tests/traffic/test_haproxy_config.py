@@ -179,7 +179,7 @@ def test_rendered_config_says_what_kiln_means(tmp_path: Path) -> None:
     assert "maxconn 1500" in http and "maxconn 1500" in tcp
     assert "timeout queue 2500ms" in http and "timeout queue 5000ms" in tcp
     assert "mode http" in http and "balance roundrobin" in http
-    assert "retry-on conn-failure empty-response response-timeout" in http
+    assert "retry-on conn-failure empty-response" in http
     assert "http-request disable-l7-retry unless METH_GET or METH_HEAD or METH_OPTIONS" in http
     assert "option http-restrict-req-hdr-names delete" in http
     assert "option forwardfor" in http

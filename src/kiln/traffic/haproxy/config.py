@@ -41,6 +41,8 @@ class RouterSettings:
     bind: str = "0.0.0.0"
     maxconn: int = 100_000
     listener_maxconn: int = 25_000
+    source_maxconn: int = 1_000
+    """Connections one client address may hold on one service (0: no limit)."""
     connect_timeout: float = 5.0
     client_timeout: float = 30.0
     server_timeout: float = 60.0
@@ -129,6 +131,16 @@ def render(
         out.append(f"    mode {route.protocol}")
         out.append(f"    bind fd@{listeners[route.listen]}")
         out.append(f"    maxconn {settings.listener_maxconn}")
+        if settings.source_maxconn:
+            # One client address may hold only so many connections of a service: a flood
+            # from one source cannot take the slots everyone else needs. The host's own
+            # loopback address is exempt (the agent's probe comes from it).
+            out += [
+                "    stick-table type ipv6 size 200k expire 60s store conn_cur",
+                "    tcp-request connection track-sc0 src",
+                "    tcp-request connection reject"
+                f" if {{ sc0_conn_cur gt {settings.source_maxconn} }} !{{ src 127.0.0.1 }}",
+            ]
         out.append(f"    timeout queue {_ms(route.queue_timeout)}")
         out.append(
             "    balance roundrobin" if route.protocol == "http" else "    balance leastconn"
@@ -148,7 +160,7 @@ def render(
                 "    http-request return status 200 content-type text/plain"
                 f' string "{PROBE_ANSWER}" if kiln_probe',
                 "    http-request disable-l7-retry unless METH_GET or METH_HEAD or METH_OPTIONS",
-                "    retry-on conn-failure empty-response response-timeout",
+                "    retry-on conn-failure empty-response",
                 f'    log-format "{LOG_FORMAT}"',
                 '    http-error status 503 content-type "text/plain; charset=utf-8" string'
                 f' "503 Service Unavailable: kiln service {name} has no ready instance"',

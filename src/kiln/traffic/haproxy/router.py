@@ -116,6 +116,16 @@ class Generation:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
 
+    def soft_stop(self) -> None:
+        """Stop accepting and finish what it has. The master relays this to its worker;
+        only a worker whose master is gone is signalled directly (a worker signalled
+        before its handlers are set would die of SIGUSR1 and take the master with it)."""
+        if pid_alive(self.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGUSR1)
+        else:
+            self.signal(signal.SIGUSR1)
+
     def reap(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self.alive():
@@ -265,7 +275,7 @@ class HAProxyRouter:
             # The instances were drained before this: a short soft-stop lets the last
             # answers out, then SIGTERM (HAProxy's hard stop) spares idle keep-alives.
             for gen in gens:
-                gen.signal(signal.SIGUSR1)
+                gen.soft_stop()
             for gen in gens:
                 for sig in (signal.SIGTERM, signal.SIGKILL):
                     if gen.reap(STOP_GRACE):
@@ -341,7 +351,7 @@ class HAProxyRouter:
                     old.signal(signal.SIGKILL)
                     old.reap(5)
                 else:
-                    old.signal(signal.SIGUSR1)
+                    old.soft_stop()
                     old.retired_at = time.monotonic()
                     old.retired = True
                     self._retired.append(old)
@@ -496,7 +506,7 @@ class HAProxyRouter:
         self._save()
         if old is not None:
             self._snapshot_counters(old)
-            old.signal(signal.SIGUSR1)
+            old.soft_stop()
             old.retired_at = time.monotonic()
             old.retired = True
             old.close()
@@ -523,10 +533,12 @@ class HAProxyRouter:
         )
         settings = self.settings
         if self._maxconn < settings.maxconn:
+            # Short of descriptors, one service may still take three quarters of them:
+            # a flood on it leaves the others a quarter.
             settings = dataclasses.replace(
                 settings,
                 maxconn=self._maxconn,
-                listener_maxconn=min(settings.listener_maxconn, self._maxconn),
+                listener_maxconn=min(settings.listener_maxconn, max(self._maxconn * 3 // 4, 1)),
             )
         text = render(_unroutable_drains(routes), fds, settings, paths, self._token, threads)
         config = self._config_path(number)
@@ -684,8 +696,12 @@ class HAProxyRouter:
                 if route.protocol == "http"
                 else _probe_tcp(sock, self._probe_host(), route.listen)
             )
-            if problem:
+            if problem and not _saturated(current, name):
                 problems.append(f"{name} (port {route.listen}): {problem}")
+            elif problem:
+                log.warning(
+                    "%s (port %s) is at its connection limit: %s", name, route.listen, problem
+                )
         return problems
 
     def _probe_host(self) -> str:
@@ -710,6 +726,20 @@ class HAProxyRouter:
         if not answer.startswith(b"HTTP/1.1 200") or PROBE_ANSWER.encode() not in answer:
             return f"unexpected answer {answer[:40]!r}"
         return None
+
+
+def _saturated(gen: Generation, service: str) -> bool:
+    """A listener that holds as many connections as it may is busy, not dead: restarting
+    HAProxy then would cut every one of them and meet the same flood again."""
+    try:
+        rows = gen.api.stat()
+    except KilnError:
+        return False
+    for row in rows:
+        if row.get("pxname") == service and row.get("svname") == "FRONTEND":
+            limit = _int(row.get("slim"))
+            return limit > 0 and _int(row.get("scur")) >= limit * 95 // 100
+    return False
 
 
 def _probe_tcp(sock: socket.socket, host: str, port: int) -> str | None:

@@ -13,8 +13,8 @@ driven with ``wrk -t2`` in the same run, on the same machine:
   ``bind fd@N`` line (the socket Kiln's agent holds) becomes ``bind
   127.0.0.1:PORT backlog 4096`` (the backlog Kiln's sockets listen with), and
   the stats socket, chroot and master CLI socket are its own; its access log
-  goes to the same kind of unix datagram socket, drained by the same reader
-  class, so logging costs the same.
+  goes through the same ring to the same kind of unix stream socket, drained
+  by the same reader class, so logging costs the same.
 
 Then three scenarios on the 2-thread router: route changes under load
 (backends swapped through ``router.apply`` and one new generation); SIGKILL of
@@ -186,7 +186,7 @@ def runtime_api(master: int) -> RuntimeAPI:
 
 
 def dropped_logs(api: RuntimeAPI) -> int:
-    """Log lines HAProxy could not send (the datagram socket was full)."""
+    """Log lines HAProxy could not send (its ring was full)."""
     found = re.search(r"^DroppedLogs: (\d+)", api.command("show info"), re.M)
     return int(found.group(1)) if found else 0
 
@@ -593,7 +593,7 @@ def measure(targets: list[Target], slices: int, connections: int, warmup: int) -
     pooled = {
         t.name: pooled_connections(t.api, t.service) if t.api is not None else None for t in targets
     }
-    time.sleep(0.3)  # the last log datagrams
+    time.sleep(0.3)  # the last log lines
     rows = []
     for target in targets:
         runs = results[target.name]
@@ -1008,7 +1008,7 @@ def report(
             print(f"      {old}  ->  {new}")
         print(
             "    (so the same nbthread, maxconn, timeouts, retries/retry-on, balance, options, "
-            "log-format and user/chroot;\n     its log datagrams go to a second kiln "
+            "log-format and user/chroot;\n     its log lines go to a second kiln "
             "AccessLog reader in this process, so logging costs the same)"
         )
     print()

@@ -722,7 +722,12 @@ def test_counters_only_grow_across_generations(
     wait_for(lambda: before is not None and not pid_alive(before))
     for _ in range(5):
         assert get(port)[0] == 200
+    before = router.pid
     router.restart("test")
+    # A HAProxy that still answers is replaced like a configuration change: the old
+    # generation is soft-stopped, not killed.
+    assert router.pid != before
+    wait_for(lambda: before is not None and not pid_alive(before))
     for _ in range(5):
         assert get(port)[0] == 200
     web = router.counters()["web"]

@@ -717,6 +717,15 @@ class Engine:
             current = self._pushed.get(sp.service)
             if current is not None and current.listen == listen:
                 continue
+            holder = next(
+                (n for n, r in self._pushed.items() if n != sp.service and r.listen == listen),
+                None,
+            )
+            if holder is not None:
+                raise KilnError(
+                    f"service {sp.service}: port {listen} is served by service {holder} now; "
+                    "move one service per apply; nothing was changed"
+                )
             try:
                 await _thread(self.router.check_listen, listen)
             except KilnError as e:

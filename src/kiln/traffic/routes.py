@@ -21,6 +21,8 @@ PROTOCOLS = ("http", "tcp")
 STATES = ("ready", "draining", "maintenance")
 BackendState = Literal["ready", "draining", "maintenance"]
 MAX_WEIGHT = 256
+MAX_SECONDS = 2_147_483
+"""HAProxy's largest timeout (2^31 - 1 ms)."""
 """HAProxy's own range for a server weight (0-256)."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -102,8 +104,10 @@ class Route:
             raise RouteError(f"{where}: protocol must be 'http' or 'tcp', got {self.protocol!r}")
         for key in ("drain_timeout", "queue_timeout"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise RouteError(f"{where}: {key} must be seconds ≥ 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise RouteError(f"{where}: {key} must be a number of seconds, got {value!r}")
+            if not 0 <= value <= MAX_SECONDS:  # also refuses NaN
+                raise RouteError(f"{where}: {key} must be 0-{MAX_SECONDS} seconds, got {value!r}")
         ids = [b.id for b in self.backends]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:

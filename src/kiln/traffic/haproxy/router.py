@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import resource
 import secrets
 import shutil
@@ -35,7 +36,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.paths import open_private, private_dirs, write_private
-from kiln.process import pid_alive
+from kiln.process import pid_alive, proc_start_time
 from kiln.traffic.haproxy.access_log import AccessLog
 from kiln.traffic.haproxy.config import (
     PROBE_ANSWER,
@@ -44,6 +45,7 @@ from kiln.traffic.haproxy.config import (
     RouterSettings,
     render,
 )
+from kiln.traffic.haproxy.processes import HAProxyProcess, masters, our_processes
 from kiln.traffic.haproxy.runtime_api import RuntimeAPI
 from kiln.traffic.listeners import accept_queue, bind_listener, borrow_fd, can_bind, unlisten
 from kiln.traffic.router import RESPONSE_CLASSES, BackendCounters, ServiceCounters
@@ -59,6 +61,7 @@ START_TIMEOUT = 10.0
 PROBE_TIMEOUT = 1.0
 DEL_RETRIES = 40
 STOP_GRACE = 2.0
+_TOKEN = re.compile(r"[0-9a-f]{32}")
 RUNTIME_SERVER_POOL = "pool-max-conn -1 pool-purge-delay 5s"
 """What a configured server has by default and one added at run time does not (HAProxy
 2.6 gives it no idle pool): without it every request opens a new backend connection."""
@@ -113,8 +116,15 @@ class Generation:
         return pid_alive(self.pid, "haproxy")
 
     def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
+        """The master's whole process group (it leads one); a process that leads none
+        (a worker whose master died) alone."""
+        try:
             os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, sig)
+        except PermissionError:
+            pass
 
     def soft_stop(self) -> None:
         """Stop accepting and finish what it has. The master relays this to its worker;
@@ -182,13 +192,55 @@ class HAProxyRouter:
             self._maxconn = _fd_budget(self.settings.maxconn)
             self._prepare_run_dir()
             self.access_log.start()
-            adopted = self._adopt()
+            found = our_processes(self.dir)
+            adopted = self._adopt(found)
+            self._settle(found)
             if adopted:
                 return "adopted"
-            if not self._token:
+            if not _TOKEN.fullmatch(self._token):
                 self._token = secrets.token_hex(16)
-            self._switch(dict(self._routes))
+            # Nothing recorded is trusted without its process: the engine pushes every
+            # route right after this.
+            self._routes = {}
+            self._switch({})
             return "started"
+
+    def _settle(self, found: list[HAProxyProcess]) -> None:
+        """Every HAProxy of this home but the adopted one: an older generation is
+        finishing what it had and is left to; any other (an orphan of an agent killed
+        while starting one, or all of them when nothing could be adopted) is killed,
+        and waited for, since it holds ports the new generation needs."""
+        current = self._current
+        doomed = []
+        for proc in masters(found):
+            if current is not None and proc.pid == current.pid:
+                continue
+            gen = Generation(
+                proc.generation,
+                proc.pid,
+                self._stats_path(proc.generation),
+                None,
+                self._master_path(proc.generation),
+            )
+            if current is not None and proc.generation < current.number:
+                gen.retired = True
+                gen.retired_at = time.monotonic()
+                gen.soft_stop()
+                self._retired.append(gen)
+            else:
+                log.warning(
+                    "stopping haproxy pid %s (gen-%s) that nothing adopted",
+                    proc.pid,
+                    proc.generation,
+                )
+                gen.signal(signal.SIGKILL)
+                doomed.append(proc.pid)
+        deadline = time.monotonic() + 5
+        while doomed and time.monotonic() < deadline:
+            alive = {p.pid for p in our_processes(self.dir)}
+            doomed = [pid for pid in doomed if pid in alive]
+            if doomed:
+                time.sleep(0.02)
 
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -200,38 +252,44 @@ class HAProxyRouter:
         else:
             os.chmod(self.chroot, 0o700)
 
-    def _adopt(self) -> bool:
-        """Take over the generation a previous agent left serving, sockets included."""
-        try:
-            state = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
+    def _adopt(self, found: list[HAProxyProcess]) -> bool:
+        """Take over the generation a previous agent left serving, sockets included; only
+        a process that is this home's HAProxy master, started when the record says."""
+        state = _read_state(self.state_file)
+        if state is None:
             return False
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        self._number = state.generation
+        self._token = state.token
+        routes = state.routes
+        self._routes = routes
+        master = next(
+            (
+                p
+                for p in masters(found)
+                if p.pid == state.pid
+                and p.generation == state.generation
+                and (state.start is None or p.start == state.start)
+            ),
+            None,
+        )
+        if master is None:
             return False
-        pid = int(state.get("pid") or 0)
-        number = int(state.get("generation") or 0)
-        self._number = number
-        self._token = str(state.get("token") or "")
+        gen = Generation(
+            state.generation,
+            master.pid,
+            self._stats_path(state.generation),
+            None,
+            self._master_path(state.generation),
+        )
         try:
-            routes = {n: Route.from_json(r) for n, r in (state.get("routes") or {}).items()}
-        except (KilnError, TypeError, ValueError):
-            routes = {}
-        gen = Generation(number, pid, self._stats_path(number), None, self._master_path(number))
-        config = str(self._config_path(number))
-        if not pid or not pid_alive(pid, config):
-            self._routes = routes
-            return False
-        try:
-            gen.api.command("show info", timeout=PROBE_TIMEOUT)
+            gen.api.command("show info", timeout=PROBE_TIMEOUT * 3)
             listeners = {
-                int(port): borrow_fd(pid, int(fd), int(port))
-                for port, fd in (state.get("listeners") or {}).items()
+                port: borrow_fd(master.pid, fd, port) for port, fd in state.listeners.items()
             }
         except KilnError as e:
-            log.warning("haproxy pid %s does not answer as recorded (%s); replacing it", pid, e)
-            gen.signal(signal.SIGKILL)
-            gen.reap(5)
-            self._routes = routes
+            log.warning(
+                "haproxy pid %s does not answer as recorded (%s); replacing it", master.pid, e
+            )
             return False
         self._listeners = listeners
         self._current = gen
@@ -269,9 +327,12 @@ class HAProxyRouter:
         """Soft-stop every generation (in-flight requests finish), then close the ports."""
         with self._lock:
             gens = [g for g in (self._current, *self._retired) if g is not None]
-            recorded = self._recorded_generation()
-            if recorded is not None and all(g.pid != recorded.pid for g in gens):
-                gens.append(recorded)
+            known = {g.pid for g in gens}
+            gens += [
+                Generation(p.generation, p.pid, self._stats_path(p.generation), None)
+                for p in masters(our_processes(self.dir))
+                if p.pid not in known
+            ]
             # The instances were drained before this: a short soft-stop lets the last
             # answers out, then SIGTERM (HAProxy's hard stop) spares idle keep-alives.
             for gen in gens:
@@ -298,19 +359,8 @@ class HAProxyRouter:
                 self.run_dir.parent.rmdir()
 
     def recorded_alive(self) -> bool:
-        """Whether the HAProxy this home recorded still runs, whoever started it."""
-        return self._recorded_generation() is not None
-
-    def _recorded_generation(self) -> Generation | None:
-        try:
-            state = json.loads(self.state_file.read_text())
-            pid = int(state["pid"])
-            number = int(state["generation"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if not pid_alive(pid, str(self._config_path(number))):
-            return None
-        return Generation(number, pid, self._stats_path(number), None, self._master_path(number))
+        """Whether a HAProxy of this home still runs, whoever started it."""
+        return bool(our_processes(self.dir))
 
     def exit_fd(self) -> int | None:
         with self._lock:
@@ -347,6 +397,12 @@ class HAProxyRouter:
             if old is not None:
                 log.warning("restarting haproxy (pid %s): %s", old.pid, reason)
                 self._snapshot_counters(old)
+                if old.alive() and _answers(old):
+                    # Alive and answering its runtime API, yet a listener did not answer:
+                    # replace it as a configuration change would, without cutting what
+                    # it is serving.
+                    self._switch(dict(self._routes))
+                    return
                 if old.alive():
                     old.signal(signal.SIGKILL)
                     old.reap(5)
@@ -617,6 +673,7 @@ class HAProxyRouter:
             "version": STATE_VERSION,
             "generation": self._number,
             "pid": current.pid if current is not None else None,
+            "start": proc_start_time(current.pid) if current is not None else None,
             "stats": str(current.api.path) if current is not None else None,
             "token": self._token,
             "listeners": {str(p): s.fileno() for p, s in self._listeners.items()},
@@ -728,13 +785,27 @@ class HAProxyRouter:
         return None
 
 
-def _saturated(gen: Generation, service: str) -> bool:
-    """A listener that holds as many connections as it may is busy, not dead: restarting
-    HAProxy then would cut every one of them and meet the same flood again."""
+def _answers(gen: Generation) -> bool:
     try:
+        gen.api.command("show info", timeout=PROBE_TIMEOUT)
+        return True
+    except KilnError:
+        return False
+
+
+def _saturated(gen: Generation, service: str) -> bool:
+    """A listener that holds as many connections as it may, or a HAProxy that does, is
+    busy, not dead: restarting it then would cut every connection and meet the same
+    flood again."""
+    try:
+        info = gen.api.command("show info", timeout=PROBE_TIMEOUT)
         rows = gen.api.stat()
     except KilnError:
         return False
+    fields = dict(line.split(": ", 1) for line in info.splitlines() if ": " in line)
+    limit = _int(fields.get("Maxconn"))
+    if limit > 0 and _int(fields.get("CurrConns")) >= limit * 95 // 100:
+        return True
     for row in rows:
         if row.get("pxname") == service and row.get("svname") == "FRONTEND":
             limit = _int(row.get("slim"))
@@ -901,3 +972,34 @@ def _last_alert(path: Path) -> str:
         return "(no log)"
     alerts = [line for line in lines if "ALERT" in line]
     return (alerts or lines or ["(empty log)"])[-1].strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    generation: int
+    pid: int
+    start: int | None
+    token: str
+    listeners: dict[int, int]
+    routes: dict[str, Route]
+
+
+def _read_state(path: Path) -> _State | None:
+    """``router.json``, or None when it is missing or anything in it is not what Kiln
+    writes (it is then only a hint: the processes themselves are what counts)."""
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
+            return None
+        start = raw.get("start")
+        token = str(raw.get("token") or "")
+        return _State(
+            generation=int(raw["generation"]),
+            pid=int(raw["pid"]),
+            start=int(start) if start is not None else None,
+            token=token if _TOKEN.fullmatch(token) else "",
+            listeners={int(p): int(fd) for p, fd in dict(raw.get("listeners") or {}).items()},
+            routes={n: Route.from_json(r) for n, r in dict(raw.get("routes") or {}).items()},
+        )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, KilnError):
+        return None

@@ -340,3 +340,29 @@ class FreshConnections:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(15)
+
+
+def test_an_instance_killed_under_load_fails_no_request(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    """Requests on their way to an instance that dies (its address gone with its
+    network) are retried on another instance, not cut when it leaves the route."""
+    listen = free_port()
+    spec = service_spec(
+        busybox_image("web:v1", WWW), listen=listen, health={"http": "/healthz", "interval": "1s"}
+    )
+    assert deploy(agent.client, spec)["outcome"] == "succeeded"
+    victim = web(agent)["instances"][0]
+    load = LoadGenerator("127.0.0.1", listen, workers=4)
+    with load:
+        time.sleep(0.5)
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for(
+            lambda: [e for e in events_of(agent, "instance.recovered", victim["id"])],
+            10,
+            "the replacement",
+        )
+        time.sleep(0.5)
+    print(f"instance SIGKILL under load: {load.report.summary()}")
+    assert load.report.sent > 100
+    assert load.report.failed == 0, load.report.errors

@@ -43,7 +43,7 @@ class RouterSettings:
     listener_maxconn: int = 25_000
     source_maxconn: int = 1_000
     """Connections one client address may hold on one service (0: no limit)."""
-    connect_timeout: float = 5.0
+    connect_timeout: float = 1.0
     client_timeout: float = 30.0
     server_timeout: float = 60.0
     http_request_timeout: float = 10.0

@@ -485,6 +485,11 @@ class HAProxyRouter:
     def _delete_server(self, service: str, server: str) -> None:
         api = self._api()
         api.expect(f"set server {service}/{server} state maint")
+        # A request still connecting to a backend that died is retried on another one
+        # once its connection fails (``timeout connect``): cutting it would fail it.
+        deadline = time.monotonic() + self.settings.connect_timeout + 0.5
+        while self._active(service, server) > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
         api.command(f"shutdown sessions server {service}/{server}")
         for _ in range(DEL_RETRIES):
             answer = api.command(f"del server {service}/{server}").strip()

@@ -177,8 +177,7 @@ def main() -> int:
 
     banner("Still running")
     print(
-        f"The agent, HAProxy on :8000 and {len(instances(status()))} instances "
-        f"(KILN_HOME={HOME})."
+        f"The agent, HAProxy on :8000 and {len(instances(status()))} instances (KILN_HOME={HOME})."
     )
     print(f"Stop everything with:  KILN_HOME={HOME} {KILN} down")
     return 0

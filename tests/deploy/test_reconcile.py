@@ -86,15 +86,47 @@ def decision(**kw: object) -> ReconcileDecision:
             ),
         ),
         (view(up("a"), desired=10, policy=ReconcilePolicy(max_parallel=4)), decision(create=4)),
-        # crash loop: the first crash (never ready) waits 1 s …
+        # one crash is not a loop: a first crash (never ready) is replaced at once …
         (
             view(up("a"), up("b"), dead("c", NOW - 0.5, ready_at=None)),
-            decision(wait_until=NOW + 0.5, crash_streak=1),
+            decision(replace=(Replacement("c", 1, "instance dead"),), crash_streak=1),
+        ),
+        # … and so is a young instance killed soon after it became ready (issue 8 #11).
+        (
+            view(up("a"), up("b"), dead("c", NOW - 0.1, ready_at=NOW - 2)),
+            decision(replace=(Replacement("c", 1, "instance dead"),), crash_streak=1),
+        ),
+        # the second crash in a row waits 1 s …
+        (
+            view(
+                up("a"),
+                dead("b", NOW - 2, ready_at=None, replaced=True),
+                dead("c", NOW - 0.5, ready_at=None),
+                desired=10,
+            ),
+            decision(wait_until=NOW + 0.5, crash_streak=2),
         ),
         # … and once the wait is over it is replaced.
         (
-            view(up("a"), up("b"), dead("c", NOW - 1.5, ready_at=None)),
-            decision(replace=(Replacement("c", 1, "instance dead"),), crash_streak=1),
+            view(
+                up("a"),
+                dead("b", NOW - 3, ready_at=None, replaced=True),
+                dead("c", NOW - 1.5, ready_at=None),
+                desired=10,
+            ),
+            decision(replace=(Replacement("c", 1, "instance dead"),), create=3, crash_streak=2),
+        ),
+        # the crashes of a revision that never went live (a failed rollout's) neither
+        # back off nor trip the breaker of the live one (issue 8 #7).
+        (
+            view(
+                up("a"),
+                up("b"),
+                ReconcileInstance("x", 2, "failed", NOW - 9, None, NOW - 5, True),
+                ReconcileInstance("y", 2, "failed", NOW - 8, None, NOW - 4, True),
+                dead("c", NOW - 0.2),
+            ),
+            decision(replace=(Replacement("c", 1, "instance dead"),)),
         ),
         # breaker already open: do nothing, even with a dead instance.
         (
@@ -114,9 +146,10 @@ def test_backoff_doubles_and_caps() -> None:
 
 def test_crash_streak_counts_and_resets_after_a_healthy_period() -> None:
     # 20 desired so the breaker (limit 4) stays closed with 3 crashes.
-    crashes = [dead(f"c{i}", NOW - 3 + i / 2, ready_at=None) for i in range(3)]
+    crashes = [dead(f"c{i}", NOW - 1.5 + i / 2, ready_at=None) for i in range(3)]
     d = reconcile(view(up("a"), *crashes, desired=20), NOW)
-    assert d.crash_streak == 3 and d.wait_until == NOW - 2 + 4
+    # The third crash in a row waits 2 s (none, 1 s, 2 s, 4 s …).
+    assert d.crash_streak == 3 and d.wait_until == NOW - 0.5 + 2
     assert not d.replace and not d.create
     # A replacement that stayed ready for healthy_period (10 s) resets the streak.
     proven = ReconcileInstance("p", 1, "ready", created=NOW - 9, ready_at=NOW - 7.5)

@@ -11,14 +11,17 @@ new instances of ``revision``, emit ``events``, and persist the breaker when
 Three brakes keep healing from making things worse:
 
 * parallelism: at most ``max_parallel`` instances starting at once;
-* crash-loop backoff: an instance that dies before it has been ready for
-  ``healthy_period`` is a crash; after the n-th crash in a row the next start
-  waits ``min(cap, base * 2**(n-1))`` (1 s, 2 s, 4 s … 60 s). Any instance
+* crash-loop backoff: an instance of the active revision that dies before it
+  has been ready for ``healthy_period`` is a crash. A first crash is replaced
+  at once (one crash is not a loop); after the n-th crash in a row (n ≥ 2) the
+  next start waits ``min(cap, base * 2**(n-2))`` (1 s, 2 s, 4 s … 60 s). Any instance
   that stays ready for ``healthy_period`` resets the streak, and so does the
   apply that clears a meltdown (``breaker_reset_at``). A long-lived
   instance that is killed is not a crash and is replaced at once;
 * meltdown breaker (BOSH): more than ``ceil(20% of desired)`` (at least 1)
-  deaths within 10 minutes stops all replacing and raises an alarm, until
+  deaths of the active revision within 10 minutes stops all replacing and
+  raises an alarm (the deaths of a revision that never went live, such as a
+  failed rollout's, do not count against the live one), until
   ``kiln apply`` (or an explicit reset) clears it and sets ``breaker_reset_at``
   so deaths before that moment no longer count.
 """
@@ -197,7 +200,8 @@ def reconcile(view: ReconcileView, now: float) -> ReconcileDecision:
     recent = [
         i
         for i in dead
-        if i.died_at is not None
+        if i.revision == view.revision
+        and i.died_at is not None
         and i.died_at >= now - pol.meltdown_window
         and i.died_at >= view.breaker_reset_at
     ]
@@ -221,7 +225,7 @@ def reconcile(view: ReconcileView, now: float) -> ReconcileDecision:
 
     streak, last_crash = _crash_streak(view, now)
     if streak and last_crash is not None:
-        resume = last_crash + backoff_delay(streak, pol)
+        resume = last_crash + backoff_delay(streak - 1, pol)
         if now < resume:
             return ReconcileDecision(
                 view.service, view.revision, wait_until=resume, crash_streak=streak
@@ -263,6 +267,7 @@ def _crash_streak(view: ReconcileView, now: float) -> tuple[int, float | None]:
         i.died_at
         for i in view.instances
         if i.state in _DEAD
+        and i.revision == view.revision
         and i.died_at is not None
         and i.died_at > proven
         and (i.ready_at is None or i.died_at - i.ready_at < hp)

@@ -332,3 +332,18 @@ def test_last_event_id(store: StateStore) -> None:
     store.emit("deploy", "one")
     last = store.emit("deploy", "two")
     assert store.last_event_id() == last.id
+
+
+def test_an_instance_transition_is_a_compare_and_set(store: StateStore) -> None:
+    """Two owners racing for one instance: only the one that finds the state it
+    expects wins, the other learns it lost (a start that lands after a retire)."""
+    rec = store.add_instance("web", 1, port=41000)
+    assert rec.state == "starting"
+    retired = store.cas_instance(rec.id, ("starting", "ready"), state="stopped")
+    assert retired is not None and retired.state == "stopped"
+    assert store.cas_instance(rec.id, ("starting",), handle={"pid": 7}) is None
+    assert store.instance(rec.id).handle is None
+    with pytest.raises(KilnError, match="cannot update"):
+        store.cas_instance(rec.id, ("stopped",), colour="red")
+    with pytest.raises(KilnError, match="instance state"):
+        store.cas_instance(rec.id, ("stopped",), state="exploded")

@@ -296,16 +296,35 @@ class Engine:
                 outbound=cfg.get("network") == "outbound",
             )
             handle = await _thread(self.runtime.start, spec)
-        except KilnError as e:
-            self.state.update_instance(
-                rec.id, state="failed", reason=str(e), stopped_at=time.time()
+        except Exception as e:
+            # Any failure, not only a KilnError: an instance left `starting` with no
+            # sandbox would count as a replica that nothing checks or replaces.
+            if not isinstance(e, KilnError):
+                log.error("starting %s failed", rec.id, exc_info=e)
+            why = str(e) if isinstance(e, KilnError) else f"{type(e).__name__}: {e}"
+            self.state.cas_instance(
+                rec.id, ("starting",), state="failed", reason=why, stopped_at=time.time()
             )
             self.ports.release(rec.port or 0)
             self.emit(
-                "instance.failed", f"{rec.id} could not start: {e}", service, rec.id, rev.number
+                "instance.failed", f"{rec.id} could not start: {why}", service, rec.id, rev.number
             )
             return
-        rec = self.state.update_instance(rec.id, handle=handle.to_json())
+        started = self.state.cas_instance(rec.id, ("starting",), handle=handle.to_json())
+        if started is None:
+            # Retired while its sandbox was being made: the starter owns what it made.
+            self.emit(
+                "instance.stopped",
+                f"{rec.id} was retired while it started; its sandbox is stopped",
+                service,
+                rec.id,
+                rev.number,
+            )
+            with contextlib.suppress(KilnError):
+                await _thread(self.runtime.stop, handle, float(cfg.get("stop_grace", 10.0)))
+                await _thread(self.runtime.destroy, handle)
+            return
+        rec = started
         self.emit(
             "instance.started",
             f"{rec.id} started (pid {_pid_of(handle)}, port {rec.port})",
@@ -339,7 +358,29 @@ class Engine:
         old = self.health_tasks.pop(rec.id, None)
         if old is not None:
             old.cancel()
-        self.health_tasks[rec.id] = asyncio.create_task(self._health_loop(rec.id, health))
+        self.health_tasks[rec.id] = asyncio.create_task(self._supervised_health(rec.id, health))
+
+    async def _supervised_health(self, iid: str, health: Health) -> None:
+        """An exception must not end an instance's health checks in silence: it is
+        recorded and the loop starts again."""
+        while True:
+            try:
+                await self._health_loop(iid, health)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.error("health checks of %s failed", iid, exc_info=e)
+                with contextlib.suppress(Exception):
+                    rec = self.state.instance(iid)
+                    self.emit(
+                        "instance.health_error",
+                        f"{iid}: health checking failed ({type(e).__name__}: {e}); restarted",
+                        rec.service,
+                        iid,
+                        rec.revision,
+                    )
+                await asyncio.sleep(health.interval)
 
     async def _health_loop(self, iid: str, health: Health) -> None:
         """Probe at ``interval``, except that a starting instance that has not passed

@@ -636,6 +636,35 @@ class StateStore:
                 raise KilnError(f"no instance {id} in {self.path}")
             return _instance_row(row)
 
+    def cas_instance(
+        self, id: str, expect: tuple[str, ...], **fields: Any
+    ) -> InstanceRecord | None:
+        """``update_instance`` only while the instance is in one of ``expect`` states: a
+        compare-and-set, so two owners can never both win a transition. None if it was
+        not (someone else moved it first)."""
+        unknown = set(fields) - _INSTANCE_FIELDS
+        if unknown or not fields:
+            raise KilnError(f"instance {id}: cannot update {', '.join(sorted(unknown)) or '()'}")
+        if "state" in fields:
+            _check(fields["state"], INSTANCE_STATES, "instance state")
+        values = {
+            k: (json.dumps(v, sort_keys=True) if k == "handle" and v is not None else v)
+            for k, v in fields.items()
+        }
+        marks = ", ".join("?" for _ in expect)
+        with self._write() as db:
+            assignments = ", ".join(f"{k} = ?" for k in values)
+            cursor = db.execute(
+                f"UPDATE instances SET {assignments} WHERE id = ? AND state IN ({marks})",
+                (*values.values(), id, *expect),
+            )
+            if cursor.rowcount == 0:
+                return None
+            row = db.execute(
+                f"SELECT {_INSTANCE_COLS} FROM instances WHERE id = ?", (id,)
+            ).fetchone()
+            return _instance_row(row)
+
     def instance(self, id: str) -> InstanceRecord:
         with self._read() as db:
             row = db.execute(

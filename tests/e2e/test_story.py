@@ -208,3 +208,31 @@ def test_a_second_apply_during_a_rollout_is_refused_naming_it(home: Path, tmp_pa
         _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert fetch(listen) == "v2"
+
+
+def test_read_commands_never_start_an_agent(home: Path, tmp_path: Path) -> None:
+    """After ``kiln down``, ``kiln plan`` (and ``apply`` with nothing to apply) must not
+    start an agent, which would bring back what ``down`` stopped (issue 8, defect 9)."""
+    listen = free_port()
+    project = make_project(tmp_path / "p", listen, "v1")
+    assert kiln(home, "up", str(project)).returncode == 0
+    assert kiln(home, "down").returncode == 0
+    wait_for(lambda: not (home / "agent.sock").exists(), 10)
+
+    planned = kiln(home, "plan", str(project))
+    assert planned.returncode == 2, planned.stderr  # changes pending: web is to be created
+    assert "3 to create" in planned.stdout, planned.stdout
+    assert not (home / "agent.sock").exists(), "kiln plan started an agent"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", listen), timeout=1).close()
+
+    # A saved plan with nothing in it is not a reason to start one either.
+    assert kiln(home, "up", str(project)).returncode == 0
+    empty = tmp_path / "empty.json"
+    assert kiln(home, "plan", str(project), "-o", str(empty)).returncode == 0
+    assert kiln(home, "down").returncode == 0
+    wait_for(lambda: not (home / "agent.sock").exists(), 10)
+    applied = kiln(home, "apply", str(empty))
+    assert applied.returncode == 0, applied.stderr
+    assert "Nothing to apply" in applied.stdout
+    assert not (home / "agent.sock").exists(), "kiln apply of an empty plan started an agent"

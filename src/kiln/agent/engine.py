@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from kiln.agent.errors import Conflict, NotFound
 from kiln.agent.executor import ImageSnapshots, PortPool, build_instance_spec, image_launch
 from kiln.deploy.health import ExecRunner, HealthState, HealthTracker, probe
-from kiln.deploy.plan import DesiredService, Plan, make_plan
+from kiln.deploy.plan import Plan, plan_answer
 from kiln.deploy.reconcile import ReconcilePolicy, ReconcileView, reconcile
 from kiln.deploy.rollout import STRATEGIES, RolloutInstance, RolloutView
 from kiln.deploy.secrets import SecretStore
@@ -656,21 +656,7 @@ class Engine:
     # plan / apply / rollback
 
     def plan(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            desired = {
-                name: DesiredService.from_json(d)
-                for name, d in (body.get("services") or {}).items()
-            }
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise KilnError(f"plan request: services: malformed desired service ({e})") from e
-        plan = make_plan(desired, self.state.snapshot())
-        out = plan.to_json()
-        out["actions"] = _actions(plan)
-        out["source"] = {
-            key: body.get(key)
-            for key in ("spec_path", "environment", "spec_text", "git_commit", "digests")
-        }
-        return {"plan": out, "text": plan.render()}
+        return plan_answer(body, self.state.snapshot())
 
     async def apply(self, raw: dict[str, Any]) -> dict[str, Any]:
         plan = Plan.from_json(raw)
@@ -1257,18 +1243,6 @@ def _address(rec: InstanceRecord) -> str:
 
 def _pid_of(handle: InstanceHandle) -> int:
     return int(handle.data.get("sandbox_pid") or handle.pid)
-
-
-def _actions(plan: Plan) -> list[dict[str, Any]]:
-    """Every change as one flat list: what the CLI counts to tell an empty plan."""
-    out: list[dict[str, Any]] = [c.to_json() for c in plan.changes]
-    for sp in plan.services:
-        out.extend({"action": "setting", "service": sp.service, "setting": s} for s in sp.settings)
-        if sp.new_revision and not sp.changes and not sp.settings:
-            out.append({"action": "revision", "service": sp.service})
-        if sp.removed and not sp.changes:
-            out.append({"action": "remove", "service": sp.service})
-    return out
 
 
 def runtime_can_exec(runtime: Runtime) -> bool:

@@ -28,6 +28,8 @@ def _stderr(text: str) -> None:
 class PlanOutcome:
     plan: dict[str, Any]
     text: str
+    request: dict[str, Any] | None = None
+    """What was asked, to ask an agent again for the same plan."""
 
     @property
     def empty(self) -> bool:
@@ -78,13 +80,57 @@ def desired_request(
     }
 
 
-def make_plan(home: Path, target: Path, env: str | None, say: Say = _stderr) -> PlanOutcome:
+def make_plan(
+    home: Path, target: Path, env: str | None, say: Say = _stderr, start_agent: bool = False
+) -> PlanOutcome:
+    """The running agent's plan; with none, the plan against ``state.db`` read here, so a
+    read command never starts an agent (one would bring back what ``kiln down``
+    stopped). Only ``start_agent`` (``kiln up``) starts one."""
     request = desired_request(target, env, say, home)
     with AgentClient(home) as client:
-        if not client.running():
+        if client.running():
+            answer = client.plan(**request)
+        elif start_agent:
             start_background(home)
-        answer = client.plan(**request)
-    return PlanOutcome(plan=answer["plan"], text=answer["text"])
+            answer = client.plan(**request)
+        else:
+            answer = _plan_without_agent(home, request)
+    return PlanOutcome(plan=answer["plan"], text=answer["text"], request=request)
+
+
+def _plan_without_agent(home: Path, request: dict[str, Any]) -> dict[str, Any]:
+    import tempfile
+
+    from kiln.deploy.plan import plan_answer
+    from kiln.deploy.state import StateStore
+
+    db = home / "state.db"
+    with tempfile.TemporaryDirectory() as scratch:
+        # No state yet: plan against an empty store, and create nothing in the home.
+        state = StateStore(db if db.exists() else Path(scratch) / "state.db")
+        try:
+            return plan_answer(request, state.snapshot())
+        finally:
+            state.close()
+
+
+def ensure_agent(home: Path, outcome: PlanOutcome) -> dict[str, Any]:
+    """Start the agent a plan with changes needs, and return the plan to apply: the
+    agent's own answer to the same request, which must propose the same changes (an
+    agent that starts marks instances lost after a reboot, say, which changes the plan)."""
+    with AgentClient(home) as client:
+        if client.running():
+            return outcome.plan
+        start_background(home)
+        if outcome.request is None:
+            return outcome.plan
+        fresh = client.plan(**outcome.request)
+    if fresh["plan"].get("actions") != outcome.plan.get("actions"):
+        raise KilnError(
+            "the state changed while the agent started, so the plan shown is not what would "
+            f"be applied now:\n{fresh['text']}\nrun kiln apply again"
+        )
+    return dict(fresh["plan"])
 
 
 def load_plan_file(path: Path) -> dict[str, Any]:
@@ -149,7 +195,7 @@ def format_event(event: dict[str, Any]) -> str:
 
 def up(home: Path, target: Path, env: str | None, say: Say = _stderr) -> dict[str, Any]:
     """bake → start the agent when none runs → plan → apply, without a question."""
-    outcome = make_plan(home, target, env, say)
+    outcome = make_plan(home, target, env, say, start_agent=True)
     say(outcome.text)
     if outcome.empty:
         return {"outcome": "unchanged"}

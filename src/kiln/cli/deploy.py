@@ -68,11 +68,14 @@ def apply(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Carry out a plan: new instances first, health-gated, old ones drained."""
-    from kiln.agent.workflow import apply_plan, load_plan_file, make_plan
+    from kiln.agent.workflow import PlanOutcome, apply_plan, ensure_agent, load_plan_file, make_plan
 
     home = kiln_home()
     if plan_file is not None:
-        chosen = load_plan_file(plan_file)
+        outcome = PlanOutcome(plan=load_plan_file(plan_file), text="")
+        if outcome.empty:
+            print("No changes. Nothing to apply.")
+            return
     else:
         outcome = make_plan(home, target or Path.cwd(), env)
         print(outcome.text)
@@ -83,8 +86,8 @@ def apply(
                 raise KilnError("refusing to apply without --yes when stdin is not a terminal")
             if not typer.confirm("Apply this plan?"):
                 raise typer.Exit(1)
-        chosen = outcome.plan
-    _finish(apply_plan(home, chosen))
+    # Something to apply needs an agent: it is started only now.
+    _finish(apply_plan(home, ensure_agent(home, outcome)))
 
 
 @app.command()

@@ -482,3 +482,35 @@ def _reasons(rev: Revision, want: DesiredService) -> list[str]:
         want.secrets_versions,
     )
     return reasons or ["config changed"]
+
+
+def plan_answer(body: Mapping[str, Any], actual: StateSnapshot) -> dict[str, Any]:
+    """The answer to a plan request (desired services as JSON, and where they came
+    from) against ``actual`` (a ``StateSnapshot``): what the agent answers and what the
+    CLI computes itself when no agent runs, so both show the same plan."""
+    try:
+        desired = {
+            name: DesiredService.from_json(d) for name, d in (body.get("services") or {}).items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise KilnError(f"plan request: services: malformed desired service ({e})") from e
+    plan = make_plan(desired, actual)
+    out = plan.to_json()
+    out["actions"] = plan_actions(plan)
+    out["source"] = {
+        key: body.get(key)
+        for key in ("spec_path", "environment", "spec_text", "git_commit", "digests")
+    }
+    return {"plan": out, "text": plan.render()}
+
+
+def plan_actions(plan: Plan) -> list[dict[str, Any]]:
+    """Every change as one flat list: what the CLI counts to tell an empty plan."""
+    out: list[dict[str, Any]] = [c.to_json() for c in plan.changes]
+    for sp in plan.services:
+        out.extend({"action": "setting", "service": sp.service, "setting": s} for s in sp.settings)
+        if sp.new_revision and not sp.changes and not sp.settings:
+            out.append({"action": "revision", "service": sp.service})
+        if sp.removed and not sp.changes:
+            out.append({"action": "remove", "service": sp.service})
+    return out

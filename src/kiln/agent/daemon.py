@@ -30,6 +30,9 @@ __all__ = ["Agent", "run_agent"]
 
 log = logging.getLogger("kiln.agent")
 
+HOME_WATCH_INTERVAL = 1.0
+"""One stat of the home per second: the cost of noticing it was deleted."""
+
 
 class Agent:
     """The composition root: lock, state, runtime, router, engine, API server."""
@@ -72,9 +75,12 @@ class Agent:
             api = asyncio.create_task(server.serve(sockets=[sock]))
             engine.emit("agent.started", f"agent started (pid {os.getpid()})")
             log.info("agent ready home=%s pid=%d", self.home, os.getpid())
+            watch = asyncio.create_task(self._watch_home())
             stop = asyncio.create_task(self.stopping.wait())
             await asyncio.wait({api, stop}, return_when=asyncio.FIRST_COMPLETED)
             server.should_exit = True
+            if not watch.done():
+                watch.cancel()
             await engine.stop()
             engine.emit(
                 "agent.stopped",
@@ -145,6 +151,30 @@ class Agent:
         )
         for task in pending:
             task.cancel()
+
+    async def _watch_home(self) -> None:
+        """A home deleted (or replaced) under a running agent leaves nothing able to stop
+        what it runs: no socket to reach the agent, no state to adopt. The agent then
+        stops everything it started, as ``kiln down`` would, and exits."""
+        try:
+            first = os.stat(self.home)
+        except OSError:
+            return
+        while not self.stopping.is_set():
+            await asyncio.sleep(HOME_WATCH_INTERVAL)
+            try:
+                now = os.stat(self.home)
+                if (now.st_dev, now.st_ino) == (first.st_dev, first.st_ino):
+                    continue
+            except OSError:
+                pass
+            log.error("KILN_HOME %s is gone: stopping everything this agent started", self.home)
+            self._down = True
+            try:
+                await self._engine().down_homeless()
+            finally:
+                self.stopping.set()
+            return
 
     async def down(self) -> dict[str, Any]:
         if self._down:

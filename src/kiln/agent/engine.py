@@ -173,6 +173,33 @@ class Engine:
         self.emit("agent.down", f"down: stopped {len(live)} instance(s) and the proxy")
         return {"stopped": sorted(i.id for i in live), "proxy": "stopped"}
 
+    async def down_homeless(self) -> dict[str, Any]:
+        """``down`` for an agent whose home was deleted: no route can be written and no
+        instance directory read, so it goes straight to the processes: HAProxy (found by
+        its command line) and each instance's sandbox (by the pids in its handle)."""
+        for task in [*self._loops, *self.rollouts.values()]:
+            task.cancel()
+        try:
+            await _thread(self.router.stop)
+        except Exception as e:
+            log.error("stopping the router: %s", e)
+        stopped = []
+        for rec in self.state.instances(live_only=True):
+            handle = _handle(rec)
+            if handle is None:
+                continue
+            try:
+                await _thread(self.runtime.stop, handle, 1.0)
+                stopped.append(rec.id)
+            except Exception as e:
+                log.error("stopping %s: %s", rec.id, e)
+            with contextlib.suppress(Exception):
+                await _thread(self.runtime.destroy, handle)
+        if isinstance(self.runtime, HostResources):
+            with contextlib.suppress(Exception):
+                await _thread(self.runtime.shutdown)
+        return {"stopped": sorted(stopped), "proxy": "stopped"}
+
     def _restore_breaker_resets(self) -> None:
         """The apply that cleared a meltdown outlives this agent: without its moment, the
         deaths before it (still in the meltdown window) would trip the breaker again."""

@@ -347,3 +347,25 @@ def test_an_instance_transition_is_a_compare_and_set(store: StateStore) -> None:
         store.cas_instance(rec.id, ("stopped",), colour="red")
     with pytest.raises(KilnError, match="instance state"):
         store.cas_instance(rec.id, ("stopped",), state="exploded")
+
+
+def test_events_are_indexed_and_pruned_by_age_and_count(store: StateStore) -> None:
+    """Reading events by kind never scans history, and history does not grow forever;
+    the facts the agent reads back at start (``keep``) are never pruned."""
+    plan = store._db.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM events WHERE id > 0 AND kind = 'x' ORDER BY id"
+    ).fetchall()
+    assert any("events_by_kind" in str(row) for row in plan), plan
+    for i in range(50):
+        store.emit("instance.ready", f"old {i}", "web")
+    store.emit("alarm.cleared", "kept however old", "web")
+    store._db.execute("UPDATE events SET ts = ts - 86400 * 60")
+    for i in range(30):
+        store.emit("instance.ready", f"new {i}", "web")
+    gone = store.prune_events(30 * 86400, 20, frozenset({"alarm.cleared"}))
+    assert gone == 50 + 10
+    left = store.events(0, 1000)
+    assert [e.message for e in left if e.kind == "instance.ready"] == [
+        f"new {i}" for i in range(10, 30)
+    ]
+    assert [e.kind for e in left if e.kind == "alarm.cleared"] == ["alarm.cleared"]

@@ -49,6 +49,10 @@ RECONCILE_INTERVAL = 0.5
 ROUTER_CHECK_INTERVAL = 2.0
 """How often the router is asked to answer on every listener; its death is seen at once."""
 ROUTER_CHECK_FAILURES = 3
+EVENTS_MAX_AGE = 30 * 86400.0
+EVENTS_MAX_COUNT = 200_000
+EVENTS_KEPT = frozenset({"revision.created", "alarm.cleared"})
+"""Events the agent reads back at start (a deployment's revisions, a breaker reset)."""
 ROLLOUT_TICK = 0.1
 ROUTED = ("ready",)
 IN_SERVICE = ("starting", "ready", "unhealthy")
@@ -1067,7 +1071,7 @@ class Engine:
     # log retention
 
     async def _log_retention_loop(self) -> None:
-        """Logs outlive instances, not forever: oldest gone instances go first."""
+        """Logs and events outlive instances, not forever: oldest first."""
         from kiln.observe.logs import LogStore
 
         store = LogStore(self.home / "logs")
@@ -1078,6 +1082,9 @@ class Engine:
                 removed = await _thread(store.prune, max_bytes, max_age, live)
                 if removed:
                     self.emit("logs.pruned", f"removed the logs of {removed} gone instances")
+                await _thread(
+                    self.state.prune_events, EVENTS_MAX_AGE, EVENTS_MAX_COUNT, EVENTS_KEPT
+                )
             except Exception:
                 log.exception("log retention pass failed")
             await asyncio.sleep(LOG_RETENTION_INTERVAL)

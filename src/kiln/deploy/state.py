@@ -337,7 +337,19 @@ def _v2(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[_Migration, ...] = (_v1, _v2)
+def _v3(db: sqlite3.Connection) -> None:
+    """Reads of events by kind, service or age use an index, not a scan of history."""
+    _script(
+        db,
+        """
+        CREATE INDEX events_by_kind ON events (kind, id);
+        CREATE INDEX events_by_service ON events (service, id);
+        CREATE INDEX events_by_ts ON events (ts);
+        """,
+    )
+
+
+MIGRATIONS: tuple[_Migration, ...] = (_v1, _v2, _v3)
 """Append only: migration ``i`` takes the schema from version ``i`` to ``i + 1``."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -741,6 +753,28 @@ class StateStore:
             Event(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], json.loads(r[7]))
             for r in rows
         ]
+
+    def prune_events(self, max_age: float, max_count: int, keep: frozenset[str]) -> int:
+        """Drop events older than ``max_age`` seconds, then the oldest beyond ``max_count``;
+        the ``keep`` kinds (facts the agent reads back at start) are never dropped.
+        Returns how many went."""
+        marks = ", ".join("?" for _ in keep) or "''"
+        with self._write() as db:
+            gone = db.execute(
+                f"DELETE FROM events WHERE ts < ? AND kind NOT IN ({marks})",
+                (time.time() - max_age, *keep),
+            ).rowcount
+            row = db.execute(
+                f"SELECT id FROM events WHERE kind NOT IN ({marks}) "
+                "ORDER BY id DESC LIMIT 1 OFFSET ?",
+                (*keep, max(max_count, 0)),
+            ).fetchone()
+            if row is not None:
+                gone += db.execute(
+                    f"DELETE FROM events WHERE id <= ? AND kind NOT IN ({marks})",
+                    (row[0], *keep),
+                ).rowcount
+        return int(gone)
 
     def last_event_id(self) -> int:
         """The newest event's id (0 when there is none): where a follower starts."""

@@ -111,3 +111,40 @@ def test_a_start_that_raises_any_error_fails_the_instance(
         assert not [p for p in phantoms if time.time() - p.created > 0.5], phantoms
 
     asyncio.run(_with_engine(kiln_home, runtime, body))
+
+
+class BrokenExec(LocalRuntime):
+    """A real runtime whose ``exec`` fails twice with an error no probe expects."""
+
+    def __init__(self, home: Path) -> None:
+        super().__init__(home)
+        self.failures = 2
+
+    def exec(self, handle: InstanceHandle, argv: list[str], timeout: float) -> tuple[int, str]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("the exec channel broke")
+        return super().exec(handle, argv, timeout)
+
+
+def test_a_health_loop_that_raises_is_restarted_not_silently_gone(
+    kiln_home: Path, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    """Issue 8, defect 3: one exception used to end an instance's health checks for
+    good, and the instance never became ready."""
+    digest = busybox_image("web:v1", V1)
+    runtime = BrokenExec(kiln_home)
+
+    async def body(engine: Engine, state: StateStore) -> None:
+        spec = service_spec(
+            digest,
+            listen=free_port(),
+            replicas=1,
+            health={"exec": ["/bin/sh", "-c", "exit 0"], "interval": "0.2s", "timeout": "2s"},
+        )
+        await engine.apply(engine.plan(plan_request(spec))["plan"])
+        await _until(lambda: [i for i in state.instances("web") if i.state == "ready"], 10, "ready")
+        errors = state.events(0, 1000, kind="instance.health_error")
+        assert len(errors) == 2 and "the exec channel broke" in errors[0].message
+
+    asyncio.run(_with_engine(kiln_home, runtime, body))

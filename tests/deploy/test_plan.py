@@ -242,3 +242,31 @@ def test_plan_against_a_real_store(tmp_path: Path) -> None:
         plan = make_plan(desired(env={"GREETING": "bye"}), snap)
         assert plan.count(Action.REPLACE) == 3
         assert plan.base == store.state_hash()
+
+
+def _owned_by(actual: StateSnapshot, project: str) -> StateSnapshot:
+    """The same state, its revisions recorded as made by ``project``'s kiln.toml."""
+    from dataclasses import replace
+
+    revisions = {
+        key: replace(rev, config={**rev.config, "project": project})
+        for key, rev in actual.revisions.items()
+    }
+    return replace(actual, revisions=revisions)
+
+
+def test_a_plan_touches_only_its_own_projects_services() -> None:
+    """Two projects in one KILN_HOME: the second's plan must not remove the first's
+    services as 'removed from kiln.toml', nor take over one of the same name (issue 8,
+    defect 8)."""
+    shop = _owned_by(deployed(desired()), "shop")
+    other = make_plan({}, shop, project="blog")
+    assert other.empty and not list(other.changes)
+    mine = make_plan({}, shop, project="shop")
+    assert [c.action for c in mine.changes] == [Action.DESTROY] * 3
+    with pytest.raises(KilnError, match=r"service web belongs to project 'shop'.*not to 'blog'"):
+        make_plan(desired(), shop, project="blog")
+    # A state recorded before projects were: as before, the plan covers it.
+    assert [c.action for c in make_plan({}, deployed(desired()), project="blog").changes] == [
+        Action.DESTROY
+    ] * 3

@@ -236,3 +236,36 @@ def test_read_commands_never_start_an_agent(home: Path, tmp_path: Path) -> None:
     assert applied.returncode == 0, applied.stderr
     assert "Nothing to apply" in applied.stdout
     assert not (home / "agent.sock").exists(), "kiln apply of an empty plan started an agent"
+
+
+def test_two_projects_share_a_home_and_up_asks_before_destroying(
+    home: Path, tmp_path: Path
+) -> None:
+    """A second project's ``kiln up`` never retires the first's services, and ``kiln up``
+    destroys nothing without being told (issue 8, defect 8)."""
+    shop_port, blog_port = free_port(), free_port()
+    shop = make_project(tmp_path / "shop", shop_port, "shop")
+    blog = make_project(tmp_path / "blog", blog_port, "blog")
+    text = (blog / "kiln.toml").read_text()
+    (blog / "kiln.toml").write_text(
+        text.replace('name = "story"', 'name = "blog"').replace("[services.web]", "[services.blog]")
+    )
+    assert kiln(home, "up", str(shop)).returncode == 0
+    second = kiln(home, "up", str(blog))
+    assert second.returncode == 0, second.stderr
+    assert "destroy" not in second.stdout, second.stdout
+    assert fetch(shop_port) == "shop" and fetch(blog_port) == "blog"
+
+    # The blog project now drops its service: up refuses to destroy it unasked.
+    (blog / "kiln.toml").write_text(
+        text.replace('name = "story"', 'name = "blog"').split("[services.web]")[0]
+    )
+    refused = kiln(home, "up", str(blog))
+    assert refused.returncode == 1
+    assert "kiln up would destroy service blog; nothing was changed" in refused.stderr
+    assert fetch(blog_port) == "blog"
+    confirmed = kiln(home, "up", "--yes", str(blog))
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert fetch(shop_port) == "shop"
+    with pytest.raises(OSError):
+        fetch(blog_port)

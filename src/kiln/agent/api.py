@@ -52,6 +52,7 @@ class PlanRequest(BaseModel):
     environment: str | None = None
     spec_text: str = ""
     git_commit: str | None = None
+    project: str | None = None
     digests: dict[str, str] = {}
     services: dict[str, Any]
 

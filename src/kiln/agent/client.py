@@ -116,9 +116,11 @@ class AgentClient:
         git_commit: str | None,
         digests: dict[str, str],
         services: dict[str, Any],
+        project: str | None = None,
     ) -> dict[str, Any]:
         """Returns ``{"plan": <plan JSON>, "text": <rendered plan>}``."""
         body = {
+            "project": project,
             "spec_path": spec_path,
             "environment": environment,
             "spec_text": spec_text,

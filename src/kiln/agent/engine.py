@@ -745,7 +745,10 @@ class Engine:
                     rev = self.state.next_revision(
                         sp.service,
                         image_digest=want.image_digest,
-                        config=want.revision_config(image_cfg),
+                        config={
+                            **want.revision_config(image_cfg),
+                            "project": source.get("project"),
+                        },
                         config_hash=want.config_hash,
                         spec_text=str(source.get("spec_text") or ""),
                         spec_path=str(source.get("spec_path") or ""),

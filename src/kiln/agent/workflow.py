@@ -75,6 +75,7 @@ def desired_request(
         "environment": env,
         "spec_text": spec.text,
         "git_commit": git_commit(spec.root),
+        "project": spec.project.name,
         "digests": digests,
         "services": {name: d.to_json() for name, d in desired.items()},
     }
@@ -193,10 +194,42 @@ def format_event(event: dict[str, Any]) -> str:
     return f"{ts} {event.get('kind', '')} {where}: {event.get('message', '')}".rstrip()
 
 
-def up(home: Path, target: Path, env: str | None, say: Say = _stderr) -> dict[str, Any]:
-    """bake → start the agent when none runs → plan → apply, without a question."""
+def up(
+    home: Path,
+    target: Path,
+    env: str | None,
+    say: Say = _stderr,
+    confirm: Callable[[str], bool] = lambda _: True,
+) -> dict[str, Any]:
+    """bake → start the agent when none runs → plan → apply; a question only when the
+    plan destroys something (``confirm`` is asked, with what it destroys)."""
     outcome = make_plan(home, target, env, say, start_agent=True)
     say(outcome.text)
     if outcome.empty:
         return {"outcome": "unchanged"}
+    doomed = destroyed(outcome.plan)
+    if doomed and not confirm(doomed):
+        return {"outcome": "cancelled"}
     return apply_plan(home, outcome.plan, say)
+
+
+def destroyed(plan: dict[str, Any]) -> str:
+    """What a plan destroys without replacing (services removed, instances scaled away),
+    in words; empty when nothing."""
+    actions = list(plan.get("actions") or ())
+    removed = {str(a.get("service")) for a in actions if a.get("action") == "remove"}
+    scaled = 0
+    for a in actions:
+        if a.get("action") != "destroy":
+            continue
+        if "service removed from kiln.toml" in (a.get("reasons") or ()):
+            removed.add(str(a.get("service")))
+        else:
+            scaled += 1
+    parts = []
+    if removed:
+        names = sorted(removed)
+        parts.append(f"service{'s' if len(names) > 1 else ''} {', '.join(names)}")
+    if scaled:
+        parts.append(f"{scaled} instance{'s' if scaled > 1 else ''}")
+    return " and ".join(parts)

@@ -28,11 +28,28 @@ def _finish(record: dict[str, Any]) -> None:
 
 
 @app.command()
-def up(target: Target = None, env: EnvOption = None) -> None:
-    """Bake, start the agent if none runs, plan and apply."""
+def up(
+    target: Target = None,
+    env: EnvOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Destroy without asking.")] = False,
+) -> None:
+    """Bake, start the agent if none runs, plan and apply; asks before destroying."""
     from kiln.agent.workflow import up as run_up
 
-    _finish(run_up(kiln_home(), target or Path.cwd(), env))
+    def confirm(doomed: str) -> bool:
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise KilnError(
+                f"kiln up would destroy {doomed}; nothing was changed. Run kiln up --yes "
+                "to confirm (stdin is not a terminal to ask)"
+            )
+        return bool(typer.confirm(f"This destroys {doomed}. Apply this plan?"))
+
+    record = run_up(kiln_home(), target or Path.cwd(), env, confirm=confirm)
+    if record.get("outcome") == "cancelled":
+        raise typer.Exit(1)
+    _finish(record)
 
 
 @app.command()

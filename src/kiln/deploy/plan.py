@@ -386,7 +386,11 @@ def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 _DESTROY_ORDER = {"failed": 0, "lost": 0, "unhealthy": 1, "starting": 2, "ready": 3}
 
 
-def make_plan(desired: Mapping[str, DesiredService], actual: StateSnapshot) -> Plan:
+def make_plan(
+    desired: Mapping[str, DesiredService], actual: StateSnapshot, project: str | None = None
+) -> Plan:
+    """With ``project``, the plan touches only that project's services: another
+    project's service in the same ``KILN_HOME`` is neither removed nor taken over."""
     by_service: dict[str, list[InstanceRecord]] = {}
     for inst in actual.instances:
         if inst.state in ("draining", "stopping"):
@@ -396,6 +400,14 @@ def make_plan(desired: Mapping[str, DesiredService], actual: StateSnapshot) -> P
     for name in sorted(set(desired) | set(by_service) | set(actual.active)):
         want = desired.get(name)
         current = by_service.get(name, [])
+        owner = _project_of(actual, name, current)
+        if project is not None and owner is not None and owner != project:
+            if want is not None:
+                raise KilnError(
+                    f"service {name} belongs to project {owner!r} in this KILN_HOME, not to "
+                    f"{project!r}; rename the service or use another KILN_HOME"
+                )
+            continue
         if want is None:
             changes = tuple(
                 InstanceChange(
@@ -407,6 +419,15 @@ def make_plan(desired: Mapping[str, DesiredService], actual: StateSnapshot) -> P
             continue
         plans.append(_plan_service(want, current, actual))
     return Plan(base=actual.state_hash, services=tuple(plans), desired=dict(desired))
+
+
+def _project_of(actual: StateSnapshot, service: str, current: list[InstanceRecord]) -> str | None:
+    """The project whose ``kiln.toml`` made the service (None before Kiln recorded it)."""
+    rev = actual.active_revision(service)
+    if rev is None:
+        rev = next((r for i in current if (r := actual.revision_of(i)) is not None), None)
+    project = (rev.config.get("project") if rev is not None else None) or None
+    return str(project) if project is not None else None
 
 
 def _plan_service(
@@ -494,12 +515,13 @@ def plan_answer(body: Mapping[str, Any], actual: StateSnapshot) -> dict[str, Any
         }
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise KilnError(f"plan request: services: malformed desired service ({e})") from e
-    plan = make_plan(desired, actual)
+    project = body.get("project")
+    plan = make_plan(desired, actual, str(project) if project else None)
     out = plan.to_json()
     out["actions"] = plan_actions(plan)
     out["source"] = {
         key: body.get(key)
-        for key in ("spec_path", "environment", "spec_text", "git_commit", "digests")
+        for key in ("spec_path", "environment", "spec_text", "git_commit", "digests", "project")
     }
     return {"plan": out, "text": plan.render()}
 

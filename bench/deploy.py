@@ -252,6 +252,10 @@ def swarm(host: str, archive: Path, replicas: int, runs: int, kills: int) -> dic
         "1",
         "--update-delay",
         "0s",
+        # Swarm's monitor period is Kiln's min_healthy_time: each waits the same time
+        # after a new task is healthy before it counts (Swarm's default is 5 s).
+        "--update-monitor",
+        "1s",
         "--restart-delay",
         "0s",
         "--stop-grace-period",

@@ -3,6 +3,7 @@ judges a pid it recorded earlier (locks, the proxy, instances, dead bakes)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 
@@ -34,3 +35,11 @@ def proc_start_time(pid: int) -> int | None:
     one process for good, so a recycled pid is never mistaken for it."""
     fields = _stat_fields(pid)
     return None if fields is None else int(fields[19])
+
+
+def system_binary(name: str) -> str | None:
+    """A Debian binary on PATH, or in /usr/sbin or /usr/bin when PATH lacks them (a
+    non-login root shell, a service manager)."""
+    return shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.exists()), None
+    )

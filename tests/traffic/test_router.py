@@ -769,3 +769,25 @@ def test_a_retired_generation_is_still_seen_by_drain_and_counters(
     assert time.monotonic() - started > 0.5, "drain waited for the old generation's request"
     slow.join(5)
     assert out == {"result": (200, b"b0")}
+
+
+def test_a_client_cannot_pass_for_the_health_probe(
+    router: HAProxyRouter, backends: list[HTTPBackend]
+) -> None:
+    """The probe's header with any other value is an ordinary request: it reaches a
+    backend (or gets the 503), never HAProxy's own answer; the token is in no answer,
+    in ``info()`` or in HAProxy's log."""
+    from kiln.traffic.haproxy.config import PROBE_ANSWER, PROBE_HEADER
+
+    a = backends[0]
+    port = free_port()
+    router.apply(route("web", port, [a.spec()]))
+    token = json.loads((router.state_file).read_text())["token"]
+    for guess in ("", "0" * 32, token[:-1], token.upper(), token + "0"):
+        status, body, _ = get(port, headers={PROBE_HEADER: guess})
+        assert (status, body) == (200, b"b0"), guess
+    assert a.requests == 5
+    assert router.check() == []
+    assert token not in json.dumps(router.info())
+    assert token not in router.log_file.read_text()
+    assert PROBE_ANSWER.encode() not in get(port)[1]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.process import system_binary
 
 __all__ = ["RUN_ROOT", "Runc", "home_tag", "runc_binary"]
 
@@ -28,9 +28,7 @@ def home_tag(home: Path) -> str:
 
 
 def runc_binary() -> str:
-    found = shutil.which("runc") or next(
-        (p for p in ("/usr/sbin/runc", "/usr/bin/runc") if Path(p).exists()), None
-    )
+    found = system_binary("runc")
     if found is None:
         raise KilnError("runc not found: install it (Debian: apt-get install runc)")
     return found

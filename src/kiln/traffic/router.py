@@ -65,11 +65,6 @@ class Latency:
             }
         )
 
-    def merge(self, other: Latency) -> None:
-        for k, v in other.counts.items():
-            self.counts[k] = self.counts.get(k, 0) + v
-        self.total += other.total
-
     def to_json(self) -> dict[str, Any]:
         return {
             "count": self.total,
@@ -89,14 +84,6 @@ class BackendCounters:
     """Connections to the backend that failed, and responses it broke off."""
     active: int = 0
     latency: Latency = field(default_factory=Latency)
-
-    def add(self, other: BackendCounters) -> None:
-        self.requests += other.requests
-        for k, v in other.responses.items():
-            self.responses[k] = self.responses.get(k, 0) + v
-        self.errors += other.errors
-        self.active += other.active
-        self.latency.merge(other.latency)
 
     def to_json(self) -> dict[str, Any]:
         return {

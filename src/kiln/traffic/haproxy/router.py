@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.oci.runc import RUN_ROOT, home_tag
 from kiln.paths import open_private, private_dirs, write_private
-from kiln.process import pid_alive, proc_start_time
+from kiln.process import pid_alive, proc_start_time, system_binary
 from kiln.traffic.haproxy.access_log import AccessLog
 from kiln.traffic.haproxy.config import (
     PROBE_ANSWER,
@@ -55,7 +56,6 @@ __all__ = ["HAProxyRouter"]
 
 log = logging.getLogger("kiln.traffic")
 
-RUN_ROOT = Path("/run/kiln")
 STATE_VERSION = 1
 START_TIMEOUT = 10.0
 PROBE_TIMEOUT = 1.0
@@ -68,9 +68,7 @@ RUNTIME_SERVER_POOL = "pool-max-conn -1 pool-purge-delay 5s"
 
 
 def haproxy_binary() -> str:
-    found = shutil.which("haproxy") or next(
-        (p for p in ("/usr/sbin/haproxy", "/usr/bin/haproxy") if Path(p).exists()), None
-    )
+    found = system_binary("haproxy")
     if found is None:
         raise KilnError("haproxy not found: install it (Debian: apt-get install haproxy)")
     return found
@@ -94,6 +92,8 @@ class Generation:
         """The worker through the master's CLI: a soft-stopped worker has closed its
         stats socket with its other listeners, but still answers here."""
         self.child = child
+        self.start = proc_start_time(pid)
+        """With the pid, names this process for good (a pid is reused once it is gone)."""
         self.retired_at = 0.0
         self.retired = False
         self.seen: dict[str, ServiceCounters] = {}
@@ -113,7 +113,7 @@ class Generation:
     def alive(self) -> bool:
         if self.child is not None:
             return self.child.poll() is None
-        return pid_alive(self.pid, "haproxy")
+        return pid_alive(self.pid) and proc_start_time(self.pid) == self.start
 
     def signal(self, sig: int) -> None:
         """The master's whole process group (it leads one); a process that leads none
@@ -159,16 +159,13 @@ class HAProxyRouter:
         settings: RouterSettings | None = None,
         binary: str | None = None,
     ) -> None:
-        import hashlib
-
         self.home = Path(home).absolute()
         self.settings = settings or RouterSettings()
         self._binary = binary
-        tag = hashlib.sha256(str(self.home).encode()).hexdigest()[:8]
         self.dir = self.home / "haproxy"
         self.state_file = self.dir / "router.json"
         self.log_file = self.dir / "haproxy.log"
-        self.run_dir = RUN_ROOT / tag / "haproxy"
+        self.run_dir = RUN_ROOT / home_tag(self.home) / "haproxy"
         self.chroot = self.run_dir / "root"
         self._user = _haproxy_user()
         self.access_log = AccessLog(self.chroot / "log.sock", self._user[1] if self._user else None)
@@ -215,13 +212,7 @@ class HAProxyRouter:
         for proc in masters(found):
             if current is not None and proc.pid == current.pid:
                 continue
-            gen = Generation(
-                proc.generation,
-                proc.pid,
-                self._stats_path(proc.generation),
-                None,
-                self._master_path(proc.generation),
-            )
+            gen = self._generation(proc.generation, proc.pid)
             if current is not None and proc.generation < current.number:
                 gen.retired = True
                 gen.retired_at = time.monotonic()
@@ -274,13 +265,7 @@ class HAProxyRouter:
         )
         if master is None:
             return False
-        gen = Generation(
-            state.generation,
-            master.pid,
-            self._stats_path(state.generation),
-            None,
-            self._master_path(state.generation),
-        )
+        gen = self._generation(state.generation, master.pid)
         try:
             gen.api.command("show info", timeout=PROBE_TIMEOUT * 3)
             listeners = {
@@ -329,7 +314,7 @@ class HAProxyRouter:
             gens = [g for g in (self._current, *self._retired) if g is not None]
             known = {g.pid for g in gens}
             gens += [
-                Generation(p.generation, p.pid, self._stats_path(p.generation), None)
+                self._generation(p.generation, p.pid)
                 for p in masters(our_processes(self.dir))
                 if p.pid not in known
             ]
@@ -378,10 +363,6 @@ class HAProxyRouter:
             "pid": current.pid if current is not None else None,
             "generation": self._number if current is not None else None,
         }
-
-    def alive(self) -> bool:
-        with self._lock:
-            return self._current is not None and self._current.alive()
 
     @property
     def pid(self) -> int | None:
@@ -540,6 +521,11 @@ class HAProxyRouter:
     def _master_path(self, number: int) -> Path:
         return self.run_dir / f"master-{number}.sock"
 
+    def _generation(
+        self, number: int, pid: int, child: subprocess.Popen[bytes] | None = None
+    ) -> Generation:
+        return Generation(number, pid, self._stats_path(number), child, self._master_path(number))
+
     def _switch(self, routes: dict[str, Route]) -> None:
         """Start a generation serving ``routes``; once it answers, retire the old one.
 
@@ -622,7 +608,7 @@ class HAProxyRouter:
                 pass_fds=tuple(fds.values()),
                 start_new_session=True,
             )
-        gen = Generation(number, child.pid, stats, child, master)
+        gen = self._generation(number, child.pid, child)
         try:
             return self._await_generation(gen, child, routes)
         except BaseException:

@@ -90,15 +90,15 @@ def kiln_figures(tree: Path, runs: int) -> tuple[list[float], list[float]]:
         for n in range(runs):
             began = time.perf_counter()
             handle = runtime.start(spec(n))
-            wait_http(f"http://{handle.data['host']}:8080/index.html")
+            wait_http(f"http://{handle.host}:8080/index.html")
             starts.append(time.perf_counter() - began)
             runtime.destroy(handle)
         handles = [runtime.start(spec(100 + n)) for n in range(INSTANCES)]
         for handle in handles:
-            wait_http(f"http://{handle.data['host']}:8080/index.html")
+            wait_http(f"http://{handle.host}:8080/index.html")
         overhead = []
         for handle in handles:
-            shim = handle.pid
+            shim = int(handle.data["shim_pid"])
             init = int(handle.data["sandbox_pid"])
             overhead.append((pss_kib(shim) + pss_kib(init)) / 1024)
         for handle in handles:

@@ -59,20 +59,19 @@ def test_image_launch_joins_entrypoint_and_cmd_and_service_env_wins() -> None:
         service="web",
         revision=2,
         image_digest="sha256:" + "a" * 64,
-        layers=(Path("/r"),),
         launch=launch,
         service_env={"GREETING": "service", "PORT": "1"},
         port=41000,
         writable=["/cache"],
         volumes=[{"name": "data", "path": "/data", "readonly": False}],
-        volume_root=Path("/home/volumes"),
         memory=None,
         cpu=0.5,
         stop_grace=3.0,
     )
     assert spec.env == {"PATH": "/bin", "GREETING": "service", "PORT": "41000"}
     assert (spec.user, spec.workdir, spec.writable) == ("65534:65534", "/srv", ("/cache",))
-    assert spec.volumes[0].source == Path("/home/volumes/data")
+    assert (spec.volumes[0].name, spec.volumes[0].target) == ("data", "/data")
+    assert spec.layers == (), "the runtime delivers the image by digest"
     assert (spec.cpu, spec.stop_grace) == (0.5, 3.0)
 
 

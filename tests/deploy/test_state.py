@@ -369,3 +369,64 @@ def test_events_are_indexed_and_pruned_by_age_and_count(store: StateStore) -> No
         f"new {i}" for i in range(10, 30)
     ]
     assert [e.kind for e in left if e.kind == "alarm.cleared"] == ["alarm.cleared"]
+
+
+def test_the_working_set_never_reads_history(store: StateStore) -> None:
+    """Issue 8, defect 5: the agent's decisions read the live instances and the recent
+    dead ones, found through an index, however many instances were ever created."""
+    store.next_revision("web", image_digest="sha256:" + "a" * 64, config={}, config_hash="h")
+    now = time.time()
+    for n in range(3000):
+        rec = store.add_instance("web", 1, port=8080, id=f"web-old{n:05d}")
+        store.update_instance(rec.id, state="stopped", stopped_at=now - 86400)
+    dead = store.add_instance("web", 1, port=8080, id="web-dead0000")
+    store.update_instance(dead.id, state="failed", stopped_at=now - 5)
+    replaced = store.add_instance("web", 1, port=8080, id="web-gone0000", replaces=dead.id)
+    store.update_instance(replaced.id, state="ready")
+    old_dead = store.add_instance("web", 1, port=8080, id="web-dead0001")
+    store.update_instance(old_dead.id, state="failed", stopped_at=now - 7200, replaced_by="x")
+    found = {r.id for r in store.working_set("web", now - 600)}
+    assert found == {"web-dead0000", "web-gone0000"}
+    assert store.instance("web-dead0000").replaced_by == "web-gone0000", "linked in one write"
+    db = sqlite3.connect(store.path)
+    live = ",".join("?" * 6)
+    plan = db.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM instances WHERE service = ? AND ("
+        f"state IN ({live}) OR (state IN ('failed', 'lost') AND "
+        "(replaced_by IS NULL OR stopped_at >= ?)))",
+        ("web", "pending", "starting", "ready", "unhealthy", "draining", "stopping", now),
+    ).fetchall()
+    db.close()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "USING INDEX" in details and "SCAN instances" not in details, details
+
+
+def test_deployments_and_rollouts_survive_a_reopen(store: StateStore, tmp_path: Path) -> None:
+    from kiln.deploy.state import RolloutRecord
+
+    record = {
+        "id": "d-1234abcd",
+        "started": 1.0,
+        "finished": None,
+        "outcome": "running",
+        "summary": "1 to add",
+        "services": {"web": {"revision": 2, "outcome": "running"}},
+    }
+    store.put_deployment(record)
+    store.put_rollout(
+        RolloutRecord("web", "d-1234abcd", 2, "deploy", None, 1.0, 0, frozenset({"a"}))
+    )
+    store.rollout_step("web", 2, 3)
+    store.reset_breaker("web", 5.0)
+    again = StateStore(store.path)
+    try:
+        assert again.deployment("d-1234abcd") == record
+        assert again.rollouts() == [
+            RolloutRecord("web", "d-1234abcd", 2, "deploy", None, 1.0, 3, frozenset({"a"}))
+        ]
+        assert again.breaker_resets() == {"web": 5.0}
+        again.end_rollout("web", 2)
+        assert again.rollouts() == []
+        assert again.deployment("d-missing") is None
+    finally:
+        again.close()

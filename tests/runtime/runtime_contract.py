@@ -5,7 +5,7 @@ fixtures: ``runtime`` (a fresh Runtime) and ``app_spec`` (a callable
 ``(command: list[str], **InstanceSpec overrides) -> InstanceSpec`` for an image
 with busybox under /bin and ``/www/index.html``). A new runtime is done when
 this suite passes. The app listens on ``$PORT`` at the address the handle names
-(``handle.data["host"]``; a runtime on the host network may leave it out).
+(``handle.host``), on ``handle.port``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ IGNORE_TERM = "trap '' TERM; while true; do sleep 0.05; done"
 
 def host_of(handle: InstanceHandle) -> str:
     """Where the instance listens: its own address, or the host's loopback."""
-    return str(handle.data.get("host") or "127.0.0.1")
+    return handle.host
 
 
 def http_get(handle: InstanceHandle, port: int, timeout: float = 5.0) -> bytes:
@@ -132,7 +132,7 @@ class RuntimeContract:
         listed = {h.instance_id: h for h in runtime.list()}
         assert live.instance_id in listed
         assert done.instance_id not in listed
-        assert listed[live.instance_id].pid == live.pid
+        assert listed[live.instance_id].address == live.address
 
     def test_destroy_leaves_nothing_running(self, runtime: Runtime, app_spec: AppSpec) -> None:
         handle = runtime.start(app_spec(["sleep", "30"]))
@@ -146,7 +146,7 @@ class RuntimeContract:
     ) -> None:
         handle = runtime.start(app_spec(["sleep", "30"]))
         foreign = InstanceHandle(
-            handle.version, "elsewhere", handle.instance_id, handle.pid, handle.start_time, {}
+            handle.version, "elsewhere", handle.instance_id, handle.host, handle.port, handle.data
         )
         assert not runtime.recover(foreign)
 

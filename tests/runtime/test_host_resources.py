@@ -51,9 +51,9 @@ def test_release_frees_a_container_whose_shim_was_killed(
     spec = make_spec(["sleep", "30"])
     handle = local_runtime.start(spec)
     sandbox_pid = int(handle.data["sandbox_pid"])
-    os.kill(handle.pid, signal.SIGKILL)
+    os.kill(int(handle.data["shim_pid"]), signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while proc_start_time(handle.pid) is not None:
+    while proc_start_time(int(handle.data["shim_pid"])) is not None:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     container = local_runtime.container_id(spec.instance_id)

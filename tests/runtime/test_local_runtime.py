@@ -56,8 +56,8 @@ def _spec(**overrides: object) -> InstanceSpec:
         "port": 41234,
         "writable": ("/var/cache",),
         "volumes": (
-            VolumeMount(Path("/k/volumes/data"), "/data"),
-            VolumeMount(Path("/k/ro"), "/ro", True),
+            VolumeMount("data", "/data"),
+            VolumeMount("ro", "/ro", True),
         ),
         "secrets": {"api_key": b"never-in-config"},
         "memory": 64 * MiB,
@@ -179,7 +179,7 @@ def test_a_new_named_volume_belongs_to_the_instance_user_and_data_persists(
     local_runtime: LocalRuntime, make_spec: AppSpec, home: Path
 ) -> None:
     source = home / "volumes" / "data"
-    volume = (VolumeMount(source, "/data"),)
+    volume = (VolumeMount("data", "/data"),)
     first = make_spec(
         ["sh", "-c", "stat -c '%u:%g' /data; echo kept > /data/f"], user="1000:1000", volumes=volume
     )
@@ -192,7 +192,7 @@ def test_a_new_named_volume_belongs_to_the_instance_user_and_data_persists(
     readonly = make_spec(
         ["sh", "-c", "cat /data/f; echo x > /data/g 2>/dev/null || echo read-only"],
         user="1000:1000",
-        volumes=(VolumeMount(source, "/data", readonly=True),),
+        volumes=(VolumeMount("data", "/data", readonly=True),),
     )
     assert stdout_of(local_runtime, readonly) == ["kept", "read-only"]
 
@@ -219,7 +219,7 @@ def test_secrets_are_files_for_the_instance_user_and_never_on_disk_nor_in_env_or
         handle, ["sh", "-c", "cat /proc/1/cmdline /proc/1/environ /proc/[0-9]*/cmdline"], 5
     )
     assert code == 0 and inside and value.decode() not in inside
-    for pid in (handle.pid, int(handle.data["sandbox_pid"])):
+    for pid in (int(handle.data["shim_pid"]), int(handle.data["sandbox_pid"])):
         for part in ("cmdline", "environ"):
             assert value not in Path(f"/proc/{pid}/{part}").read_bytes()
     assert files_containing([home, RUN_ROOT], value) == []
@@ -322,7 +322,14 @@ REFUSED: dict[str, tuple[RefusedSpec, str]] = {
         lambda make, tmp: make(["true"], layers=(tmp / "gone",)),
         r"image layer .*/gone not found",
     ),
-    "no layer at all": (lambda make, tmp: make(["true"], layers=()), "no image layers"),
+    "an image the store does not have": (
+        lambda make, tmp: make(["true"], layers=()),
+        r"cannot unpack the layers of image sha256:abab",
+    ),
+    "a volume name that climbs out": (
+        lambda make, tmp: make(["true"], volumes=(VolumeMount("../etc", "/data"),)),
+        "volume name",
+    ),
     "a named user": (lambda make, tmp: make(["true"], user="nobody"), "'nobody'"),
     "a user outside the mapped range": (
         lambda make, tmp: make(["true"], user="70000"),
@@ -333,7 +340,7 @@ REFUSED: dict[str, tuple[RefusedSpec, str]] = {
         "unknown capability",
     ),
     "a volume that is a file": (
-        lambda make, tmp: make(["true"], volumes=(VolumeMount(tmp / "file", "/data"),)),
+        lambda make, tmp: make(["true"], volumes=(VolumeMount("file", "/data"),)),
         "is not a directory",
     ),
 }
@@ -343,7 +350,8 @@ REFUSED: dict[str, tuple[RefusedSpec, str]] = {
 def test_a_refused_start_says_why_and_leaves_nothing_behind(
     local_runtime: LocalRuntime, make_spec: AppSpec, tmp_path: Path, home: Path, case: str
 ) -> None:
-    (tmp_path / "file").write_text("not a volume\n")
+    (home / "volumes").mkdir(mode=0o700, exist_ok=True)
+    (home / "volumes" / "file").write_text("not a volume\n")
     build, message = REFUSED[case]
     spec = build(make_spec, tmp_path)
     with pytest.raises(RuntimeFailure, match=message) as refused:
@@ -378,7 +386,8 @@ def test_pid_reuse_guard_rejects_a_handle_with_the_wrong_start_time(
     local_runtime: LocalRuntime, make_spec: AppSpec
 ) -> None:
     handle = local_runtime.start(make_spec(["sleep", "30"]))
-    impostor = InstanceHandle(**{**handle.__dict__, "start_time": handle.start_time - 1})
+    data = {**handle.data, "shim_start_time": handle.data["shim_start_time"] - 1}
+    impostor = InstanceHandle(**{**handle.__dict__, "data": data})
     assert local_runtime.recover(handle)
     assert not local_runtime.recover(impostor)
     assert local_runtime.inspect(impostor).status is not InstanceStatus.RUNNING

@@ -93,7 +93,7 @@ def test_each_instance_has_its_own_address_on_the_homes_bridge(
     network = BridgeNetwork(home)
     specs = [make_spec(["sh", "-c", "exec httpd -f -p $PORT -h /www"]) for _ in range(2)]
     handles = [local_runtime.start(spec) for spec in specs]
-    addresses = [h.data["host"] for h in handles]
+    addresses = [h.host for h in handles]
     subnet = network.subnet()
     assert len(set(addresses)) == 2
     assert all(ipaddress.ip_address(a) in subnet for a in addresses)
@@ -101,7 +101,7 @@ def test_each_instance_has_its_own_address_on_the_homes_bridge(
     for spec, handle in zip(specs, handles, strict=True):
         assert http_get(handle, spec.port) == b"hello from kiln\n"
         code, shown = local_runtime.exec(handle, ["ip", "-4", "-o", "addr", "show", "eth0"], 5)
-        assert code == 0 and f"inet {handle.data['host']}/{subnet.prefixlen}" in shown
+        assert code == 0 and f"inet {handle.host}/{subnet.prefixlen}" in shown
         veth = Path("/sys/class/net") / veth_name(home, spec.instance_id)
         assert (veth / "master").resolve().name == network.bridge
 
@@ -113,10 +113,10 @@ def test_an_instance_cannot_reach_another_instance_but_the_host_can(
     server = local_runtime.start(server_spec)
     client = local_runtime.start(make_spec(["sleep", "30"]))
     deadline = time.monotonic() + 5
-    while (got := _host_connect(server.data["host"], server_spec.port)) != GREETING:
+    while (got := _host_connect(server.host, server_spec.port)) != GREETING:
         assert time.monotonic() < deadline, got
         time.sleep(0.05)
-    assert blocked(connect(local_runtime, client, server.data["host"], server_spec.port))
+    assert blocked(connect(local_runtime, client, server.host, server_spec.port))
 
 
 def _host_connect(host: str, port: int) -> str:

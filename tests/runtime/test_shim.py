@@ -81,7 +81,7 @@ def test_the_shim_records_the_exit_atomically_and_leaves(
     assert record["finished"] <= time.time()
     assert (directory / "exit.json").stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in directory.iterdir() if p.name.startswith(".")) == []
-    assert proc_start_time(handle.pid) is None
+    assert proc_start_time(int(handle.data["shim_pid"])) is None
     assert local_runtime.runc.list() == []
 
 

@@ -99,7 +99,7 @@ class Probe:
 
     @property
     def address(self) -> str:
-        return str(self.handle.data["host"])
+        return self.handle.host
 
     def url(self, path: str) -> str:
         return f"http://{self.address}:{APP_PORT}{path}"
@@ -321,7 +321,7 @@ def probe(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Probe]:
     hostfile.write_text("owned by host root\n")
     hostfile.chmod(0o644)
     started = lab.start(
-        f"probe-{key}", user, volumes=(VolumeMount(volume, "/data"),), service=f"probe-{key}"
+        f"probe-{key}", user, volumes=(VolumeMount(volume.name, "/data"),), service=f"probe-{key}"
     )
     try:
         started.wait_ready()
@@ -335,7 +335,7 @@ def probe(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Probe]:
 def host_for(lab: Lab, probe: Probe, key: str) -> Host:
     """Variables and host observations for attacks from ``probe``."""
     runtime = lab.runtime
-    shim_pid = probe.handle.pid
+    shim_pid = int(probe.handle.data["shim_pid"])
     gateway = BridgeNetwork(lab.home).gateway()
     volume = lab.volume_dir(key)
     shadow = hostside.shadow_first_line()
@@ -681,12 +681,11 @@ def test_a_malicious_image_layer_does_not_redirect_the_sandbox_mounts(
     """A top layer turns a mount point (or a volume target) into a symlink: the
     instance is refused, or starts with every kernel interface still guarded."""
     evil = build_trick_layer(tmp_path / "evil", IMAGE_TRICKS[trick], lab.ids.base, lab.ids.base)
-    volume = tmp_path / "volume"
     name = "trick-" + trick.replace("_", "-")[:40]
     spec = dataclasses.replace(
         _spec_for(lab, name),
         layers=(lab.layer, evil),
-        volumes=(VolumeMount(volume, "/data"),),
+        volumes=(VolumeMount(name, "/data"),),
         secrets={"token": b"not-a-real-secret"},
     )
     core_pattern = Path("/proc/sys/kernel/core_pattern").read_text()

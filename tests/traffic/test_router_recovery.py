@@ -136,3 +136,32 @@ def test_an_older_generation_finishing_its_work_is_left_to_finish(
     finally:
         second.stop()
     assert our_processes(home / "haproxy") == []
+
+
+def test_a_router_adopted_twice_keeps_its_listener_and_its_process(
+    tmp_path: Path, backends: list[HTTPBackend]
+) -> None:
+    """Two agent restarts in a row, with a backend change in between: the record must
+    name the listener's fd inside the master, not the adopting agent's own copy (the
+    second adoption used to fail and start a new HAProxy, refusing connections)."""
+    home = _home(tmp_path, "home")
+    port = free_port()
+    first = HAProxyRouter(home, SETTINGS)
+    first.start()
+    first.apply(route("web", port, [backends[0].spec()]))
+    pid = first.info()["pid"]
+    first.close()
+    second = HAProxyRouter(home, SETTINGS)
+    third = HAProxyRouter(home, SETTINGS)
+    try:
+        assert second.start() == "adopted"
+        # A backend change through the runtime API: no new generation, a new record.
+        second.apply(route("web", port, [backends[0].spec(), backends[1].spec()]))
+        assert second.info()["pid"] == pid
+        second.close()
+        assert third.start() == "adopted"
+        assert third.info()["pid"] == pid
+        assert {get(port, "/")[1] for _ in range(20)} == {b"b0", b"b1"}
+    finally:
+        third.stop()
+    assert our_processes(home / "haproxy") == []

@@ -150,7 +150,7 @@ def build_app(agent: Agent) -> FastAPI:
 
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
-        return agent.status()
+        return await agent.status()
 
     @app.post("/v1/plan")
     async def plan(body: PlanRequest) -> dict[str, Any]:
@@ -166,7 +166,7 @@ def build_app(agent: Agent) -> FastAPI:
     async def deployment(deployment_id: str) -> dict[str, Any]:
         if not _DEPLOYMENT_ID.fullmatch(deployment_id):  # it becomes a file name
             raise NotFound(f"no deployment {shown(deployment_id)}")
-        return agent.deployment(deployment_id)
+        return await agent.deployment(deployment_id)
 
     @app.post("/v1/rollback")
     async def rollback(body: RollbackRequest) -> dict[str, Any]:
@@ -174,7 +174,7 @@ def build_app(agent: Agent) -> FastAPI:
 
     @app.get("/v1/history/{service}")
     async def history(service: str) -> dict[str, Any]:
-        return agent.history(service)
+        return await agent.history(service)
 
     @app.get("/v1/events", response_model=None)
     async def events(
@@ -183,7 +183,10 @@ def build_app(agent: Agent) -> FastAPI:
         follow: Annotated[int, Query(ge=0, le=1)] = 0,
     ) -> dict[str, Any] | StreamingResponse:
         if not follow:
-            return {"events": agent.events(after, limit), "last_id": agent.last_event_id()}
+            return {
+                "events": await agent.events(after, limit),
+                "last_id": await agent.last_event_id(),
+            }
         return StreamingResponse(_follow(agent, after), media_type="application/x-ndjson")
 
     @app.post("/v1/down")
@@ -196,7 +199,7 @@ def build_app(agent: Agent) -> FastAPI:
 async def _follow(agent: Agent, after: int) -> AsyncIterator[bytes]:
     cursor = after
     while not agent.stopping.is_set():
-        batch = agent.events(cursor, FOLLOW_BATCH)
+        batch = await agent.events(cursor, FOLLOW_BATCH)
         for event in batch:
             cursor = max(cursor, int(event["id"]))
             yield (json.dumps(event) + "\n").encode()

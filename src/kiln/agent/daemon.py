@@ -118,29 +118,31 @@ class Agent:
             "proxy_pid": self._engine().router.info().get("pid"),
         }
 
-    def status(self) -> dict[str, Any]:
-        return self._engine().status()
+    async def status(self) -> dict[str, Any]:
+        return await self._engine().status()
 
     async def plan(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._engine().plan(body)
+        return await self._engine().plan(body)
 
     async def apply(self, plan: dict[str, Any]) -> dict[str, Any]:
         return await self._engine().apply(plan)
 
-    def deployment(self, deployment_id: str) -> dict[str, Any]:
-        return self._engine().deployment(deployment_id)
+    async def deployment(self, deployment_id: str) -> dict[str, Any]:
+        return await self._engine().deployments.get(deployment_id)
 
     async def rollback(self, service: str, revision: int | None) -> dict[str, Any]:
         return await self._engine().rollback(service, revision)
 
-    def history(self, service: str) -> dict[str, Any]:
-        return self._engine().history(service)
+    async def history(self, service: str) -> dict[str, Any]:
+        return await self._engine().history(service)
 
-    def events(self, after: int, limit: int) -> list[dict[str, Any]]:
-        return [e.to_json() for e in self._engine().state.events(after, limit)]
+    async def events(self, after: int, limit: int) -> list[dict[str, Any]]:
+        engine = self._engine()
+        return [e.to_json() for e in await engine.db(engine.state.events, after, limit)]
 
-    def last_event_id(self) -> int:
-        return self._engine().state.last_event_id()
+    async def last_event_id(self) -> int:
+        engine = self._engine()
+        return await engine.db(engine.state.last_event_id)
 
     async def wait_for_event(self, timeout: float) -> None:
         self._new_event.clear()

@@ -1,4 +1,4 @@
-"""What the agent does to the outside world for one instance: layers, port, spec, start, retire.
+"""What an instance is made of: the launch command from the image config and the InstanceSpec.
 
 The pure parts (launch command from the image config, the InstanceSpec) are
 plain functions so tests can assert them; the blocking parts run in the
@@ -7,8 +7,6 @@ agent's thread pool.
 
 from __future__ import annotations
 
-import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +14,8 @@ from kiln.errors import KilnError
 from kiln.runtime import InstanceSpec, VolumeMount
 
 __all__ = [
+    "ImageConfigs",
     "ImageLaunch",
-    "ImageSnapshots",
-    "PortPool",
     "build_instance_spec",
     "image_launch",
 ]
@@ -67,13 +64,11 @@ def build_instance_spec(
     service: str,
     revision: int,
     image_digest: str,
-    layers: tuple[Path, ...],
     launch: ImageLaunch,
     service_env: dict[str, str],
     port: int,
     writable: list[str],
     volumes: list[dict[str, Any]],
-    volume_root: Path,
     memory: int | None,
     cpu: float | None,
     stop_grace: float,
@@ -82,12 +77,13 @@ def build_instance_spec(
     seccomp: bool = True,
     outbound: bool = False,
     secrets: dict[str, bytes] | None = None,
+    project: str | None = None,
 ) -> InstanceSpec:
     """Image env, then service env, then PORT: the service wins over the image, Kiln over both."""
     env = {**launch.env, **service_env, "PORT": str(port)}
     mounts = tuple(
         VolumeMount(
-            source=volume_root / str(v["name"]),
+            name=str(v["name"]),
             target=str(v["path"]),
             readonly=bool(v.get("readonly", False)),
         )
@@ -98,7 +94,6 @@ def build_instance_spec(
         service=service,
         revision=revision,
         image_digest=image_digest,
-        layers=layers,
         command=list(launch.command),
         user=launch.user,
         workdir=launch.workdir,
@@ -114,60 +109,15 @@ def build_instance_spec(
         cap_add=cap_add,
         seccomp=seccomp,
         outbound=outbound,
+        project=project,
     )
 
 
-class PortPool:
-    """Free loopback ports for ``$PORT``, never handing out one that an instance still holds."""
-
-    def __init__(self) -> None:
-        self._held: set[int] = set()
-        self._lock = threading.Lock()
-
-    def hold(self, port: int) -> None:
-        with self._lock:
-            self._held.add(port)
-
-    def release(self, port: int) -> None:
-        with self._lock:
-            self._held.discard(port)
-
-    def allocate(self) -> int:
-        with self._lock:
-            for _ in range(100):
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = int(s.getsockname()[1])
-                if port not in self._held:
-                    self._held.add(port)
-                    return port
-        raise KilnError("no free port on 127.0.0.1 for a new instance")
-
-
-class ImageSnapshots:
-    """The layer snapshots instances run from (:mod:`kiln.image.snapshots`) and image configs.
-
-    A new image costs the unpacking of the layers no earlier image had (an
-    app edit: the app layers only); the snapshots' own flocks serialise two
-    starts, in this agent or another process, that need the same layer.
-    """
+class ImageConfigs:
+    """Image configs from the home's store; the runtime delivers the image itself."""
 
     def __init__(self, home: Path) -> None:
         self.home = home
-        self._legacy_checked = False
-
-    def layers(self, digest: str) -> tuple[Path, ...]:
-        """The image's layer dirs, bottom first, for ``InstanceSpec.layers``."""
-        from kiln.image.snapshots import SnapshotStore, remove_legacy_trees
-        from kiln.image.store import ImageStore
-
-        if not self._legacy_checked:
-            remove_legacy_trees(self.home, ("rootfs",))  # whole unpacked images, before snapshots
-            self._legacy_checked = True
-        try:
-            return SnapshotStore(self.home).layers_for(ImageStore(self.home / "images"), digest)
-        except OSError as e:
-            raise KilnError(f"cannot unpack the layers of image {digest}: {e}") from e
 
     def image_config(self, digest: str) -> dict[str, Any]:
         from kiln.image.store import ImageStore

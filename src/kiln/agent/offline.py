@@ -26,4 +26,10 @@ def down_without_agent(home: Path) -> dict[str, Any]:
     had_proxy = router.recorded_alive()
     router.stop()
     runtime.shutdown()
+    if (home / "state.db").exists():
+        from kiln.agent.engine import settle_down
+        from kiln.deploy.state import StateStore
+
+        with StateStore(home / "state.db") as state:
+            settle_down(state)
     return {"stopped": sorted(stopped), "proxy": "stopped" if had_proxy else "none"}

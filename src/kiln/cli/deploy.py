@@ -22,9 +22,15 @@ def _client() -> Any:
 
 
 def _finish(record: dict[str, Any]) -> None:
+    """A failed deployment says why: each failed service's reason, the instances that
+    caused it with their exit and last log lines, and the commands that show more."""
     outcome = record.get("outcome")
-    if outcome not in ("succeeded", "unchanged", None):
-        raise KilnError(f"deployment {outcome}: {record.get('reason') or 'see kiln events'}")
+    if outcome in ("succeeded", "unchanged", None):
+        return
+    from kiln.observe.failure import explain_failure
+
+    detail = explain_failure(kiln_home(), record) or str(record.get("reason") or "")
+    raise KilnError(f"deployment {record.get('id', '')} {outcome}:\n{detail}".rstrip())
 
 
 @app.command()

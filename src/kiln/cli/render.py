@@ -93,13 +93,13 @@ def print_status(data: dict[str, Any]) -> None:
                 str(i.get("state")),
                 str(i.get("health", "-")),
                 _age(i.get("age")),
-                str(i.get("port", "-")),
+                str(i.get("address") or i.get("port") or "-"),
                 str(i.get("pid") or "-"),
                 short(str(i.get("image_digest") or i.get("digest") or "")),
             ]
             for i in svc.get("instances", [])
         ]
-        print_table(["INSTANCE", "REV", "STATE", "HEALTH", "AGE", "PORT", "PID", "IMAGE"], rows)
+        print_table(["INSTANCE", "REV", "STATE", "HEALTH", "AGE", "ADDRESS", "PID", "IMAGE"], rows)
 
 
 def print_history(data: dict[str, Any]) -> None:

@@ -383,7 +383,7 @@ def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
-_DESTROY_ORDER = {"failed": 0, "lost": 0, "unhealthy": 1, "starting": 2, "ready": 3}
+_DESTROY_ORDER = {"failed": 0, "lost": 0, "unhealthy": 1, "pending": 2, "starting": 2, "ready": 3}
 
 
 def make_plan(

@@ -45,7 +45,7 @@ __all__ = [
     "reconcile",
 ]
 
-_LIVE = frozenset({"starting", "ready", "unhealthy"})
+_LIVE = frozenset({"pending", "starting", "ready", "unhealthy"})
 _DEAD = frozenset({"failed", "lost"})
 
 
@@ -232,7 +232,7 @@ def reconcile(view: ReconcileView, now: float) -> ReconcileDecision:
             )
 
     live = [i for i in view.instances if i.state in _LIVE]
-    in_flight = sum(1 for i in live if i.state == "starting")
+    in_flight = sum(1 for i in live if i.state in ("pending", "starting"))
     budget = max(0, pol.max_parallel - in_flight)
     unreplaced_dead = sorted((i for i in dead if not i.replaced), key=lambda i: i.died_at or 0)
     unhealthy = sorted(

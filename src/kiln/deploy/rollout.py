@@ -30,7 +30,7 @@ __all__ = [
     "Strategy",
 ]
 
-_LIVE = frozenset({"starting", "ready", "unhealthy"})
+_LIVE = frozenset({"pending", "starting", "ready", "unhealthy"})
 
 
 @dataclass(frozen=True)

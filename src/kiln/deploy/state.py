@@ -41,6 +41,7 @@ __all__ = [
     "Recovery",
     "Revision",
     "RevisionStatus",
+    "RolloutRecord",
     "StateSnapshot",
     "StateStore",
     "new_instance_id",
@@ -48,12 +49,22 @@ __all__ = [
 
 RevisionStatus = Literal["pending", "active", "superseded", "failed", "rolled_back"]
 InstanceState = Literal[
-    "starting", "ready", "unhealthy", "draining", "stopping", "stopped", "failed", "lost"
+    "pending",
+    "starting",
+    "ready",
+    "unhealthy",
+    "draining",
+    "stopping",
+    "stopped",
+    "failed",
+    "lost",
 ]
 REVISION_STATUSES: frozenset[str] = frozenset(get_args(RevisionStatus))
 INSTANCE_STATES: frozenset[str] = frozenset(get_args(InstanceState))
-LIVE_STATES: frozenset[str] = frozenset({"starting", "ready", "unhealthy", "draining", "stopping"})
-"""States in which a process may still run (the runtime owns something)."""
+LIVE_STATES: frozenset[str] = frozenset(
+    {"pending", "starting", "ready", "unhealthy", "draining", "stopping"}
+)
+"""States in which a process may still run (the runtime owns something), or is about to."""
 DEAD_STATES: frozenset[str] = frozenset({"failed", "lost"})
 """States of instances that died instead of being retired; they want a replacement."""
 
@@ -115,6 +126,12 @@ class InstanceRecord:
     reason: str | None = None
     replaced_by: str | None = None
     """Set when the agent has started (or decided against) a replacement for a dead one."""
+    deployment: str | None = None
+    """The deployment whose rollout started it (None for the reconciler's)."""
+    replaces: str | None = None
+    """The dead or unhealthy instance this one replaces (retired once this one is ready)."""
+    noticed: float | None = None
+    """When the agent noticed that this instance died or turned unhealthy."""
 
     @property
     def live(self) -> bool:
@@ -138,7 +155,26 @@ class InstanceRecord:
             "exit_code": self.exit_code,
             "reason": self.reason,
             "replaced_by": self.replaced_by,
+            "deployment": self.deployment,
+            "replaces": self.replaces,
+            "noticed": self.noticed,
         }
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """A rollout in flight, as the agent resumes it after a restart."""
+
+    service: str
+    deployment: str | None
+    target: int
+    kind: str
+    undoing: int | None
+    started: float
+    step: int = 0
+    named: frozenset[str] | None = None
+    """The instances the applied plan replaces or destroys (None: by revision, as a
+    rollback does); the rollout retires exactly these."""
 
 
 @dataclass(frozen=True)
@@ -349,12 +385,64 @@ def _v3(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[_Migration, ...] = (_v1, _v2, _v3)
+def _v4(db: sqlite3.Connection) -> None:
+    """Facts the agent used to keep in memory or in side files, so a restart at any
+    moment continues exactly: deployments, in-flight rollouts and their step, which
+    instance replaces which, the breaker's reset."""
+    _script(
+        db,
+        """
+        ALTER TABLE instances ADD COLUMN deployment TEXT;
+        ALTER TABLE instances ADD COLUMN replaces TEXT;
+        ALTER TABLE instances ADD COLUMN noticed REAL;
+        CREATE INDEX instances_by_state ON instances (state, service);
+        CREATE INDEX instances_by_age ON instances (service, state, stopped_at);
+        CREATE TABLE deployments (
+            id TEXT PRIMARY KEY,
+            started REAL NOT NULL,
+            finished REAL,
+            outcome TEXT NOT NULL,
+            summary TEXT NOT NULL,
+            services TEXT NOT NULL
+        );
+        CREATE INDEX deployments_by_start ON deployments (started);
+        CREATE TABLE rollouts (
+            service TEXT PRIMARY KEY,
+            deployment TEXT,
+            target INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            undoing INTEGER,
+            started REAL NOT NULL,
+            step INTEGER NOT NULL,
+            updated REAL NOT NULL,
+            named TEXT
+        );
+        CREATE TABLE breakers (
+            service TEXT PRIMARY KEY,
+            reset_at REAL NOT NULL
+        );
+        """,
+    )
+
+
+MIGRATIONS: tuple[_Migration, ...] = (_v1, _v2, _v3, _v4)
 """Append only: migration ``i`` takes the schema from version ``i`` to ``i + 1``."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _INSTANCE_FIELDS = frozenset(
-    {"state", "port", "handle", "ready_at", "stopped_at", "exit_code", "reason", "replaced_by"}
+    {
+        "state",
+        "port",
+        "handle",
+        "ready_at",
+        "stopped_at",
+        "exit_code",
+        "reason",
+        "replaced_by",
+        "deployment",
+        "replaces",
+        "noticed",
+    }
 )
 _REVISION_COLS = (
     "service, number, created, image_digest, config, config_hash, spec_text, spec_path, "
@@ -362,7 +450,7 @@ _REVISION_COLS = (
 )
 _INSTANCE_COLS = (
     "id, service, revision, state, port, handle, created, ready_at, stopped_at, exit_code, "
-    "reason, replaced_by"
+    "reason, replaced_by, deployment, replaces, noticed"
 )
 
 
@@ -599,14 +687,18 @@ class StateStore:
         handle: dict[str, Any] | None = None,
         state: InstanceState = "starting",
         created: float | None = None,
+        deployment: str | None = None,
+        replaces: str | None = None,
     ) -> InstanceRecord:
+        """With ``replaces``, the replaced instance's ``replaced_by`` is set in the same
+        transaction: a crash can never leave a replacement without its link."""
         _check(state, INSTANCE_STATES, "instance state")
         instance_id = id or new_instance_id(service)
         with self._write() as db:
             try:
                 db.execute(
-                    "INSERT INTO instances (id, service, revision, state, port, handle, created) "
-                    "VALUES (?,?,?,?,?,?,?)",
+                    "INSERT INTO instances (id, service, revision, state, port, handle, created, "
+                    "deployment, replaces) VALUES (?,?,?,?,?,?,?,?,?)",
                     (
                         instance_id,
                         service,
@@ -615,8 +707,15 @@ class StateStore:
                         port,
                         None if handle is None else json.dumps(handle, sort_keys=True),
                         time.time() if created is None else created,
+                        deployment,
+                        replaces,
                     ),
                 )
+                if replaces is not None:
+                    db.execute(
+                        "UPDATE instances SET replaced_by = ? WHERE id = ?",
+                        (instance_id, replaces),
+                    )
             except sqlite3.IntegrityError as e:
                 raise KilnError(f"instance {instance_id} already exists in {self.path}") from e
             return _instance_row(
@@ -685,6 +784,20 @@ class StateStore:
         if row is None:
             raise KilnError(f"no instance {id} in {self.path}")
         return _instance_row(row)
+
+    def working_set(self, service: str, since: float) -> list[InstanceRecord]:
+        """What the agent's decisions read, never all of history: the live instances,
+        and the dead ones not yet replaced or that died after ``since`` (the breaker's
+        window). Served by the (service, state, stopped_at) index."""
+        live = sorted(LIVE_STATES)
+        query = (
+            f"SELECT {_INSTANCE_COLS} FROM instances WHERE service = ? AND ("
+            f"state IN ({','.join('?' * len(live))}) OR (state IN ('failed', 'lost') AND "
+            "(replaced_by IS NULL OR stopped_at >= ?))) ORDER BY created, id"
+        )
+        with self._read() as db:
+            rows = db.execute(query, (service, *live, since)).fetchall()
+        return [_instance_row(r) for r in rows]
 
     def instances(
         self, service: str | None = None, live_only: bool = False
@@ -866,6 +979,104 @@ class StateStore:
             rows = db.execute(query + " ORDER BY raised", args).fetchall()
         return [Alarm(r[0], r[1], r[2], float(r[3])) for r in rows]
 
+    # deployments, rollouts, breakers
+
+    def put_deployment(self, record: Mapping[str, Any]) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO deployments (id, started, finished, outcome, summary, services) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET finished = excluded.finished, "
+                "outcome = excluded.outcome, summary = excluded.summary, "
+                "services = excluded.services",
+                (
+                    str(record["id"]),
+                    float(record["started"]),
+                    record.get("finished"),
+                    str(record["outcome"]),
+                    str(record.get("summary") or ""),
+                    json.dumps(record.get("services") or {}, sort_keys=True),
+                ),
+            )
+
+    def deployment(self, id: str) -> dict[str, Any] | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT id, started, finished, outcome, summary, services FROM deployments "
+                "WHERE id = ?",
+                (id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return {
+            "id": row[0],
+            "started": row[1],
+            "finished": row[2],
+            "outcome": row[3],
+            "summary": row[4],
+            "services": json.loads(row[5]),
+        }
+
+    def put_rollout(self, rollout: RolloutRecord) -> None:
+        """One row per service: a new rollout (a rollback, an auto-rollback) replaces it."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO rollouts (service, deployment, target, kind, undoing, "
+                "started, step, updated, named) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    rollout.service,
+                    rollout.deployment,
+                    rollout.target,
+                    rollout.kind,
+                    rollout.undoing,
+                    rollout.started,
+                    rollout.step,
+                    time.time(),
+                    None if rollout.named is None else json.dumps(sorted(rollout.named)),
+                ),
+            )
+
+    def rollout_step(self, service: str, target: int, step: int) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE rollouts SET step = ?, updated = ? WHERE service = ? AND target = ?",
+                (step, time.time(), service, target),
+            )
+
+    def end_rollout(self, service: str, target: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM rollouts WHERE service = ? AND target = ?", (service, target))
+
+    def rollouts(self) -> list[RolloutRecord]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT service, deployment, target, kind, undoing, started, step, named "
+                "FROM rollouts ORDER BY started"
+            ).fetchall()
+        return [
+            RolloutRecord(
+                r[0],
+                r[1],
+                int(r[2]),
+                r[3],
+                r[4],
+                float(r[5]),
+                int(r[6]),
+                None if r[7] is None else frozenset(json.loads(r[7])),
+            )
+            for r in rows
+        ]
+
+    def reset_breaker(self, service: str, at: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO breakers (service, reset_at) VALUES (?, ?)", (service, at)
+            )
+
+    def breaker_resets(self) -> dict[str, float]:
+        with self._read() as db:
+            rows = db.execute("SELECT service, reset_at FROM breakers").fetchall()
+        return {str(r[0]): float(r[1]) for r in rows}
+
     # locks
 
     @contextmanager
@@ -980,4 +1191,7 @@ def _instance_row(row: tuple[Any, ...]) -> InstanceRecord:
         exit_code=row[9],
         reason=row[10],
         replaced_by=row[11],
+        deployment=row[12],
+        replaces=row[13],
+        noticed=row[14],
     )

@@ -1,10 +1,15 @@
 """Where instances run: the one protocol every runtime implements.
 
 The deploy layer and the agent code against :class:`Runtime` only; concrete
-runtimes (``kiln.runtime.local`` today, docker/swarm later) live in their own
-modules and are never imported by the planner or the reconciler. Optional
-abilities (exec, signal) are small extra protocols checked with
-``isinstance`` and refused with :class:`NotSupported`.
+runtimes (``kiln.runtime.local``, ``kiln.runtime.docker``, ``kiln.runtime.fake``)
+live in their own modules and are never imported by the planner or the
+reconciler. Optional abilities (exec, signal) are small extra protocols checked
+with ``isinstance`` and refused with :class:`NotSupported`.
+
+Nothing here assumes one machine: a runtime delivers the image itself (by
+digest, from the home's store), returns the address each instance answers on
+(which probes and routes use), writes each instance's output into the home's
+log store, and lists only the instances labelled as this home's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ __all__ = [
     "HANDLE_VERSION",
     "Capabilities",
     "Execer",
+    "ExitNotifier",
     "HostResources",
     "InstanceHandle",
     "InstanceSpec",
@@ -33,7 +39,7 @@ __all__ = [
     "VolumeMount",
 ]
 
-HANDLE_VERSION = 1
+HANDLE_VERSION = 2
 
 
 class RuntimeFailure(KilnError):
@@ -46,7 +52,10 @@ class NotSupported(KilnError):
 
 @dataclass(frozen=True)
 class VolumeMount:
-    source: Path
+    """A named volume of the home (``volumes`` in kiln.toml); each runtime keeps its
+    data its own way (local: ``KILN_HOME/volumes/NAME``; docker: a named volume)."""
+
+    name: str
     target: str
     readonly: bool = False
 
@@ -56,17 +65,17 @@ class InstanceSpec:
     """Everything a runtime needs to start one instance; resolved by the caller.
 
     ``command`` is already entrypoint + cmd; ``env`` already merges image env,
-    service env and ``PORT``. ``layers`` are the image's layer snapshots,
-    bottom first, with ownership already shifted into the home's id range
-    (:mod:`kiln.oci.idmap`); they are shared read-only by every instance of
-    every image that uses them, so a runtime must never write into them.
+    service env and ``PORT``; ``port`` is where the app listens in its own
+    network. The runtime delivers ``image_digest`` from the home's image store
+    itself. ``layers`` is only for callers that bring unpacked layer trees of
+    their own (the bake's sandbox, runtime tests): bottom first, shared read-only,
+    never written; a runtime that cannot run raw layers refuses them.
     """
 
     instance_id: str
     service: str
     revision: int
     image_digest: str
-    layers: tuple[Path, ...]
     command: list[str]
     user: str | None
     workdir: str
@@ -82,6 +91,9 @@ class InstanceSpec:
     cap_add: tuple[str, ...] = ()
     seccomp: bool = True
     outbound: bool = False
+    layers: tuple[Path, ...] = ()
+    project: str | None = None
+    """The ``[project] name`` the instance belongs to, for the runtime's labels."""
 
 
 @dataclass(frozen=True)
@@ -89,24 +101,31 @@ class InstanceHandle:
     """A serialisable, versioned pointer to a running instance (Nomad's TaskHandle).
 
     The agent stores it so that after a restart it can ``recover`` instances
-    that still run instead of replacing healthy ones. ``start_time`` is the
-    kernel start time of ``pid`` and guards against pid reuse.
+    that still run instead of replacing healthy ones. ``host``/``port`` is the
+    address the instance answers on, which health checks and routes use;
+    ``data`` belongs to the runtime (local: the container id and its shim's pid
+    and start time; docker: the container id) and nobody else reads it.
     """
 
     version: int
     runtime: str
     instance_id: str
-    pid: int
-    start_time: int
+    host: str
+    port: int
     data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        """``host:port``, with an IPv6 host in brackets, as a route's backend wants it."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "runtime": self.runtime,
             "instance_id": self.instance_id,
-            "pid": self.pid,
-            "start_time": self.start_time,
+            "host": self.host,
+            "port": self.port,
             "data": dict(self.data),
         }
 
@@ -114,6 +133,8 @@ class InstanceHandle:
     def from_json(cls, d: dict[str, Any]) -> InstanceHandle:
         try:
             version = int(d["version"])
+            if version == 1:
+                return _from_v1(d)
             if version != HANDLE_VERSION:
                 raise RuntimeFailure(
                     f"instance handle {d.get('instance_id')!r}: unsupported version {version}"
@@ -122,12 +143,28 @@ class InstanceHandle:
                 version=version,
                 runtime=str(d["runtime"]),
                 instance_id=str(d["instance_id"]),
-                pid=int(d["pid"]),
-                start_time=int(d["start_time"]),
+                host=str(d["host"]),
+                port=int(d["port"]),
                 data=dict(d.get("data") or {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise RuntimeFailure(f"instance handle: malformed ({e!r})") from e
+
+
+def _from_v1(d: dict[str, Any]) -> InstanceHandle:
+    """Handles stored by Kiln before the address moved out of the runtime's data: a
+    local instance's shim pid and start time, its address in ``data``."""
+    data = dict(d.get("data") or {})
+    data["shim_pid"] = int(d["pid"])
+    data["shim_start_time"] = int(d["start_time"])
+    return InstanceHandle(
+        version=HANDLE_VERSION,
+        runtime=str(d["runtime"]),
+        instance_id=str(d["instance_id"]),
+        host=str(data.pop("host", None) or "127.0.0.1"),
+        port=int(data.pop("port", None) or 0),
+        data=data,
+    )
 
 
 class InstanceStatus(StrEnum):
@@ -141,12 +178,16 @@ class InstanceState:
     status: InstanceStatus
     exit_code: int | None
     pid: int | None
+    """The app's pid as the runtime's host sees it, where it has one (for display)."""
     oom_killed: bool = False
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a runtime can do beyond the core protocol, so callers ask instead of guess."""
+    """What a runtime can do beyond the core protocol, so callers ask instead of guess.
+
+    Honest: a limit is claimed only where the runtime enforces it, an isolation
+    only where every instance gets it."""
 
     exec: bool = False
     signal: bool = False
@@ -154,7 +195,11 @@ class Capabilities:
     secrets: bool = False
     memory_limit: bool = False
     cpu_limit: bool = False
-    host_network: bool = True
+    pids_limit: bool = False
+    user_namespace: bool = False
+    """Root inside an instance is an unprivileged user outside."""
+    raw_layers: bool = False
+    """Runs ``InstanceSpec.layers`` given by the caller (the bake's sandbox, tests)."""
 
 
 @runtime_checkable
@@ -170,10 +215,12 @@ class Runtime(Protocol):
     capabilities: Capabilities
 
     def start(self, spec: InstanceSpec) -> InstanceHandle:
-        """Start one instance and return as soon as it has a pid.
+        """Deliver the image if the runtime lacks it, start one instance, and return as
+        soon as it runs, with the address it answers on.
 
-        Does not wait for the app to be ready: health checks do that.
-        Raises RuntimeFailure when the sandbox cannot be created.
+        Does not wait for the app to be ready: health checks do that. From here
+        on the runtime writes the instance's stdout and stderr into the home's
+        log store. Raises RuntimeFailure when the instance cannot be created.
         """
         ...
 
@@ -206,7 +253,12 @@ class Runtime(Protocol):
         ...
 
     def list(self) -> list[InstanceHandle]:
-        """Handles of every instance this runtime currently runs, including orphans."""
+        """Handles of every instance this home has running, including orphans; only
+        those labelled as this home's, so clean-up never touches anything else."""
+        ...
+
+    def close(self) -> None:
+        """Release the runtime's own connections and threads; instances keep running."""
         ...
 
 
@@ -250,3 +302,15 @@ class Signaller(Protocol):
     """Optional: deliver a signal to an instance's processes without stopping it."""
 
     def signal(self, handle: InstanceHandle, sig: int) -> None: ...
+
+
+@runtime_checkable
+class ExitNotifier(Protocol):
+    """Optional: an instance's exit as a file descriptor the agent's event loop watches,
+    so watching a thousand idle instances costs no thread and no wake-up. A runtime
+    without it is watched with :meth:`Runtime.wait` in a thread per instance."""
+
+    def exit_fd(self, handle: InstanceHandle) -> int | None:
+        """A new fd, owned by the caller, that becomes readable once the instance no
+        longer runs; None when it already does not (or cannot be watched this way)."""
+        ...

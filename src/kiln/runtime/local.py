@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import builtins
 import contextlib
+import dataclasses
 import json
 import os
 import select
@@ -110,6 +111,7 @@ class LocalRuntime:
         self.python = python or sys.executable
         self.runc = Runc(self.home)
         self.network = network
+        self._legacy_checked = False
         self.capabilities = Capabilities(
             exec=True,
             signal=True,
@@ -117,8 +119,30 @@ class LocalRuntime:
             secrets=True,
             memory_limit=True,
             cpu_limit=True,
-            host_network=False,
+            pids_limit=True,
+            user_namespace=True,
+            raw_layers=True,
         )
+
+    def close(self) -> None:
+        """Nothing to release: the shims supervise the instances, not this object."""
+
+    def image_layers(self, digest: str) -> tuple[Path, ...]:
+        """Delivering an image here is unpacking the layer snapshots it lacks (an app edit
+        costs its app layers only); the snapshots' flocks serialise concurrent starts."""
+        from kiln.image.snapshots import SnapshotStore, remove_legacy_trees
+        from kiln.image.store import ImageStore
+
+        if not self._legacy_checked:
+            remove_legacy_trees(self.home, ("rootfs",))  # whole unpacked images, before snapshots
+            self._legacy_checked = True
+        try:
+            return SnapshotStore(self.home).layers_for(ImageStore(self.home / "images"), digest)
+        except (OSError, KilnError) as e:
+            raise RuntimeFailure(f"cannot unpack the layers of image {digest}: {e}") from e
+
+    def volume_dir(self, name: str) -> Path:
+        return self.home / "volumes" / name
 
     def _dir(self, instance_id: str) -> Path:
         return self.instances_dir / instance_id
@@ -206,6 +230,14 @@ class LocalRuntime:
         _check_name(spec.instance_id, spec.instance_id, "instance id")
         for name in spec.secrets:
             _check_name(spec.instance_id, name, "secret name")
+        for volume in spec.volumes:
+            _check_name(spec.instance_id, volume.name, "volume name")
+        if not spec.layers:
+            try:
+                layers = self.image_layers(spec.image_digest)
+            except RuntimeFailure as e:
+                raise RuntimeFailure(f"instance {spec.instance_id}: {e}") from e
+            spec = dataclasses.replace(spec, layers=layers)
         if not spec.layers:
             raise RuntimeFailure(f"instance {spec.instance_id}: no image layers")
         for layer in spec.layers:
@@ -231,7 +263,10 @@ class LocalRuntime:
         try:
             for volume in spec.volumes:
                 self._prepare_volume(
-                    spec.instance_id, volume.source, ids.to_host(uid), ids.to_host(gid)
+                    spec.instance_id,
+                    self.volume_dir(volume.name),
+                    ids.to_host(uid),
+                    ids.to_host(gid),
                 )
         except RuntimeFailure:
             shutil.rmtree(directory, ignore_errors=True)
@@ -246,7 +281,7 @@ class LocalRuntime:
             "view": str(self.view_dir(spec.instance_id)),
             "init": INIT_BINARY.exists(),
             "layers": [str(p) for p in spec.layers],
-            "volumes": [str(v.source) for v in spec.volumes],
+            "volumes": [str(self.volume_dir(v.name)) for v in spec.volumes],
             "ids": ids.to_json(),
             "user": [uid, gid],
             "workdir": spec.workdir,
@@ -260,6 +295,7 @@ class LocalRuntime:
                 "instance": spec.instance_id,
                 "revision": spec.revision,
                 "image_digest": spec.image_digest,
+                "project": spec.project,
                 "started": time.time(),
             },
         }
@@ -353,13 +389,16 @@ class LocalRuntime:
         )
 
     def _shim_alive(self, handle: InstanceHandle) -> bool:
-        return handle.pid > 0 and proc_start_time(handle.pid) == handle.start_time
+        pid = _shim_pid(handle)
+        return pid > 0 and proc_start_time(pid) == handle.data.get("shim_start_time")
 
     def inspect(self, handle: InstanceHandle) -> InstanceState:
         self._check_handle(handle)
         if self._shim_alive(handle):
             sandbox_pid = handle.data.get("sandbox_pid")
-            return InstanceState(InstanceStatus.RUNNING, None, int(sandbox_pid or handle.pid))
+            return InstanceState(
+                InstanceStatus.RUNNING, None, int(sandbox_pid or _shim_pid(handle))
+            )
         record = _read_json(self._dir(handle.instance_id) / "exit.json")
         if record is not None:
             return InstanceState(
@@ -374,7 +413,7 @@ class LocalRuntime:
         self._check_handle(handle)
         deadline = time.monotonic() + max(0.0, timeout)
         try:
-            pidfd = os.pidfd_open(handle.pid)
+            pidfd = os.pidfd_open(_shim_pid(handle))
         except (ProcessLookupError, OSError):
             pidfd = -1
         try:
@@ -385,7 +424,7 @@ class LocalRuntime:
                     break
                 if pidfd >= 0:
                     select.select([pidfd], [], [], remaining)
-                    if proc_start_time(handle.pid) is not None:
+                    if proc_start_time(_shim_pid(handle)) is not None:
                         time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
                 else:
                     time.sleep(min(0.05, remaining))
@@ -393,6 +432,19 @@ class LocalRuntime:
             if pidfd >= 0:
                 os.close(pidfd)
         return self.inspect(handle)
+
+    def exit_fd(self, handle: InstanceHandle) -> int | None:
+        """A pidfd of the shim, which outlives the app until it has recorded its exit."""
+        self._check_handle(handle)
+        try:
+            fd = os.pidfd_open(_shim_pid(handle))
+        except (ProcessLookupError, OSError, ValueError):
+            return None
+        # Identity checked after opening, so a reused pid cannot slip in between.
+        if not self._shim_alive(handle):
+            os.close(fd)
+            return None
+        return fd
 
     def signal(self, handle: InstanceHandle, sig: int) -> None:
         """Deliver ``sig`` to the app through the shim (which forwards it to the init)."""
@@ -403,7 +455,7 @@ class LocalRuntime:
             )
         if self._shim_alive(handle):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(handle.pid, sig)
+                os.kill(_shim_pid(handle), sig)
 
     def stop(self, handle: InstanceHandle, grace: float, sig: int = SIGTERM) -> InstanceState:
         """``sig`` via the shim, up to ``grace`` seconds, then SIGKILL the container and shim."""
@@ -412,7 +464,7 @@ class LocalRuntime:
             return self.inspect(handle)
         if sig in FORWARDED_SIGNALS:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(handle.pid, sig)
+                os.kill(_shim_pid(handle), sig)
             state = self.wait(handle, grace)
             if state.status is not InstanceStatus.RUNNING:
                 return state
@@ -420,7 +472,7 @@ class LocalRuntime:
         state = self.wait(handle, SHIM_EXIT_TIMEOUT)
         if state.status is InstanceStatus.RUNNING and self._shim_alive(handle):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(handle.pid, SIGKILL)
+                os.kill(_shim_pid(handle), SIGKILL)
             state = self.wait(handle, SHIM_EXIT_TIMEOUT)
         return state
 
@@ -471,7 +523,7 @@ class LocalRuntime:
         if handle.runtime != self.name or not self._shim_alive(handle):
             return False
         try:
-            cmdline = Path(f"/proc/{handle.pid}/cmdline").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{_shim_pid(handle)}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return False
         expected = str(self._dir(handle.instance_id)).encode()
@@ -488,15 +540,15 @@ class LocalRuntime:
             version=HANDLE_VERSION,
             runtime=self.name,
             instance_id=instance_id,
-            pid=int(info["shim_pid"]),
-            start_time=int(info["shim_start_time"]),
+            host=str(info.get("address") or "127.0.0.1"),
+            port=int(plan.get("port") or 0),
             data={
+                "shim_pid": int(info["shim_pid"]),
+                "shim_start_time": int(info["shim_start_time"]),
                 "sandbox_pid": info["sandbox_pid"],
                 "sandbox_start_time": info["sandbox_start_time"],
                 "container_id": info.get("container_id"),
                 "dir": str(directory),
-                "host": info.get("address") or "127.0.0.1",
-                "port": plan.get("port"),
                 "service": plan.get("meta", {}).get("service"),
             },
         )
@@ -573,6 +625,13 @@ class LocalRuntime:
         finally:
             process_file.unlink(missing_ok=True)
         return result.returncode, result.stdout.decode("utf-8", errors="replace")
+
+
+def _shim_pid(handle: InstanceHandle) -> int:
+    try:
+        return int(handle.data.get("shim_pid") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

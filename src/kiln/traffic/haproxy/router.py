@@ -172,6 +172,9 @@ class HAProxyRouter:
         self._lock = threading.RLock()
         self._routes: dict[str, Route] = {}
         self._listeners: dict[int, socket.socket] = {}
+        self._master_fds: dict[int, int] = {}
+        """port → the listener's fd number inside the current master (not this process's
+        copy, whose number differs after an adoption): what the next agent borrows."""
         self._current: Generation | None = None
         self._retired: list[Generation] = []
         self._base: dict[str, ServiceCounters] = {}
@@ -277,6 +280,7 @@ class HAProxyRouter:
             )
             return False
         self._listeners = listeners
+        self._master_fds = dict(state.listeners)
         self._current = gen
         self._routes = {}
         for name, route in routes.items():
@@ -550,6 +554,7 @@ class HAProxyRouter:
         self._number = number
         self._routes = dict(routes)
         self._listeners = {p: s for p, s in listeners.items() if p in used}
+        self._master_fds = dict(fds)
         self._save()
         if old is not None:
             self._snapshot_counters(old)
@@ -667,7 +672,7 @@ class HAProxyRouter:
             "start": proc_start_time(current.pid) if current is not None else None,
             "stats": str(current.api.path) if current is not None else None,
             "token": self._token,
-            "listeners": {str(p): s.fileno() for p, s in self._listeners.items()},
+            "listeners": {str(p): fd for p, fd in self._master_fds.items()},
             "routes": {n: r.to_json() for n, r in self._routes.items()},
         }
         write_private(self.state_file, json.dumps(state, indent=2).encode())

@@ -1,0 +1,177 @@
+"""Traffic, programmed only through the :class:`kiln.traffic.Router` boundary.
+
+What each service's route should be is derived from the instances' states
+(ready takes requests, draining finishes its own, starting and unhealthy are
+known but get nothing) and pushed only when it differs from what the router
+serves. The router's health is watched here too: its exit wakes the watcher at
+once, and a router that stops answering on a listener is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from kiln.agent.lifecycle import handle_of
+from kiln.deploy.plan import Plan
+from kiln.errors import KilnError
+from kiln.runtime import HostResources
+from kiln.traffic import Backend, BackendState, Route
+
+if TYPE_CHECKING:
+    from kiln.agent.engine import Engine
+
+__all__ = ["ROUTER_CHECK_FAILURES", "ROUTER_CHECK_INTERVAL", "Routing", "describe"]
+
+log = logging.getLogger("kiln.agent")
+
+ROUTER_CHECK_INTERVAL = 2.0
+"""How often the router is asked to answer on every listener; its death is seen at once."""
+ROUTER_CHECK_FAILURES = 3
+
+_BACKEND_STATE: dict[str, BackendState] = {"ready": "ready", "draining": "draining"}
+
+
+class Routing:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.pushed: dict[str, Route] = {}
+        self._published: set[int] | None = None
+        self._lock = asyncio.Lock()
+
+    async def route_for(self, service: str) -> Route | None:
+        e = self.engine
+        rollout = e.rollouts.running.get(service)
+        if rollout is not None:
+            cfg: dict[str, Any] | None = rollout.target.config
+        else:
+            active = await e.db(e.state.active_revision, service)
+            cfg = active.config if active is not None else None
+        if not cfg or not cfg.get("listen"):
+            return None
+        backends = []
+        for i in await e.db(e.state.instances, service, True):
+            handle = i.handle or {}
+            if i.state in ("pending", "stopping", "stopped") or not handle.get("host"):
+                continue
+            parsed = handle_of(i)
+            if parsed is None:
+                continue
+            state = _BACKEND_STATE.get(i.state, "maintenance")
+            backends.append(Backend(id=i.id, address=parsed.address, state=state))
+        return Route(
+            name=service,
+            listen=int(cfg["listen"]),
+            protocol=str(cfg.get("protocol", "http")),
+            drain_timeout=float(cfg.get("drain_timeout", 10.0)),
+            backends=tuple(backends),
+        )
+
+    async def push(self, service: str | None = None, force: bool = False) -> None:
+        """Act only on a difference: a route identical to the last one pushed is not re-sent."""
+        e = self.engine
+        async with self._lock:
+            if service:
+                names = [service]
+            else:
+                names = sorted({*(await e.db(e.state.services)), *self.pushed})
+            for name in names:
+                try:
+                    route = await self.route_for(name)
+                except KilnError as err:
+                    log.warning("route for %s: %s", name, err)
+                    continue
+                if route is None:
+                    if name in self.pushed:
+                        try:
+                            await e.io(e.router.remove, name)
+                            self.pushed.pop(name, None)
+                        except KilnError as err:
+                            log.warning("removing the route of %s failed: %s", name, err)
+                    continue
+                if not force and self.pushed.get(name) == route:
+                    continue
+                try:
+                    await e.io(e.router.apply, route)
+                except KilnError as err:
+                    self.pushed.pop(name, None)
+                    log.warning("route push for %s failed: %s", name, err)
+                    continue
+                self.pushed[name] = route
+            await self._publish_ports()
+
+    async def _publish_ports(self) -> None:
+        """Instances may reach the host only on the proxy's listen ports."""
+        runtime = self.engine.runtime
+        if not isinstance(runtime, HostResources):
+            return
+        ports = {r.listen for r in self.pushed.values()}
+        if ports != self._published:
+            try:
+                await self.engine.io(runtime.publish_ports, ports)
+                self._published = ports
+            except KilnError as err:
+                log.warning("publishing listen ports to the runtime failed: %s", err)
+
+    async def watch_router(self) -> None:
+        """The router's death wakes this at once (its exit fd); every interval it must also
+        answer on each listener, and one that stops answering is restarted."""
+        e = self.engine
+        failures = 0
+        while True:
+            exited = await e.readable(e.router.exit_fd(), ROUTER_CHECK_INTERVAL)
+            problems = await e.io(e.router.check)
+            if not problems:
+                failures = 0
+                continue
+            failures += 1
+            if not exited and failures < ROUTER_CHECK_FAILURES:
+                log.warning("router check %d/%d: %s", failures, ROUTER_CHECK_FAILURES, problems)
+                continue
+            failures = 0
+            reason = "; ".join(problems)
+            old = e.router.info()
+            try:
+                await e.io(e.router.restart, reason)
+            except KilnError as err:
+                log.error("router restart failed: %s", err)
+                continue
+            new = e.router.info()
+            e.emit(
+                "proxy.restarted",
+                f"router restarted ({reason}; was {describe(old)}, now {describe(new)})",
+                data={"reason": reason, "old": old, "new": new},
+            )
+            await self.push(force=True)
+
+    async def check_listeners(self, plan: Plan) -> None:
+        """A listen port another program holds fails the apply before anything changes."""
+        for sp in plan.services:
+            want = plan.desired.get(sp.service)
+            if sp.removed or want is None or not want.service_config.get("listen"):
+                continue
+            listen = int(want.service_config["listen"])
+            current = self.pushed.get(sp.service)
+            if current is not None and current.listen == listen:
+                continue
+            holder = next(
+                (n for n, r in self.pushed.items() if n != sp.service and r.listen == listen),
+                None,
+            )
+            if holder is not None:
+                raise KilnError(
+                    f"service {sp.service}: port {listen} is served by service {holder} now; "
+                    "move one service per apply; nothing was changed"
+                )
+            try:
+                await self.engine.io(self.engine.router.check_listen, listen)
+            except KilnError as err:
+                raise KilnError(
+                    f"service {sp.service}: cannot listen on port {listen} ({err}); "
+                    "nothing was changed"
+                ) from err
+
+
+def describe(info: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in info.items() if v is not None) or "no process"

@@ -1,0 +1,58 @@
+"""What ``kiln status`` and ``kiln history`` show, read from the live working set only."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from kiln.agent.errors import NotFound
+from kiln.agent.lifecycle import handle_of
+
+if TYPE_CHECKING:
+    from kiln.agent.engine import Engine
+
+__all__ = ["history", "status"]
+
+
+async def status(e: Engine) -> dict[str, Any]:
+    services: dict[str, Any] = {}
+    now = time.time()
+    for name in await e.db(e.state.services):
+        active = await e.db(e.state.active_revision, name)
+        instances = []
+        for rec in await e.db(e.state.instances, name, True):
+            rev = await e.revision(name, rec.revision)
+            handle = handle_of(rec)
+            data = handle.data if handle is not None else {}
+            instances.append(
+                {
+                    "id": rec.id,
+                    "revision": rec.revision,
+                    "state": rec.state,
+                    "health": e.health.state_of(rec.id) or rec.state,
+                    "age": now - rec.created,
+                    "digest": rev.image_digest,
+                    "port": rec.port,
+                    "address": handle.address if handle is not None else None,
+                    "pid": data.get("sandbox_pid") or data.get("shim_pid"),
+                }
+            )
+        rollout = e.rollouts.running.get(name)
+        if active is None and not instances and rollout is None:
+            continue
+        services[name] = {
+            "active_revision": active.number if active else None,
+            "desired_replicas": int(active.config.get("replicas", 1)) if active else 0,
+            "listen": active.config.get("listen") if active else None,
+            "instances": instances,
+            "rollout": rollout.info() if rollout is not None else None,
+            "alarms": [a.message for a in await e.db(e.state.alarms, name)],
+        }
+    return {"services": services, "proxy": e.router.info(), "runtime": e.runtime.name}
+
+
+async def history(e: Engine, service: str) -> dict[str, Any]:
+    revisions = await e.db(e.state.revisions, service)
+    if not revisions:
+        raise NotFound(f"no service {service!r}")
+    return {"service": service, "revisions": [r.to_json() for r in reversed(revisions)]}

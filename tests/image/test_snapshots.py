@@ -662,21 +662,24 @@ def test_gc_sweeps_dead_unpacks_and_what_kiln_kept_before_snapshots(
     assert not (kiln_home / "rootfs").exists() and not (kiln_home / "cache" / "trees").exists()
 
 
-def test_the_agent_gets_an_images_layer_dirs_and_drops_the_old_rootfs_cache(
+def test_the_local_runtime_delivers_an_images_layer_dirs_and_drops_the_old_rootfs_cache(
     store: ImageStore, image_builder: Builder, kiln_home: Path
 ) -> None:
-    from kiln.agent.executor import ImageSnapshots
+    from kiln.agent.executor import ImageConfigs
+    from kiln.runtime.local import LocalRuntime
 
     old = kiln_home / "rootfs" / "sha256-00"
     old.mkdir(parents=True)
     digest, layers = _three_layer_image(store, image_builder)
-    agent = ImageSnapshots(kiln_home)
-    dirs = agent.layers(digest)
+    dirs = LocalRuntime(kiln_home, network=False).image_layers(digest)
     assert [d.parent.name for d in dirs] == [
         c.removeprefix("sha256:")[:12] for c in chain_ids([layer.diff_id for layer in layers])
     ]
     assert not (kiln_home / "rootfs").exists()
-    assert agent.image_config(digest)["rootfs"]["diff_ids"] == [layer.diff_id for layer in layers]
+    configs = ImageConfigs(kiln_home)
+    assert configs.image_config(digest)["rootfs"]["diff_ids"] == [
+        layer.diff_id for layer in layers
+    ]
     assert image_layers(store, digest)[0].source.startswith("layer 1 (sha256:")
 
 

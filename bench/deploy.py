@@ -6,7 +6,9 @@
 * plan time for 100 services x 10 instances (bench/plan.py);
 * proxy requests/s and p99 against direct and haproxy (bench/proxy.py);
 * the same rolling update and SIGKILL recovery done by Docker Swarm on the
-  same image and health interval, when a Docker engine can start here.
+  same image and health interval, when a Docker engine can start here;
+* the rollouts, recoveries and agent restarts again with Kiln on the Docker
+  runtime (``[runtime] kind = "docker"``) on that same engine.
 
 Run: .venv/bin/python bench/deploy.py [--quick]
 """
@@ -39,7 +41,7 @@ INTERVAL = 1.0
 TOML = """\
 [project]
 name = "bench"
-
+{runtime}
 [images.web]
 from = "debian:bookworm"
 packages = ["python3-minimal"]
@@ -82,12 +84,24 @@ def kiln(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     return out
 
 
-def write_project(root: Path, replicas: int, listen: int, greeting: str) -> None:
+def write_project(root: Path, replicas: int, listen: int, greeting: str, runtime: str = "") -> None:
     if not (root / "app").exists():
         shutil.copytree(REPO / "examples" / "shop" / "app", root / "app")
     (root / "kiln.toml").write_text(
-        TOML.format(replicas=replicas, listen=listen, greeting=greeting)
+        TOML.format(replicas=replicas, listen=listen, greeting=greeting, runtime=runtime)
     )
+
+
+def runtime_table(host: str) -> str:
+    return f'\n[runtime]\nkind = "docker"\nhost = "{host}"\n'
+
+
+def kill_instance(instance: dict[str, Any], host: str | None) -> None:
+    """SIGKILL the app: its sandbox's pid (local), or its container (docker)."""
+    if host is not None and instance.get("container"):
+        docker(host, "kill", "-s", "KILL", str(instance["container"]))
+    else:
+        os.kill(int(instance["pid"]), signal.SIGKILL)
 
 
 def instances(home: Path) -> list[dict[str, Any]]:
@@ -112,15 +126,18 @@ def stats(
     return text
 
 
-def kiln_rollouts(work: Path, replicas: int, runs: int) -> tuple[list[float], list[int], int]:
-    home, project, listen = work / f"home-{replicas}", work / f"p{replicas}", free_port()
+def kiln_rollouts(
+    work: Path, replicas: int, runs: int, runtime: str = "", tag: str = ""
+) -> tuple[list[float], list[int], int]:
+    home = work / f"home-{replicas}{tag}"
+    project, listen = work / f"p{replicas}{tag}", free_port()
     project.mkdir()
-    write_project(project, replicas, listen, "v0")
+    write_project(project, replicas, listen, "v0", runtime)
     kiln(home, "up", str(project))
     durations, failures, sent = [], [], 0
     try:
         for run in range(1, runs + 1):
-            write_project(project, replicas, listen, f"v{run}")
+            write_project(project, replicas, listen, f"v{run}", runtime)
             with LoadGenerator("127.0.0.1", listen, workers=4) as load:
                 time.sleep(0.5)
                 start = time.perf_counter()
@@ -130,7 +147,7 @@ def kiln_rollouts(work: Path, replicas: int, runs: int) -> tuple[list[float], li
             failures.append(load.report.failed)
             sent += load.report.sent
             print(
-                f"  kiln rollout {replicas} replicas run {run}: {durations[-1]:.1f} s, "
+                f"  kiln{tag} rollout {replicas} replicas run {run}: {durations[-1]:.1f} s, "
                 f"{load.report.summary()}",
                 flush=True,
             )
@@ -140,7 +157,7 @@ def kiln_rollouts(work: Path, replicas: int, runs: int) -> tuple[list[float], li
     return durations, failures, sent
 
 
-def kiln_recoveries(home: Path, kills: int) -> list[float]:
+def kiln_recoveries(home: Path, kills: int, host: str | None = None) -> list[float]:
     out = []
     for n in range(kills):
         while True:
@@ -151,7 +168,7 @@ def kiln_recoveries(home: Path, kills: int) -> list[float]:
             time.sleep(0.5)
         victim = max(old, key=lambda i: i["age"])
         start = time.monotonic()
-        os.kill(int(victim["pid"]), signal.SIGKILL)
+        kill_instance(victim, host)
         while True:
             ready = [i for i in instances(home) if i["state"] == "ready"]
             if len(ready) >= 3 and victim["id"] not in {i["id"] for i in ready}:
@@ -315,6 +332,45 @@ def swarm(host: str, archive: Path, replicas: int, runs: int, kills: int) -> dic
     return {"durations": durations, "failures": failures, "recoveries": recoveries}
 
 
+def kiln_suite(
+    work: Path, runs: int, kills: int, runtime: str = "", tag: str = "", host: str | None = None
+) -> dict[str, Any]:
+    """Rollouts of 3 and 10 replicas, SIGKILL recoveries and agent restarts on one runtime."""
+    print(f"kiln{tag}: rolling updates under load", flush=True)
+    r3, f3, s3 = kiln_rollouts(work, 3, runs, runtime, tag)
+    r10, f10, s10 = kiln_rollouts(work, 10, runs, runtime, tag)
+    home3 = work / f"home-3{tag}"
+    print(f"kiln{tag}: SIGKILL recoveries (3 replicas, health interval 1 s)", flush=True)
+    ttr = kiln_recoveries(home3, kills, host)
+    print(f"kiln{tag}: agent SIGKILL + restart under load", flush=True)
+    listen3 = json.loads(kiln(home3, "status", "--json").stdout)["services"]["web"]["listen"]
+    dropped, sent_agent = kiln_agent_restarts(home3, int(listen3), runs)
+    return {
+        "home": home3,
+        "listen": int(listen3),
+        "r3": r3,
+        "r10": r10,
+        "failed": f3 + f10,
+        "sent": s3 + s10,
+        "ttr": ttr,
+        "dropped": dropped,
+        "sent_agent": sent_agent,
+    }
+
+
+def suite_lines(name: str, kiln_figures: dict[str, Any], sw3: Any, sw10: Any) -> list[str]:
+    k = kiln_figures
+    return [
+        stats(f"rollout, 3 replicas ({name})", k["r3"], peer=sw3.get("durations")),
+        stats(f"rollout, 10 replicas ({name})", k["r10"], peer=sw10.get("durations")),
+        f"{'failed requests during rollouts (' + name + ')':<44} {sum(k['failed'])} of "
+        f"{k['sent']} (per run: {k['failed']})",
+        stats(f"time to recovery after SIGKILL ({name})", k["ttr"], peer=sw3.get("recoveries")),
+        f"{'requests dropped, agent SIGKILL (' + name + ')':<44} {sum(k['dropped'])} of "
+        f"{k['sent_agent']} (per run: {k['dropped']})",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer runs")
@@ -323,24 +379,25 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-deploy-"))
     lines: list[str] = []
     try:
-        print("kiln: rolling updates under load", flush=True)
-        r3, f3, s3 = kiln_rollouts(work, 3, runs)
-        r10, f10, s10 = kiln_rollouts(work, 10, runs)
-        home3 = work / "home-3"
-        print("kiln: SIGKILL recoveries (3 replicas, health interval 1 s)", flush=True)
-        ttr = kiln_recoveries(home3, kills)
-        print("kiln: agent SIGKILL + restart under load", flush=True)
-        listen3 = json.loads(kiln(home3, "status", "--json").stdout)["services"]["web"]["listen"]
-        dropped, sent_agent = kiln_agent_restarts(home3, int(listen3), runs)
+        local = kiln_suite(work, runs, kills)
+        home3, listen3 = local["home"], local["listen"]
         print("kiln: proxy SIGKILL under load (the agent restarts it)", flush=True)
-        proxy_lost, proxy_gaps, sent_proxy = kiln_proxy_restarts(home3, int(listen3), runs)
+        proxy_lost, proxy_gaps, sent_proxy = kiln_proxy_restarts(home3, listen3, runs)
 
         sw3: dict[str, Any] = {}
         sw10: dict[str, Any] = {}
+        on_docker: dict[str, Any] | None = None
         with private_dockerd() as host:
             if host is None:
                 print("swarm: no Docker engine could start here; no peer figures", flush=True)
             else:
+                print("kiln on the docker runtime, same engine as swarm", flush=True)
+                on_docker = kiln_suite(
+                    work, runs, min(kills, 10), runtime_table(host), "-docker", host
+                )
+                kiln(on_docker["home"], "down", check=False)
+                for home in work.glob("home-*-docker"):
+                    kiln(home, "down", check=False)
                 archive = work / "shop.tar"
                 kiln(home3, "image", "export", "web", "--format", "docker", "-o", str(archive))
                 loaded = docker(host, "load", "-i", str(archive)).stdout
@@ -354,12 +411,12 @@ def main() -> int:
 
         lines += [
             "",
-            "kiln deploy benchmark (examples/shop image, health interval 1 s, surge 1)",
-            stats("rollout, 3 replicas", r3, peer=sw3.get("durations")),
-            stats("rollout, 10 replicas", r10, peer=sw10.get("durations")),
-            f"{'failed requests during rollouts (kiln proxy)':<44} {sum(f3) + sum(f10)} of "
-            f"{s3 + s10} (per run: {f3 + f10})",
+            "kiln deploy benchmark (examples/shop image, health interval 1 s, surge 1, "
+            "swarm --update-monitor 1 s = min_healthy_time)",
+            *suite_lines("local", local, sw3, sw10),
         ]
+        if on_docker is not None:
+            lines += suite_lines("docker", on_docker, sw3, sw10)
         if sw3:
             lines.append(
                 f"{'failed requests during rollouts (swarm, host port of slot 1)':<44} "
@@ -368,9 +425,6 @@ def main() -> int:
                 "absent here"
             )
         lines += [
-            stats("time to recovery after SIGKILL", ttr, peer=sw3.get("recoveries")),
-            f"{'requests dropped, agent SIGKILL + restart':<44} {sum(dropped)} of {sent_agent} "
-            f"(per run: {dropped})",
             f"{'requests lost, proxy SIGKILL + restart':<44} {sum(proxy_lost)} of {sent_proxy} "
             f"(per run: {proxy_lost})",
             stats("proxy SIGKILL until serving again", proxy_gaps),

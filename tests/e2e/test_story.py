@@ -17,8 +17,12 @@ from pathlib import Path
 import pytest
 
 import busybox_tree
+from dockerd import Dockerd, docker_engine
 from kiln.observe.load import LoadGenerator
+from kiln.oci.runc import home_tag
 from leftovers import assert_nothing_left
+
+__all__ = ["docker_engine"]  # the session's private engine, a fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -269,3 +273,85 @@ def test_two_projects_share_a_home_and_up_asks_before_destroying(
     assert fetch(shop_port) == "shop"
     with pytest.raises(OSError):
         fetch(blog_port)
+
+
+def test_the_main_job_on_the_docker_runtime(
+    home: Path, tmp_path: Path, docker_engine: Dockerd
+) -> None:
+    """The same story with ``[runtime] kind = "docker"`` on a private engine: the same
+    plan, a rolling update under load with no failed request, a SIGKILLed container
+    replaced, a SIGKILLed agent whose containers are adopted, a rollback, the logs of a
+    container that no longer exists, and a down that leaves no container of the home."""
+    import docker
+
+    listen = free_port()
+    project = make_project(tmp_path / "p", listen, "v1")
+    toml = project / "kiln.toml"
+    toml.write_text(
+        toml.read_text().replace(
+            "[images.web]",
+            f'[runtime]\nkind = "docker"\nhost = "{docker_engine.host}"\n\n[images.web]',
+        )
+    )
+    engine = docker.DockerClient(base_url=docker_engine.host)
+    try:
+        up = kiln(home, "up", str(project))
+        assert up.returncode == 0, up.stderr
+        assert fetch(listen) == "v1"
+        first = status(home)
+        assert len([i for i in first["instances"] if i["state"] == "ready"]) == 3
+        assert all(i["container"] for i in first["instances"])
+
+        (project / "rootfs" / "www" / "index.html").write_text("v2\n")
+        with LoadGenerator("127.0.0.1", listen, workers=4) as load:
+            time.sleep(0.3)
+            applied = kiln(home, "apply", "--file", str(project), "--yes")
+            time.sleep(0.3)
+        assert applied.returncode == 0, applied.stderr
+        print(f"docker rollout under load: {load.report.summary()}")
+        assert load.report.sent > 100
+        assert load.report.failed == 0, load.report.errors
+        assert fetch(listen) == "v2"
+
+        victim = next(i for i in status(home)["instances"] if i["state"] == "ready")
+        engine.containers.get(victim["container"]).kill("SIGKILL")
+
+        def replaced() -> bool:
+            ready = [i for i in status(home)["instances"] if i["state"] == "ready"]
+            return len(ready) == 3 and victim["id"] not in {i["id"] for i in ready}
+
+        wait_for(replaced, timeout=20)
+
+        before = {i["id"] for i in status(home)["instances"]}
+        agent_pid = int((home / "agent.pid").read_text().strip())
+        with LoadGenerator("127.0.0.1", listen, workers=2) as load:
+            os.kill(agent_pid, signal.SIGKILL)
+            time.sleep(0.5)
+            again = kiln(home, "up", str(project))
+            time.sleep(0.3)
+        assert again.returncode == 0, again.stderr
+        assert "No changes" in again.stderr or "No changes" in again.stdout
+        assert {i["id"] for i in status(home)["instances"]} == before, "containers were replaced"
+        events = [json.loads(line) for line in kiln(home, "events", "--json").stdout.splitlines()]
+        adopted = {e["instance"] for e in events if e["kind"] == "instance.adopted"}
+        assert before <= adopted
+        assert load.report.failed == 0, load.report.errors
+
+        back = kiln(home, "rollback", "web")
+        assert back.returncode == 0, back.stderr
+        assert fetch(listen) == "v1"
+
+        logs = kiln(home, "logs", "web", "--instance", victim["id"])
+        assert logs.returncode == 0, logs.stderr
+        assert f"{victim['id']} started v2" in logs.stdout
+
+        down = kiln(home, "down")
+        assert down.returncode == 0, down.stderr
+        with pytest.raises(OSError):
+            fetch(listen)
+        tag = home_tag(home)
+        left = engine.containers.list(all=True, filters={"label": f"dev.kiln.home={tag}"})
+        assert left == [], [c.name for c in left]
+    finally:
+        kiln(home, "down")
+        engine.close()

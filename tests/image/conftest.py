@@ -1,22 +1,18 @@
 """Shared fixtures for the image tests: a store in a temp KILN_HOME, tiny busybox
-images built with the image API itself, and a private dockerd for `docker load`.
-
-The ``dockerd`` fixture is self-contained so other test packages can copy it.
+images built with the image API itself, and a private dockerd for `docker load`
+(the session's one, shared with the runtime and security tests: tests/dockerd.py).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from dockerd import Dockerd, docker_engine  # noqa: F401 - a fixture, used by dockerd below
 from kiln.image.digest import (
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_MANIFEST,
@@ -110,69 +106,7 @@ def busybox_image(store: ImageStore, tmp_path: Path) -> tuple[str, Descriptor]:
     return ref_name, manifest
 
 
-def dockerd_command(data_root: Path, exec_root: Path, pidfile: Path, sock: Path) -> list[str]:
-    return [
-        "dockerd",
-        "--iptables=false",
-        "--ip6tables=false",
-        "--bridge=none",
-        "--data-root",
-        str(data_root),
-        "--exec-root",
-        str(exec_root),
-        "--pidfile",
-        str(pidfile),
-        "-H",
-        f"unix://{sock}",
-    ]
-
-
 @pytest.fixture(scope="session")
-def dockerd() -> Iterator[Path]:
-    """A private dockerd for this test session; yields its socket path."""
-    if shutil.which("dockerd") is None or shutil.which("docker") is None:
-        pytest.skip("dockerd/docker not installed")
-    if os.geteuid() != 0:
-        pytest.skip("dockerd needs root")
-    # exec-root and the socket path must stay short (unix socket path limit).
-    base = Path(tempfile.mkdtemp(prefix="kd-", dir="/tmp"))
-    sock = base / "docker.sock"
-    log = open(base / "dockerd.log", "wb")  # noqa: SIM115 - lives as long as dockerd
-    cmd = dockerd_command(base / "data", base / "exec", base / "dockerd.pid", sock)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            if sock.exists():
-                probe = subprocess.run(
-                    [
-                        "docker",
-                        "-H",
-                        f"unix://{sock}",
-                        "version",
-                        "--format",
-                        "{{.Server.Version}}",
-                    ],
-                    capture_output=True,
-                    timeout=10,
-                )
-                if probe.returncode == 0:
-                    ready = True
-                    break
-            time.sleep(0.2)
-        if not ready:
-            tail = (base / "dockerd.log").read_text(errors="replace")[-800:]
-            pytest.skip(f"dockerd did not start within 30s: {tail}")
-        yield sock
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
-        subprocess.run(["umount", "-R", str(base / "exec")], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+def dockerd(docker_engine: Dockerd) -> Path:  # noqa: F811
+    """The session's private dockerd (tests/dockerd.py); its socket path."""
+    return docker_engine.socket

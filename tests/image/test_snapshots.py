@@ -677,9 +677,7 @@ def test_the_local_runtime_delivers_an_images_layer_dirs_and_drops_the_old_rootf
     ]
     assert not (kiln_home / "rootfs").exists()
     configs = ImageConfigs(kiln_home)
-    assert configs.image_config(digest)["rootfs"]["diff_ids"] == [
-        layer.diff_id for layer in layers
-    ]
+    assert configs.image_config(digest)["rootfs"]["diff_ids"] == [layer.diff_id for layer in layers]
     assert image_layers(store, digest)[0].source.startswith("layer 1 (sha256:")
 
 

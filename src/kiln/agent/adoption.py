@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from kiln.agent.lifecycle import handle_of
 from kiln.agent.rollouts import Rollout
 from kiln.errors import KilnError
-from kiln.runtime import HostResources
+from kiln.runtime import Releaser
 
 if TYPE_CHECKING:
     from kiln.agent.engine import Engine
@@ -77,7 +77,7 @@ async def adopt(e: Engine) -> None:
             rec.revision,
         )
     await _retire_replaced(e)
-    if isinstance(runtime, HostResources):
+    if isinstance(runtime, Releaser):
         for leftover in await e.io(runtime.leftovers):
             with contextlib.suppress(KilnError):
                 await e.io(runtime.release, leftover)

@@ -47,7 +47,13 @@ class BadRequest(KilnError):
     """A request breaking a bound: 400, naming the parameter."""
 
 
+class RuntimeRequest(BaseModel):
+    kind: str = "local"
+    host: str | None = None
+
+
 class PlanRequest(BaseModel):
+    runtime: RuntimeRequest | None = None
     spec_path: str
     environment: str | None = None
     spec_text: str = ""

@@ -20,6 +20,8 @@ from kiln.paths import ensure_home, open_private
 if TYPE_CHECKING:
     import httpx
 
+    from kiln.runtime.select import RuntimeChoice
+
 __all__ = ["AgentClient", "AgentUnavailable", "agent_command", "start_background"]
 
 SOCKET_NAME = "agent.sock"
@@ -30,9 +32,14 @@ class AgentUnavailable(KilnError):
     """No agent answers on the socket of this KILN_HOME."""
 
 
-def agent_command(home: Path) -> list[str]:
+def agent_command(home: Path, runtime: RuntimeChoice | None = None) -> list[str]:
     """The detached agent process: ``kiln agent`` for this home, without relying on PATH."""
-    return [sys.executable, "-m", "kiln.agent", "--home", str(home)]
+    argv = [sys.executable, "-m", "kiln.agent", "--home", str(home)]
+    if runtime is not None:
+        argv += ["--runtime", runtime.kind]
+        if runtime.host:
+            argv += ["--runtime-host", runtime.host]
+    return argv
 
 
 class AgentClient:
@@ -117,9 +124,11 @@ class AgentClient:
         digests: dict[str, str],
         services: dict[str, Any],
         project: str | None = None,
+        runtime: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Returns ``{"plan": <plan JSON>, "text": <rendered plan>}``."""
         body = {
+            "runtime": runtime,
             "project": project,
             "spec_path": spec_path,
             "environment": environment,
@@ -214,7 +223,9 @@ def _decode(resp: httpx.Response, method: str, path: str) -> Any:
     return payload
 
 
-def start_background(home: Path, timeout: float = 20.0) -> None:
+def start_background(
+    home: Path, timeout: float = 20.0, runtime: RuntimeChoice | None = None
+) -> None:
     """Spawn ``kiln agent`` detached (it outlives the CLI) and wait until it answers."""
     home = ensure_home(home)
     client = AgentClient(home)
@@ -225,7 +236,7 @@ def start_background(home: Path, timeout: float = 20.0) -> None:
         env = dict(os.environ, KILN_HOME=str(home))
         with os.fdopen(open_private(log_path, os.O_WRONLY | os.O_APPEND), "ab") as log:
             proc = subprocess.Popen(
-                agent_command(home),
+                agent_command(home, runtime),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -25,6 +25,7 @@ from kiln.agent.engine import Engine
 from kiln.agent.errors import Conflict
 from kiln.errors import KilnError
 from kiln.paths import ensure_home
+from kiln.runtime.select import RuntimeChoice, read_choice, write_choice
 
 __all__ = ["Agent", "run_agent"]
 
@@ -37,9 +38,16 @@ HOME_WATCH_INTERVAL = 1.0
 class Agent:
     """The composition root: lock, state, runtime, router, engine, API server."""
 
-    def __init__(self, home: Path, runtime: Any | None = None, router: Any | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        runtime: Any | None = None,
+        router: Any | None = None,
+        choice: RuntimeChoice | None = None,
+    ) -> None:
         self.home = home
         self.runtime = runtime
+        self.choice = choice or RuntimeChoice()
         self.router = router
         self.stopping = asyncio.Event()
         self.started = time.time()
@@ -59,9 +67,7 @@ class Agent:
 
         state = StateStore(self.home / "state.db")
         if self.runtime is None:
-            from kiln.runtime.local import LocalRuntime
-
-            self.runtime = LocalRuntime(self.home)
+            self.runtime = self.choice.open(self.home)
         from kiln.traffic.haproxy import HAProxyRouter
 
         router = self.router or HAProxyRouter(self.home)
@@ -122,6 +128,11 @@ class Agent:
         return await self._engine().status()
 
     async def plan(self, body: dict[str, Any]) -> dict[str, Any]:
+        wanted = body.get("runtime")
+        if wanted is not None:
+            check_choice(
+                self.choice, RuntimeChoice(wanted.get("kind") or "local", wanted.get("host"))
+            )
         return await self._engine().plan(body)
 
     async def apply(self, plan: dict[str, Any]) -> dict[str, Any]:
@@ -220,7 +231,34 @@ def _api_server(agent: Agent) -> Any:
     return _Server(config)
 
 
-def run_agent(home: Path) -> None:
+def check_choice(running: RuntimeChoice, wanted: RuntimeChoice) -> None:
+    """One runtime per home: a kiln.toml that asks for another is refused, not obeyed
+    halfway (instances on two runtimes that one agent would have to adopt)."""
+    if running != wanted:
+        raise KilnError(
+            f"this KILN_HOME runs its instances on the {running.describe()} runtime, but "
+            f"kiln.toml asks for {wanted.describe()}; run kiln down first (or use another "
+            "KILN_HOME); nothing was changed"
+        )
+
+
+def choose_runtime(home: Path, asked: RuntimeChoice | None) -> RuntimeChoice:
+    """The home's recorded runtime, or the one asked for when nothing runs on the
+    recorded one (a home after ``kiln down`` may move to another runtime)."""
+    recorded = read_choice(home)
+    if asked is None or asked == recorded:
+        return recorded or RuntimeChoice()
+    if recorded is not None and (home / "state.db").exists():
+        from kiln.deploy.state import StateStore
+
+        with StateStore(home / "state.db") as state:
+            if state.instances(live_only=True):
+                check_choice(recorded, asked)
+    write_choice(home, asked)
+    return asked
+
+
+def run_agent(home: Path, runtime: RuntimeChoice | None = None) -> None:
     """Run until SIGTERM/SIGINT (instances and the proxy keep running) or ``POST /v1/down``."""
     home = ensure_home(home)
     lock = AgentLock(home)
@@ -233,6 +271,7 @@ def run_agent(home: Path) -> None:
         )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        asyncio.run(Agent(home).run())
+        choice = choose_runtime(home, runtime)
+        asyncio.run(Agent(home, choice=choice).run())
     finally:
         lock.release()

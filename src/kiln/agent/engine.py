@@ -41,7 +41,7 @@ from kiln.agent.routing import Routing, describe
 from kiln.deploy.plan import Action, Plan, plan_answer
 from kiln.deploy.state import InstanceRecord, Revision, StateStore
 from kiln.errors import KilnError
-from kiln.runtime import HostResources, InstanceHandle, InstanceState, Runtime
+from kiln.runtime import InstanceHandle, InstanceState, Releaser, Runtime
 from kiln.traffic import Router
 
 __all__ = ["Engine", "log_retention", "settle_down"]
@@ -282,10 +282,11 @@ class Engine:
             with contextlib.suppress(KilnError):
                 await self.io(self.runtime.destroy, handle)
         await self.io(self.router.stop)
-        if isinstance(self.runtime, HostResources):
+        if isinstance(self.runtime, Releaser):
             with contextlib.suppress(KilnError):
                 await self.io(self.runtime.shutdown)
         self.emit("agent.down", f"down: stopped {len(live)} instance(s) and the proxy")
+        await self.db(lambda: None)  # every event queued so far is written
         return {"stopped": sorted(i.id for i in live), "proxy": "stopped"}
 
     async def down_homeless(self) -> dict[str, Any]:
@@ -311,7 +312,7 @@ class Engine:
                 log.error("stopping %s: %s", rec.id, err)
             with contextlib.suppress(Exception):
                 await self.io(self.runtime.destroy, handle)
-        if isinstance(self.runtime, HostResources):
+        if isinstance(self.runtime, Releaser):
             with contextlib.suppress(Exception):
                 await self.io(self.runtime.shutdown)
         return {"stopped": sorted(stopped), "proxy": "stopped"}

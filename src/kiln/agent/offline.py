@@ -14,18 +14,23 @@ __all__ = ["down_without_agent"]
 
 
 def down_without_agent(home: Path) -> dict[str, Any]:
-    from kiln.runtime.local import LocalRuntime
+    from kiln.runtime import Releaser
+    from kiln.runtime.select import RuntimeChoice, read_choice
     from kiln.traffic.haproxy import HAProxyRouter
 
-    runtime = LocalRuntime(home)
+    runtime = (read_choice(home) or RuntimeChoice()).open(home)
     stopped = []
-    for handle in runtime.list():
-        runtime.destroy(handle)
-        stopped.append(handle.instance_id)
-    router = HAProxyRouter(home)
-    had_proxy = router.recorded_alive()
-    router.stop()
-    runtime.shutdown()
+    try:
+        for handle in runtime.list():
+            runtime.destroy(handle)
+            stopped.append(handle.instance_id)
+        router = HAProxyRouter(home)
+        had_proxy = router.recorded_alive()
+        router.stop()
+        if isinstance(runtime, Releaser):
+            runtime.shutdown()
+    finally:
+        runtime.close()
     if (home / "state.db").exists():
         from kiln.agent.engine import settle_down
         from kiln.deploy.state import StateStore

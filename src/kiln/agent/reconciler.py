@@ -36,6 +36,8 @@ class Reconciler:
         self.engine = engine
         self.wake = asyncio.Event()
         self.breaker_reset: dict[str, float] = {}
+        self.passes = 0
+        """How many passes ran: what a test of an idle agent reads."""
 
     def poke(self) -> None:
         self.wake.set()
@@ -57,6 +59,7 @@ class Reconciler:
         """One pass over every service; returns how long until a pass is needed again
         without any event."""
         e = self.engine
+        self.passes += 1
         now = time.time()
         delay = IDLE_INTERVAL
         for service in await e.db(e.state.services):

@@ -39,6 +39,8 @@ class Routing:
         self.pushed: dict[str, Route] = {}
         self._published: set[int] | None = None
         self._lock = asyncio.Lock()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._pushers: dict[str, asyncio.Task[None]] = {}
 
     async def route_for(self, service: str) -> Route | None:
         e = self.engine
@@ -69,37 +71,71 @@ class Routing:
         )
 
     async def push(self, service: str | None = None, force: bool = False) -> None:
-        """Act only on a difference: a route identical to the last one pushed is not re-sent."""
+        """Act only on a difference: a route identical to the last one pushed is not re-sent.
+
+        Pushes of one service are coalesced: a caller waits for a push that read the state
+        after it asked, and a burst of changes (a thousand instances of a rollout) costs
+        one route build per round, not one per change."""
+        if service is None or force:
+            async with self._lock:
+                await self._push_all(service, force)
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(service, []).append(waiter)
+        pusher = self._pushers.get(service)
+        if pusher is None or pusher.done():
+            self._pushers[service] = asyncio.ensure_future(self._drain_waiters(service))
+        await asyncio.shield(waiter)
+
+    async def _drain_waiters(self, service: str) -> None:
+        while self._waiters.get(service):
+            batch = self._waiters.pop(service)
+            try:
+                async with self._lock:
+                    await self._push_one(service, False)
+                    await self._publish_ports()
+            except BaseException as err:
+                for waiter in batch:
+                    if not waiter.done():
+                        waiter.set_exception(err)
+                if isinstance(err, asyncio.CancelledError):
+                    raise
+                continue
+            for waiter in batch:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _push_all(self, service: str | None, force: bool) -> None:
         e = self.engine
-        async with self._lock:
-            if service:
-                names = [service]
-            else:
-                names = sorted({*(await e.db(e.state.services)), *self.pushed})
-            for name in names:
+        names = [service] if service else sorted({*(await e.db(e.state.services)), *self.pushed})
+        for name in names:
+            await self._push_one(name, force)
+        await self._publish_ports()
+
+    async def _push_one(self, name: str, force: bool) -> None:
+        e = self.engine
+        try:
+            route = await self.route_for(name)
+        except KilnError as err:
+            log.warning("route for %s: %s", name, err)
+            return
+        if route is None:
+            if name in self.pushed:
                 try:
-                    route = await self.route_for(name)
-                except KilnError as err:
-                    log.warning("route for %s: %s", name, err)
-                    continue
-                if route is None:
-                    if name in self.pushed:
-                        try:
-                            await e.io(e.router.remove, name)
-                            self.pushed.pop(name, None)
-                        except KilnError as err:
-                            log.warning("removing the route of %s failed: %s", name, err)
-                    continue
-                if not force and self.pushed.get(name) == route:
-                    continue
-                try:
-                    await e.io(e.router.apply, route)
-                except KilnError as err:
+                    await e.io(e.router.remove, name)
                     self.pushed.pop(name, None)
-                    log.warning("route push for %s failed: %s", name, err)
-                    continue
-                self.pushed[name] = route
-            await self._publish_ports()
+                except KilnError as err:
+                    log.warning("removing the route of %s failed: %s", name, err)
+            return
+        if not force and self.pushed.get(name) == route:
+            return
+        try:
+            await e.io(e.router.apply, route)
+        except KilnError as err:
+            self.pushed.pop(name, None)
+            log.warning("route push for %s failed: %s", name, err)
+            return
+        self.pushed[name] = route
 
     async def _publish_ports(self) -> None:
         """Instances may reach the host only on the proxy's listen ports."""

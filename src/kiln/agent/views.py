@@ -35,6 +35,7 @@ async def status(e: Engine) -> dict[str, Any]:
                     "port": rec.port,
                     "address": handle.address if handle is not None else None,
                     "pid": data.get("sandbox_pid") or data.get("shim_pid"),
+                    "container": data.get("container_id"),
                 }
             )
         rollout = e.rollouts.running.get(name)

@@ -16,6 +16,7 @@ from typing import Any
 
 from kiln.agent.client import AgentClient, start_background
 from kiln.errors import KilnError
+from kiln.runtime.select import RuntimeChoice, read_choice
 
 Say = Callable[[str], None]
 
@@ -76,6 +77,7 @@ def desired_request(
         "spec_text": spec.text,
         "git_commit": git_commit(spec.root),
         "project": spec.project.name,
+        "runtime": {"kind": spec.runtime.kind, "host": spec.runtime.host},
         "digests": digests,
         "services": {name: d.to_json() for name, d in desired.items()},
     }
@@ -92,7 +94,7 @@ def make_plan(
         if client.running():
             answer = client.plan(**request)
         elif start_agent:
-            start_background(home)
+            start_background(home, runtime=_choice(request))
             answer = client.plan(**request)
         else:
             answer = _plan_without_agent(home, request)
@@ -110,9 +112,21 @@ def _plan_without_agent(home: Path, request: dict[str, Any]) -> dict[str, Any]:
         # No state yet: plan against an empty store, and create nothing in the home.
         state = StateStore(db if db.exists() else Path(scratch) / "state.db")
         try:
+            recorded, wanted = read_choice(home), _choice(request)
+            if recorded and wanted and state.instances(live_only=True):
+                from kiln.agent.daemon import check_choice
+
+                check_choice(recorded, wanted)
             return plan_answer(request, state.snapshot())
         finally:
             state.close()
+
+
+def _choice(request: dict[str, Any] | None) -> RuntimeChoice | None:
+    wanted = (request or {}).get("runtime")
+    if not wanted:
+        return None
+    return RuntimeChoice(str(wanted.get("kind") or "local"), wanted.get("host"))
 
 
 def ensure_agent(home: Path, outcome: PlanOutcome) -> dict[str, Any]:
@@ -122,7 +136,7 @@ def ensure_agent(home: Path, outcome: PlanOutcome) -> dict[str, Any]:
     with AgentClient(home) as client:
         if client.running():
             return outcome.plan
-        start_background(home)
+        start_background(home, runtime=_choice(outcome.request))
         if outcome.request is None:
             return outcome.plan
         fresh = client.plan(**outcome.request)

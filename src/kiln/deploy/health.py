@@ -13,7 +13,7 @@ is not yet useful; a TCP connect is the cheapest proof that it is both.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -51,7 +51,8 @@ async def probe_http(host: str, port: int, path: str, timeout: float) -> ProbeRe
     """GET ``path``; any 2xx or 3xx answer passes (as Kubernetes and Nomad count it)."""
     started = time.monotonic()
     try:
-        status = await asyncio.wait_for(_http_status(host, port, path), timeout)
+        async with asyncio.timeout(timeout):
+            status = await _http_status(host, port, path)
     except TimeoutError:
         return ProbeResult(False, f"GET {path}: no answer within {timeout:g}s", _since(started))
     except (OSError, ValueError) as e:
@@ -60,37 +61,55 @@ async def probe_http(host: str, port: int, path: str, timeout: float) -> ProbeRe
     return ProbeResult(ok, f"GET {path}: HTTP {status}", _since(started))
 
 
+async def _connected(host: str, port: int) -> socket.socket:
+    """A new connection on a bare non-blocking socket: an agent probes every instance
+    every interval, and streams and transports cost more CPU than the probe itself."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def _http_status(host: str, port: int, path: str) -> int:
-    reader, writer = await asyncio.open_connection(host, port)
+    loop = asyncio.get_running_loop()
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sock = await _connected(host, port)
     try:
         request = (
-            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kiln-health\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {where}\r\nUser-Agent: kiln-health\r\n"
             "Accept: */*\r\nConnection: close\r\n\r\n"
         )
-        writer.write(request.encode("latin-1"))
-        await writer.drain()
-        line = await reader.readline()
+        await loop.sock_sendall(sock, request.encode("latin-1"))
+        head = b""
+        while b"\n" not in head and len(head) < 1024:
+            chunk = await loop.sock_recv(sock, 1024)
+            if not chunk:
+                break
+            head += chunk
+        line = head.split(b"\n", 1)[0]
         parts = line.decode("latin-1").split()
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
             raise ValueError(f"not an HTTP answer: {line[:60]!r}")
         return int(parts[1])
     finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        sock.close()
 
 
 async def probe_tcp(host: str, port: int, timeout: float) -> ProbeResult:
     started = time.monotonic()
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        async with asyncio.timeout(timeout):
+            sock = await _connected(host, port)
     except TimeoutError:
         return ProbeResult(False, f"tcp {port}: no connection within {timeout:g}s", _since(started))
     except OSError as e:
         return ProbeResult(False, f"tcp {port}: {_why(e)}", _since(started))
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+    sock.close()
     return ProbeResult(True, f"tcp {port}: connected", _since(started))
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "InstanceState",
     "InstanceStatus",
     "NotSupported",
+    "Releaser",
     "Runtime",
     "RuntimeFailure",
     "Signaller",
@@ -276,13 +277,10 @@ class Execer(Protocol):
 
 
 @runtime_checkable
-class HostResources(Protocol):
-    """Optional: a runtime that holds machine-wide resources besides its instances
-    (a bridge, firewall rules, runtime state), which the agent must manage."""
-
-    def publish_ports(self, ports: set[int]) -> None:
-        """The proxy's listen ports: the only host ports instances may reach."""
-        ...
+class Releaser(Protocol):
+    """Optional: a runtime that holds resources besides its running instances (a dead
+    instance's network address or mounts, a network of the home's, images it loaded),
+    which the agent frees at start and at ``kiln down``."""
 
     def leftovers(self) -> list[str]:
         """Ids of instances that no longer run but still hold something."""
@@ -294,6 +292,15 @@ class HostResources(Protocol):
 
     def shutdown(self) -> None:
         """With no instance left, free the machine-wide resources (``kiln down``)."""
+        ...
+
+
+@runtime_checkable
+class HostResources(Releaser, Protocol):
+    """Optional: a runtime whose instances share the host's firewall with the proxy."""
+
+    def publish_ports(self, ports: set[int]) -> None:
+        """The proxy's listen ports: the only host ports instances may reach."""
         ...
 
 

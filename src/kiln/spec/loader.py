@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from kiln.errors import KilnError
 from kiln.spec._locate import KeyPath, key_lines, line_of
-from kiln.spec.models import Recipe, Service, Spec, shown
+from kiln.spec.models import Recipe, RuntimeTargetOverlay, Service, Spec, shown
 
 _STEP_TAGS = {"copy", "run", "env", "workdir"}
 
@@ -188,6 +188,7 @@ def parse_spec(text: str, path: Path, env: str | None = None) -> Spec:
         key_path, message = describe_errors(e.errors(), lines)
         raise SpecError(path, line_of(lines, key_path), key_name(key_path), message) from None
     _check_references(spec, path, lines)
+    _check_runtime(spec, path, lines, env)
     spec._path = path
     spec._text = text
     spec._environment = env
@@ -266,6 +267,17 @@ def _apply_overlay(data: dict[str, Any], env: str, path: Path, lines: dict[KeyPa
                     f"overlays {key_name((section, name))}, which the file does not define",
                 )
             base[name] = _deep_merge(table(base[name], (section, name)), table(changes, key))
+    if "runtime" in overlay:
+        runtime_key: KeyPath = ("environments", env, "runtime")
+        runtime = table(overlay["runtime"], runtime_key)
+        # Checked before merging: a mistake is reported where the overlay wrote it.
+        try:
+            RuntimeTargetOverlay.model_validate(runtime)
+        except ValidationError as e:
+            errors = [{**err, "loc": (*runtime_key, *err["loc"])} for err in e.errors()]
+            full, message = describe_errors(errors, lines)
+            raise SpecError(path, line_of(lines, full), key_name(full), message) from None
+        data["runtime"] = {**table(data.get("runtime", {}), ("runtime",)), **runtime}
 
 
 class SpecErrorAt(KilnError):
@@ -299,6 +311,27 @@ def _check_references(spec: Spec, path: Path, lines: dict[KeyPath, int]) -> None
                     f"{key_name(('services', other))}",
                 )
             listens[service.listen] = name
+
+
+def _check_runtime(spec: Spec, path: Path, lines: dict[KeyPath, int], env: str | None) -> None:
+    """``host`` names a Docker Engine: it means nothing to the local runtime."""
+    runtime = spec.runtime
+    if runtime.kind == "docker" or runtime.host is None:
+        return
+
+    def where(key: str) -> KeyPath:
+        overlaid = ("environments", env, "runtime", key) if env is not None else None
+        return overlaid if overlaid is not None and overlaid in lines else ("runtime", key)
+
+    kind_from = where("kind")
+    origin = f" ({key_name(kind_from[:-1])} sets kind)" if kind_from[0] == "environments" else ""
+    host_key = where("host")
+    raise SpecError(
+        path,
+        line_of(lines, host_key),
+        key_name(host_key),
+        f'is only used with kind = "docker"; kind is "{runtime.kind}"{origin}',
+    )
 
 
 def _check_recipe(recipe: Recipe, name: str, fail: Any, suggest: Any, recipes: list[str]) -> None:

@@ -387,17 +387,65 @@ class Service(_Model):
     heal: Heal = Heal()
 
 
+MAX_ENGINE_HOST = 1024
+"""Longer than any socket path or URL an engine listens on: a paste gone wrong."""
+_ENGINE_SCHEMES = ("unix", "tcp", "ssh")
+
+
+def _engine_host(value: object) -> object:
+    """``unix:///PATH``, ``tcp://HOST:PORT`` or ``ssh://[USER@]HOST``: where a Docker
+    Engine listens (what ``DOCKER_HOST`` holds)."""
+    if not isinstance(value, str):
+        return value
+    if len(value) > MAX_ENGINE_HOST:
+        raise ValueError(f"must be at most {MAX_ENGINE_HOST} characters, not {len(value)}")
+    if any(not c.isprintable() or c.isspace() for c in value):
+        raise ValueError(f"{shown(value)} contains whitespace or control characters")
+    scheme, separator, rest = value.partition("://")
+    if not separator or scheme not in _ENGINE_SCHEMES:
+        raise ValueError(
+            f'{shown(value)} is not an engine address such as "unix:///run/docker.sock" '
+            'or "tcp://10.0.0.5:2376"'
+        )
+    if scheme == "unix" and not rest.startswith("/"):
+        raise ValueError(f'{shown(value)}: a unix socket needs an absolute path, "unix:///PATH"')
+    if scheme != "unix" and not rest.strip("/"):
+        raise ValueError(f"{shown(value)} names no host")
+    return value
+
+
+EngineHost = Annotated[str, BeforeValidator(_engine_host)]
+
+
+class RuntimeTarget(_Model):
+    """``[runtime]``: where the project's instances run. ``local`` is runc on this
+    machine; ``docker`` a Docker Engine at ``host`` (default ``DOCKER_HOST`` or
+    ``unix:///run/docker.sock``)."""
+
+    kind: Literal["local", "docker"] = "local"
+    host: EngineHost | None = None
+
+
+class RuntimeTargetOverlay(_Model):
+    """``[environments.NAME.runtime]``: the keys it sets replace the base table's."""
+
+    kind: Literal["local", "docker"] | None = None
+    host: EngineHost | None = None
+
+
 class Environment(_Model):
     """``[environments.NAME]``: overlays merged over the base file with ``--env NAME``."""
 
     services: dict[str, dict[str, Any]] = {}
     images: dict[str, dict[str, Any]] = {}
+    runtime: RuntimeTargetOverlay = RuntimeTargetOverlay()
 
 
 class Spec(_Model):
     """A whole ``kiln.toml`` after parsing, overlays applied."""
 
     project: Project
+    runtime: RuntimeTarget = RuntimeTarget()
     images: dict[str, Recipe] = {}
     services: dict[str, Service] = {}
     environments: dict[str, Environment] = {}

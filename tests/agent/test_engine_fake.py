@@ -26,7 +26,7 @@ from agent_harness import put_image
 from kiln.agent.engine import Engine
 from kiln.deploy.plan import desired_from_spec, make_plan
 from kiln.deploy.state import StateStore
-from kiln.runtime.fake import FakeRuntime
+from kiln.runtime.fake import FakeHost, FakeRuntime
 from kiln.spec.models import Spec
 from kiln.traffic import Router
 from kiln.traffic.memory import MemoryRouter
@@ -376,5 +376,125 @@ def test_an_idle_engine_neither_polls_the_runtime_nor_rereads_history(
         await until(lambda: victim not in runtime.running(), 2, "the death")
         replaced = await until_ready(engine, 4, without={victim})
         assert victim not in replaced
+
+    run(kiln_home, runtime, router, body)
+
+
+def two_services(image: str, with_a: bool = True) -> Spec:
+    """Service ``a`` (2 replicas, on LISTEN) beside ``web`` (1 replica, LISTEN + 1)."""
+    services: dict[str, Any] = {"web": spec(image, 1, listen=LISTEN + 1).services["web"]}
+    if with_a:
+        services["a"] = spec(image, 2).services["web"]
+    return Spec.model_validate({"project": {"name": PROJECT}, "services": services})
+
+
+def test_a_removed_service_is_not_brought_back_while_it_drains(kiln_home: Path, image: str) -> None:
+    """Found by review: the reconciler saw the removed service's revision still active
+    while its instances drained and started replacements nobody retired."""
+    runtime, router = FakeRuntime(kiln_home), MemoryRouter()
+
+    async def body(engine: Engine, state: StateStore) -> None:
+        assert (await deploy(engine, state, two_services(image)))["outcome"] == "succeeded"
+        removed = await deploy(engine, state, two_services(image, with_a=False))
+        assert removed["outcome"] == "succeeded", removed
+        await asyncio.sleep(1.0)  # what the reconciler would start, it would by now
+        assert [i for i in runtime.running() if i.startswith("a-")] == []
+        assert [i.id for i in state.instances("a", live_only=True)] == []
+        assert [r.status for r in state.revisions("a")] == ["superseded"]
+        assert "a" not in router.routes()
+        assert state.rollouts() == []
+
+    run(kiln_home, runtime, router, body)
+
+
+def test_a_removal_cut_by_an_agent_restart_is_finished_by_the_next_agent(
+    kiln_home: Path, image: str
+) -> None:
+    host = FakeHost()
+    runtime, router = FakeRuntime(kiln_home, host=host), MemoryRouter()
+    hold = threading.Event()
+
+    async def main() -> str:
+        state = StateStore(kiln_home / "state.db")
+        engine = Engine(kiln_home, state, runtime, router)
+        await engine.start()
+        assert (await deploy(engine, state, two_services(image)))["outcome"] == "succeeded"
+        runtime.stop_delay = hold  # SIGTERM takes a while to be obeyed
+        started = await apply(engine, state, two_services(image, with_a=False))
+        await until(
+            lambda: any(i.state == "stopping" for i in state.instances("a", live_only=True)),
+            5,
+            "a stopping",
+        )
+        await engine.stop()  # the agent dies here
+        hold.set()
+        state.close()
+        return str(started["deployment"])
+
+    deployment = asyncio.run(main())
+    second = FakeRuntime(kiln_home, host=host)
+
+    async def body(engine: Engine, state: StateStore) -> None:
+        record = await until(lambda: _finished(engine, deployment), 10, "the removal")
+        assert record["outcome"] == "succeeded", record
+        await asyncio.sleep(0.5)
+        assert [i for i in second.running() if i.startswith("a-")] == []
+        assert [r.status for r in state.revisions("a")] == ["superseded"]
+        assert "a" not in router.routes()
+
+    run(kiln_home, second, router, body)
+
+
+def test_an_apply_and_a_rollback_at_once_never_run_two_rollouts(
+    kiln_home: Path, image: str
+) -> None:
+    """Found by review: both passed their checks, two rollouts ran on one service, and
+    the apply reported success with none of its instances left."""
+    runtime, router = FakeRuntime(kiln_home), MemoryRouter()
+
+    async def body(engine: Engine, state: StateStore) -> None:
+        for version in ("1", "2"):
+            done = await deploy(engine, state, spec(image, 2, version=version))
+            assert done["outcome"] == "succeeded"
+        plan = make_plan(
+            desired_from_spec(spec(image, 2, version="3"), {}), state.snapshot(), PROJECT
+        )
+        applied, rolled = await asyncio.gather(
+            engine.apply(plan.to_json() | {"source": {"project": PROJECT}}),
+            engine.rollback("web", 1),
+            return_exceptions=True,
+        )
+        outcomes = [x for x in (applied, rolled) if isinstance(x, dict)]
+        assert len(outcomes) == 1, (applied, rolled)
+        refused = rolled if isinstance(rolled, BaseException) else applied
+        assert "try again" in str(refused)
+        record = await until(lambda: _finished(engine, outcomes[0]["deployment"]), 20, "it")
+        assert record["outcome"] == "succeeded", record
+        active = [r.number for r in state.revisions("web") if r.status == "active"]
+        live = {i.revision for i in state.instances("web", live_only=True)}
+        assert live == set(active), (active, live)
+        assert state.rollouts() == []
+
+    run(kiln_home, runtime, router, body)
+
+
+def test_a_home_without_a_runtime_record_is_not_switched_under_running_instances(
+    kiln_home: Path, image: str
+) -> None:
+    """Found by review: a home from before ``runtime.json`` (or one whose record was
+    removed) could be moved to docker while its local instances ran, orphaning them."""
+    from kiln.agent.daemon import choose_runtime
+    from kiln.errors import KilnError
+    from kiln.runtime.select import RuntimeChoice, read_choice
+
+    runtime, router = FakeRuntime(kiln_home), MemoryRouter()
+
+    async def body(engine: Engine, state: StateStore) -> None:
+        assert (await deploy(engine, state, spec(image, 1)))["outcome"] == "succeeded"
+        assert read_choice(kiln_home) is None
+        with pytest.raises(KilnError, match="runs its instances on the local runtime"):
+            choose_runtime(kiln_home, RuntimeChoice("docker", "unix:///nowhere.sock"))
+        assert choose_runtime(kiln_home, None) == RuntimeChoice()
+        assert read_choice(kiln_home) == RuntimeChoice(), "the first agent records its choice"
 
     run(kiln_home, runtime, router, body)

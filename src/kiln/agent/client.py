@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,11 @@ __all__ = ["AgentClient", "AgentUnavailable", "agent_command", "start_background
 
 SOCKET_NAME = "agent.sock"
 LOG_NAME = "agent.log"
+AGENT_GONE = 30.0
+"""How long a follower waits for a stopped agent to come back before giving up."""
+FOLLOW_IDLE = 6.0
+"""A follower reconnects after this long without an event (the agent sends none while
+idle), which is when it also checks its deadline."""
 
 
 class AgentUnavailable(KilnError):
@@ -146,18 +151,51 @@ class AgentClient:
     def deployment(self, deployment_id: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/v1/deployments/{deployment_id}"))
 
-    def wait_deployment(
-        self, deployment_id: str, timeout: float = 600.0, poll: float = 0.25
+    def wait_deployment(self, deployment_id: str, timeout: float = 600.0) -> dict[str, Any]:
+        """Until the deployment leaves ``running``; returns its final record."""
+        return self.follow_deployment(deployment_id, timeout=timeout)
+
+    def follow_deployment(
+        self,
+        deployment_id: str,
+        after: int | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float = 600.0,
     ) -> dict[str, Any]:
-        """Poll until the deployment leaves ``running``; returns its final record."""
+        """The one way to follow a deployment: every event after ``after`` (default: now)
+        goes to ``on_event`` as it happens, until the agent says the deployment finished;
+        returns its final record. Woken by the event stream, not by polling; an agent
+        restarted meanwhile is waited for and followed again from the same event."""
         deadline = time.monotonic() + timeout
+        cursor = self.last_event_id() if after is None else after
+        gone_since: float | None = None
         while True:
-            record = self.deployment(deployment_id)
-            if record.get("outcome") != "running":
-                return record
+            try:
+                record = self.deployment(deployment_id)
+                gone_since = None
+                if record.get("outcome") != "running":
+                    for event in self.events(after=cursor):
+                        cursor = max(cursor, int(event["id"]))
+                        if on_event is not None:
+                            on_event(event)
+                    return record
+                for event in self.follow_events(cursor, idle=FOLLOW_IDLE):
+                    cursor = max(cursor, int(event["id"]))
+                    if on_event is not None:
+                        on_event(event)
+                    data = event.get("data") or {}
+                    if event.get("kind") == "deployment.finished" and (
+                        data.get("deployment") == deployment_id
+                    ):
+                        break
+            except AgentUnavailable:
+                # An agent being restarted: its successor continues the deployment.
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > AGENT_GONE:
+                    raise
+                time.sleep(0.5)
             if time.monotonic() > deadline:
                 raise KilnError(f"deployment {deployment_id}: still running after {timeout:.0f}s")
-            time.sleep(poll)
 
     def rollback(self, service: str, revision: int | None = None) -> dict[str, Any]:
         return dict(
@@ -181,8 +219,11 @@ class AgentClient:
             last = max(int(e["id"]) for e in batch)
         return last
 
-    def follow_events(self, after: int = 0) -> Generator[dict[str, Any], None, None]:
-        """Every event after ``after``, then new ones as they happen (NDJSON stream)."""
+    def follow_events(
+        self, after: int = 0, idle: float | None = None
+    ) -> Generator[dict[str, Any], None, None]:
+        """Every event after ``after``, then new ones as they happen (NDJSON stream);
+        with ``idle``, the stream ends after that many seconds without an event."""
         import httpx
 
         try:
@@ -190,7 +231,7 @@ class AgentClient:
                 "GET",
                 "/v1/events",
                 params={"after": after, "follow": 1},
-                timeout=httpx.Timeout(self.timeout, read=None),
+                timeout=httpx.Timeout(self.timeout, read=idle),
             ) as resp:
                 if resp.status_code >= 400:
                     resp.read()
@@ -200,7 +241,7 @@ class AgentClient:
                         yield json.loads(line)
         except httpx.ConnectError as e:
             raise AgentUnavailable(f"no agent answers on {self.socket}") from e
-        except httpx.RemoteProtocolError:
+        except (httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.ReadError):
             return
 
     def down(self) -> dict[str, Any]:

@@ -221,13 +221,36 @@ def _api_server(agent: Agent) -> Any:
     from kiln.agent.api import build_app
 
     class _Server(uvicorn.Server):
-        """The agent handles SIGTERM/SIGINT itself; uvicorn must not re-raise them."""
+        """The agent handles SIGTERM/SIGINT itself; uvicorn must not re-raise them. And
+        uvicorn's own loop wakes ten times a second to see whether it should exit: the
+        agent tells it instead, so an idle agent does not wake at all."""
+
+        def __init__(self, config: uvicorn.Config) -> None:
+            self._exit = asyncio.Event()
+            super().__init__(config)
+
+        @property
+        def should_exit(self) -> bool:
+            return self._exit.is_set()
+
+        @should_exit.setter
+        def should_exit(self, value: bool) -> None:
+            if value:
+                self._exit.set()
+            else:
+                self._exit.clear()
+
+        async def main_loop(self) -> None:
+            await self._exit.wait()
 
         @contextlib.contextmanager
         def capture_signals(self) -> Any:
             yield
 
-    config = uvicorn.Config(build_app(agent), log_level="warning", access_log=False, lifespan="off")
+    # No Date header: uvicorn refreshes it on the tick this server does without.
+    config = uvicorn.Config(
+        build_app(agent), log_level="warning", access_log=False, lifespan="off", date_header=False
+    )
     return _Server(config)
 
 
@@ -244,18 +267,22 @@ def check_choice(running: RuntimeChoice, wanted: RuntimeChoice) -> None:
 
 def choose_runtime(home: Path, asked: RuntimeChoice | None) -> RuntimeChoice:
     """The home's recorded runtime, or the one asked for when nothing runs on the
-    recorded one (a home after ``kiln down`` may move to another runtime)."""
+    recorded one (a home after ``kiln down`` may move to another runtime). The first
+    agent records its choice; a home from before the record ran the local runtime."""
     recorded = read_choice(home)
     if asked is None or asked == recorded:
-        return recorded or RuntimeChoice()
-    if recorded is not None and (home / "state.db").exists():
-        from kiln.deploy.state import StateStore
+        chosen = recorded or RuntimeChoice()
+    else:
+        if (home / "state.db").exists():
+            from kiln.deploy.state import StateStore
 
-        with StateStore(home / "state.db") as state:
-            if state.instances(live_only=True):
-                check_choice(recorded, asked)
-    write_choice(home, asked)
-    return asked
+            with StateStore(home / "state.db") as state:
+                if state.instances(live_only=True):
+                    check_choice(recorded or RuntimeChoice(), asked)
+        chosen = asked
+    if chosen != recorded:
+        write_choice(home, chosen)
+    return chosen
 
 
 def run_agent(home: Path, runtime: RuntimeChoice | None = None) -> None:

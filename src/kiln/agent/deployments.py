@@ -40,8 +40,11 @@ class Deployments:
         return record
 
     async def add_service(self, deployment: str, service: str, revision: int | None) -> None:
-        record = self.open[deployment]
-        record["services"][service] = {"revision": revision, "outcome": "running"}
+        record = self.open.get(deployment)
+        if record is None:
+            return
+        entry = record["services"].setdefault(service, {"outcome": "running"})
+        entry["revision"] = revision
         await self.engine.db(self.engine.state.put_deployment, record)
 
     async def get(self, deployment: str) -> dict[str, Any]:
@@ -94,6 +97,17 @@ class Deployments:
             entry["culprits"] = list(culprits)
         await self.finish_if_done(deployment)
 
+    async def cancel(self, deployment: str, why: str) -> None:
+        """Every service still running in it ends ``cancelled`` (``kiln down``)."""
+        record = self.open.get(deployment)
+        if record is None:
+            return
+        for entry in record["services"].values():
+            if entry.get("outcome") == "running":
+                entry["outcome"] = "cancelled"
+                entry["reason"] = why
+        await self.finish_if_done(deployment)
+
     async def finish_if_done(self, deployment: str) -> None:
         e = self.engine
         record = self.open.get(deployment)
@@ -108,6 +122,8 @@ class Deployments:
             record["outcome"] = "succeeded"
         elif "rolled_back" in outcomes:
             record["outcome"] = "rolled_back"
+        elif all(o in ("succeeded", "cancelled") for o in outcomes):
+            record["outcome"] = "cancelled"
         else:
             record["outcome"] = "failed"
         await e.db(e.state.put_deployment, record)

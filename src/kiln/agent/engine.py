@@ -269,6 +269,8 @@ class Engine:
             task.cancel()
         for service in list(self.rollouts.running):
             await self.rollouts.cancel(service)
+        for deployment in list(self.deployments.open):
+            await self.deployments.cancel(deployment, "kiln down")
         # A start already in the runtime cannot be called back: each retire waits for
         # its start to land, then stops what it made.
         live = await self.db(self.state.instances, None, True)
@@ -351,7 +353,12 @@ class Engine:
                 f"started {age:.0f}s ago); wait for it or follow it with kiln events --follow"
             )
         await self.routing.check_listeners(plan)
-        record = await self.deployments.create(plan.summary, {})
+        await self._check_projects(plan, source)
+        # Every service is in the deployment from the start: one that ends quickly (a
+        # removal, a settings-only revision) cannot finish it while the others are added.
+        record = await self.deployments.create(
+            plan.summary, {sp.service: None for sp in plan.services if not sp.empty}
+        )
         deployment = str(record["id"])
         for sp in plan.services:
             if sp.empty:
@@ -362,9 +369,7 @@ class Engine:
                 if c.instance is not None and c.action in (Action.REPLACE, Action.DESTROY)
             )
             if sp.removed:
-                await self.deployments.add_service(deployment, sp.service, None)
-                self.spawn(self._remove_service(sp.service, deployment, named),
-                           f"remove {sp.service}")  # fmt: skip
+                await self._remove(sp.service, deployment)
                 continue
             want = plan.desired[sp.service]
             if await self.db(self.state.clear_alarm, sp.service):
@@ -405,13 +410,13 @@ class Engine:
         await self.deployments.finish_if_done(deployment)
         return {"deployment": deployment, "services": record["services"]}
 
-    async def _remove_service(self, service: str, deployment: str, named: frozenset[str]) -> None:
-        live = await self.db(self.state.instances, service, True)
-        await asyncio.gather(
-            *(self.lifecycle.retire(i.id, "service removed from kiln.toml") for i in live
-              if i.id in named or i.state in ("pending", "starting"))
-        )  # fmt: skip
+    async def _remove(self, service: str, deployment: str) -> None:
+        """A removal is a rollout of its own kind: saved, resumed after a restart, and its
+        service left alone by the reconciler. Its revision stops being active first, so
+        nothing replaces the instances it retires."""
+        revisions = await self.db(self.state.revisions, service)
         active = await self.db(self.state.active_revision, service)
+        target = active or revisions[-1]
         if active is not None:
             await self.db(
                 self.state.set_revision_status,
@@ -420,11 +425,33 @@ class Engine:
                 "superseded",
                 reason="service removed",
             )
-        await self.routing.push(service)
-        self.emit("service.removed", f"{service}: removed", service)
-        await self.deployments.service_done(deployment, service, "succeeded")
+        await self.rollouts.begin(Rollout(service, target, deployment, "remove", time.time()))
+
+    async def _check_projects(self, plan: Plan, source: dict[str, Any]) -> None:
+        """A plan (a saved file, a request) touches only its own project's services, as
+        the planner does: another project's service is neither removed nor taken over."""
+        project = source.get("project")
+        if not project:
+            return
+        for sp in plan.services:
+            if sp.empty:
+                continue
+            active = await self.db(self.state.active_revision, sp.service)
+            owner = active.config.get("project") if active is not None else None
+            if owner and owner != project:
+                raise Conflict(
+                    f"service {sp.service} belongs to project {owner!r} in this KILN_HOME, "
+                    f"not to {project!r}; nothing was changed"
+                )
 
     async def rollback(self, service: str, revision: int | None) -> dict[str, Any]:
+        """Under the apply lock: a rollback and an apply never race for one service."""
+        if self._apply_lock.locked():
+            raise Conflict("a kiln apply is being started; try again")
+        async with self._apply_lock:
+            return await self._rollback(service, revision)
+
+    async def _rollback(self, service: str, revision: int | None) -> dict[str, Any]:
         if service not in await self.db(self.state.services):
             raise NotFound(f"no service {service!r}")
         current = await self.db(self.state.active_revision, service)

@@ -78,8 +78,10 @@ class Rollouts:
         self.running: dict[str, Rollout] = {}
 
     async def begin(self, rollout: Rollout) -> None:
-        """Saved before it does anything, then run as a supervised task."""
+        """Saved before it does anything, then run as a supervised task; a rollout of the
+        same service still running is cancelled first (one rollout per service)."""
         e = self.engine
+        await self.cancel(rollout.service)
         await e.db(e.state.put_rollout, rollout.record())
         self.running[rollout.service] = rollout
         task: asyncio.Task[str] = asyncio.ensure_future(self._run(rollout))
@@ -101,6 +103,7 @@ class Rollouts:
         current = self.running.get(rollout.service)
         if current is not None and current.task is task:
             self.running.pop(rollout.service, None)
+            rollout = current  # an auto-rollback runs in the task of the rollout it undoes
         e.changed(rollout.service)
         if task.cancelled():
             if not e.stopping:
@@ -154,16 +157,15 @@ class Rollouts:
             )
             if rec.state in ("failed", "lost") and not (mine and rec.created >= rollout.started):
                 continue
-            if rollout.named is not None:
-                same = rec.id not in rollout.named
-            else:
-                if rec.revision not in hashes:
-                    hashes[rec.revision] = (
-                        await e.revision(rollout.service, rec.revision)
-                    ).config_hash
-                same = (
-                    hashes[rec.revision] == target.config_hash and rec.revision != rollout.undoing
-                )
+            if rec.revision not in hashes:
+                hashes[rec.revision] = (await e.revision(rollout.service, rec.revision)).config_hash
+            # What the plan did not name is what it keeps, which has the target's config;
+            # anything else here appeared since and is not the plan's to keep.
+            same = hashes[rec.revision] == target.config_hash and (
+                rec.id not in rollout.named
+                if rollout.named is not None
+                else rec.revision != rollout.undoing
+            )
             inst = RolloutInstance(rec.id, rec.state, rec.created, e.health.ready_since(rec))
             (new if same else old).append(inst)
         return RolloutView(
@@ -177,6 +179,8 @@ class Rollouts:
         )
 
     async def _run(self, rollout: Rollout) -> str:
+        if rollout.kind == "remove":
+            return await self._remove(rollout)
         e = self.engine
         service, target = rollout.service, rollout.target
         strategy = STRATEGIES[Update.model_validate(target.config.get("update") or {}).strategy]
@@ -316,6 +320,28 @@ class Rollouts:
                             f"retire {rec.id}")  # fmt: skip
         await self._close(rollout, "failed", why, list(culprits))
         return "failed"
+
+    async def _remove(self, rollout: Rollout) -> str:
+        """Every instance of the service goes (its revision is no longer active, so
+        nothing replaces them); resumed as a whole after an agent restart."""
+        e = self.engine
+        service = rollout.service
+        e.emit(f"rollout.{'resumed' if rollout.step else 'started'}", f"{service}: removal",
+               service, data={"deployment": rollout.deployment, "kind": "remove"})  # fmt: skip
+        rollout.step = 1
+        await e.db(e.state.rollout_step, service, rollout.target.number, 1)
+        for _ in range(5):  # a start that lands meanwhile is retired on the next round
+            live = await e.db(e.state.instances, service, True)
+            if not live:
+                break
+            await asyncio.gather(
+                *(e.lifecycle.retire(i.id, "service removed from kiln.toml") for i in live)
+            )
+        await self._settle_dead(service)
+        await e.routing.push(service)
+        e.emit("service.removed", f"{service}: removed", service)
+        await self._close(rollout, "succeeded", None)
+        return "succeeded"
 
     async def _settle_dead(self, service: str) -> None:
         """Dead instances a rollout made redundant need no replacement."""

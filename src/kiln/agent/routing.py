@@ -45,6 +45,8 @@ class Routing:
     async def route_for(self, service: str) -> Route | None:
         e = self.engine
         rollout = e.rollouts.running.get(service)
+        if rollout is not None and rollout.kind == "remove":
+            return None
         if rollout is not None:
             cfg: dict[str, Any] | None = rollout.target.config
         else:

@@ -1,4 +1,4 @@
-"""Deployment commands: thin clients of ``kiln.agent.workflow`` and the agent API."""
+"""Deployment commands: thin clients of ``kiln.cli.workflow`` and the agent API."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def up(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Destroy without asking.")] = False,
 ) -> None:
     """Bake, start the agent if none runs, plan and apply; asks before destroying."""
-    from kiln.agent.workflow import up as run_up
+    from kiln.cli.workflow import up as run_up
 
     def confirm(doomed: str) -> bool:
         if yes:
@@ -66,7 +66,7 @@ def plan(
     as_json: JsonFlag = False,
 ) -> None:
     """Show what apply would do; exit 2 when changes are pending."""
-    from kiln.agent.workflow import make_plan
+    from kiln.cli.workflow import make_plan
 
     outcome = make_plan(kiln_home(), target or Path.cwd(), env)
     if out is not None:
@@ -91,7 +91,7 @@ def apply(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Carry out a plan: new instances first, health-gated, old ones drained."""
-    from kiln.agent.workflow import PlanOutcome, apply_plan, ensure_agent, load_plan_file, make_plan
+    from kiln.cli.workflow import PlanOutcome, apply_plan, ensure_agent, load_plan_file, make_plan
 
     home = kiln_home()
     if plan_file is not None:
@@ -145,7 +145,7 @@ def rollback(
     revision: Annotated[str | None, typer.Argument(help="r3 or 3 (default: previous)")] = None,
 ) -> None:
     """Deploy the previous (or named) revision at once, with new instances."""
-    from kiln.agent.workflow import rollback as run_rollback
+    from kiln.cli.workflow import rollback as run_rollback
 
     _finish(run_rollback(kiln_home(), service, revision))
 
@@ -189,7 +189,7 @@ def events(
     as_json: JsonFlag = False,
 ) -> None:
     """What the agent did and why."""
-    from kiln.agent.workflow import format_event
+    from kiln.cli.workflow import format_event
 
     with _client() as client:
         stream = client.follow_events() if follow else iter(client.events())

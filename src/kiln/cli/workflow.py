@@ -112,8 +112,8 @@ def _plan_without_agent(home: Path, request: dict[str, Any]) -> dict[str, Any]:
         # No state yet: plan against an empty store, and create nothing in the home.
         state = StateStore(db if db.exists() else Path(scratch) / "state.db")
         try:
-            recorded, wanted = read_choice(home), _choice(request)
-            if recorded and wanted and state.instances(live_only=True):
+            recorded, wanted = read_choice(home) or RuntimeChoice(), _choice(request)
+            if wanted and state.instances(live_only=True):
                 from kiln.agent.daemon import check_choice
 
                 check_choice(recorded, wanted)
@@ -168,18 +168,13 @@ def load_plan_file(path: Path) -> dict[str, Any]:
 
 
 def _follow(client: AgentClient, started: dict[str, Any], after: int, say: Say) -> dict[str, Any]:
-    """Print the events after ``after`` until the deployment leaves ``running``."""
+    """Print the events after ``after`` until the deployment ends."""
     deployment = started.get("deployment")
     if not deployment:
         return started
-    while True:
-        record = client.deployment(str(deployment))
-        for event in client.events(after=after):
-            after = max(after, int(event["id"]))
-            say(format_event(event))
-        if record.get("outcome") != "running":
-            return record
-        time.sleep(0.25)
+    return client.follow_deployment(
+        str(deployment), after, lambda event: say(format_event(event)), timeout=24 * 3600.0
+    )
 
 
 def apply_plan(home: Path, plan: dict[str, Any], say: Say = _stderr) -> dict[str, Any]:

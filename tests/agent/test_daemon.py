@@ -173,3 +173,32 @@ def test_instances_unknown_to_the_state_are_destroyed_on_start(
         client.down()
     finally:
         kill_everything(kiln_home)
+
+
+def test_port_in_the_commands_arguments_is_interpolated_without_a_shell() -> None:
+    """``cmd = ["redis-server", "--port", "${PORT}"]`` works as Nomad's args do; other
+    words that only start like it are left alone."""
+
+    def command(config: dict[str, object]) -> list[str]:
+        spec = build_instance_spec(
+            instance_id="redis-1",
+            service="redis",
+            revision=1,
+            image_digest="sha256:" + "b" * 64,
+            launch=image_launch({"config": config}, "redis"),
+            service_env={},
+            port=6379,
+            writable=[],
+            volumes=[],
+            memory=None,
+            cpu=None,
+            stop_grace=1.0,
+        )
+        return spec.command
+
+    assert command({"Entrypoint": ["redis-server"], "Cmd": ["--port", "${PORT}", "--x=$PORT"]}) == [
+        "redis-server", "--port", "6379", "--x=6379",
+    ]  # fmt: skip
+    assert command({"Cmd": ["echo", "$PORTS", "$$", "${PORTAL}"]}) == [
+        "echo", "$PORTS", "$$", "${PORTAL}",
+    ]  # fmt: skip

@@ -71,3 +71,59 @@ def test_an_impossible_since_is_one_clear_error(tmp_path: Path) -> None:
     assert out.stderr.strip() == (
         'error: --since: \'nan\' is not a duration such as "1s", "250ms" or "2m"'
     )
+
+
+def test_help_shows_environments_and_no_bool_tags(tmp_path: Path) -> None:
+    """Rich used to eat ``[environments.NAME]`` and tag every flag ``<bool>``."""
+    up = run("up", "--help", home=tmp_path / "home")
+    assert "[environments.NAME]" in up.stdout, up.stdout
+    for command in ("up", "status", "logs", "events"):
+        shown = run(command, "--help", home=tmp_path / "home").stdout.splitlines()
+        tagged = [line for line in shown if "<bool>" in line and "--help" not in line]
+        assert tagged == [], (command, tagged)  # Typer's own --help keeps its tag
+    history = run("history", "--help", home=tmp_path / "home")
+    assert "newest first" in history.stdout
+
+
+def test_logs_tail_keeps_the_last_lines(tmp_path: Path) -> None:
+    from kiln.observe.logs import LogMeta, LogStore
+
+    home = tmp_path / "home"
+    store = LogStore(home / "logs")
+    with store.writer(LogMeta("web", "web-1", 1, "sha256:" + "a" * 64, 1.0)) as writer:
+        for n in range(10):
+            writer.write("stdout", f"line {n}", ts=1000.0 + n)
+    tail = run("logs", "web", "--tail", "3", home=home)
+    assert tail.returncode == 0, tail.stderr
+    assert [line.split()[-1] for line in tail.stdout.splitlines()] == ["7", "8", "9"]
+    assert len(run("logs", "web", home=home).stdout.splitlines()) == 10
+    bad = run("logs", "web", "--tail", "-1", home=home)
+    assert bad.returncode == 1 and "--tail" in bad.stderr
+    since = run("logs", "web", "--since", "yesterday", home=home)
+    assert since.returncode == 1 and since.stderr.startswith("error: --since:"), since.stderr
+
+
+def test_secret_list_has_a_header(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = dict(os.environ, KILN_HOME=str(home))
+    subprocess.run([KILN, "secret", "set", "token"], input="s3cret\n", env=env, text=True,
+                   capture_output=True, check=True)  # fmt: skip
+    listed = run("secret", "list", home=home)
+    assert listed.stdout.splitlines()[0].split() == ["NAME", "VERSION", "UPDATED"]
+    assert listed.stdout.splitlines()[1].startswith("token")
+    assert "s3cret" not in listed.stdout
+
+
+def test_status_and_events_read_as_sentences() -> None:
+    """A rollout in ``kiln status`` used to be a raw dict; an event without a service
+    printed an empty slot."""
+    import time
+
+    from kiln.cli.render import _rollout
+    from kiln.cli.workflow import format_event
+
+    info = {"target": 3, "kind": "deploy", "started": time.time() - 12, "deployment": "d-1a2b3c4d",
+            "step": 2, "healthy": 1, "desired": 3, "new": 2, "old": 2}  # fmt: skip
+    assert _rollout(info) == "rollout: deploy to r3, 1/3 healthy, step 2 (d-1a2b3c4d, 12 s)"
+    event = {"ts": 0, "kind": "deployment.finished", "service": None, "message": "done"}
+    assert format_event(event).endswith(" deployment.finished: done")

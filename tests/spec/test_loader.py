@@ -129,6 +129,12 @@ def test_a_key_found_wrong_after_loading_has_its_line_the_overlays_when_it_has_o
         ),
         # Numbers and durations: wrong types, NaN, infinity, negative, absurd.
         (
+            'http = "/healthz"',
+            'http = "healthz"',
+            "kiln.toml:17: services.web.health: http must be a path starting with /, "
+            "such as /healthz",
+        ),
+        (
             'interval = "1s"',
             "interval = nan",
             "kiln.toml:17: services.web.health.interval: must be a duration, not NaN",

@@ -7,6 +7,7 @@ agent's thread pool.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ __all__ = [
     "build_instance_spec",
     "image_launch",
 ]
+
+
+_PORT_VARIABLE = re.compile(r"\$\{PORT\}|\$PORT(?![A-Za-z0-9_])")
 
 
 class ImageLaunch:
@@ -79,7 +83,11 @@ def build_instance_spec(
     secrets: dict[str, bytes] | None = None,
     project: str | None = None,
 ) -> InstanceSpec:
-    """Image env, then service env, then PORT: the service wins over the image, Kiln over both."""
+    """Image env, then service env, then PORT: the service wins over the image, Kiln over both.
+
+    ``$PORT`` and ``${PORT}`` in the command's arguments become the port, as Nomad
+    interpolates its variables in args: ``["redis-server", "--port", "${PORT}"]`` works
+    without a shell (with one, the shell would have expanded it the same way)."""
     env = {**launch.env, **service_env, "PORT": str(port)}
     mounts = tuple(
         VolumeMount(
@@ -94,7 +102,7 @@ def build_instance_spec(
         service=service,
         revision=revision,
         image_digest=image_digest,
-        command=list(launch.command),
+        command=[_PORT_VARIABLE.sub(str(port), arg) for arg in launch.command],
         user=launch.user,
         workdir=launch.workdir,
         env=env,

@@ -21,12 +21,12 @@ app = typer.Typer(
 image_app = typer.Typer(help="Work with images in the local store.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.", metavar="")]
 Target = Annotated[
     Path | None, typer.Argument(help="kiln.toml or the directory holding it (default: .)")
 ]
 EnvOption = Annotated[
-    str | None, typer.Option("--env", "-e", help="Apply [environments.NAME] overlays.")
+    str | None, typer.Option("--env", "-e", help="Apply the \\[environments.NAME] overlays.")
 ]
 
 
@@ -55,9 +55,11 @@ def bake(
     image: Annotated[
         list[str] | None, typer.Option("--image", "-i", help="Bake only NAME (and its bases).")
     ] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Ignore the layer cache.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Ignore the layer cache.", metavar="")
+    ] = False,
     update_lock: Annotated[
-        bool, typer.Option("--update-lock", help="Re-resolve Debian package versions.")
+        bool, typer.Option("--update-lock", help="Re-resolve Debian package versions.", metavar="")
     ] = False,
     env: EnvOption = None,
 ) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,7 +40,9 @@ def _finish(record: dict[str, Any]) -> None:
 def up(
     target: Target = None,
     env: EnvOption = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Destroy without asking.")] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Destroy without asking.", metavar="")
+    ] = False,
 ) -> None:
     """Bake, start the agent if none runs, plan and apply; asks before destroying."""
     from kiln.cli.workflow import up as run_up
@@ -88,7 +93,7 @@ def apply(
     ] = None,
     target: Annotated[Path | None, typer.Option("--file", "-f", help="kiln.toml or dir.")] = None,
     env: EnvOption = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.", metavar="")] = False,
 ) -> None:
     """Carry out a plan: new instances first, health-gated, old ones drained."""
     from kiln.cli.workflow import PlanOutcome, apply_plan, ensure_agent, load_plan_file, make_plan
@@ -128,7 +133,7 @@ def status(as_json: JsonFlag = False) -> None:
 
 @app.command()
 def history(service: str, as_json: JsonFlag = False) -> None:
-    """The revisions of SERVICE, newest last."""
+    """The revisions of SERVICE, newest first."""
     from kiln.cli.render import print_history
 
     with _client() as client:
@@ -154,7 +159,9 @@ def rollback(
 def logs(
     service: str,
     instance: Annotated[str | None, typer.Option("--instance", help="One instance.")] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing.", metavar="")
+    ] = False,
     since: Annotated[str | None, typer.Option("--since", help="e.g. 5m, 1h")] = None,
     tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines.")] = None,
     as_json: JsonFlag = False,
@@ -168,9 +175,20 @@ def logs(
         start = time.time() - parse_duration(since) if since else None
     except ValueError as e:
         raise KilnError(f"--since: {e}") from None
-    lines = (
-        store.follow(service, instance, start) if follow else store.read(service, instance, start)
-    )
+    if tail is not None and tail < 0:
+        raise KilnError(f"--tail: {tail} is not a number of lines (0 or more)")
+    lines: Iterable[Any]
+    if tail is not None:
+        # The last N lines so far, then (with --follow) only what comes after them.
+        last = collections.deque(store.read(service, instance, start), maxlen=tail)
+        later = time.time()
+        lines = itertools.chain(last, store.follow(service, instance, later)) if follow else last
+    else:
+        lines = (
+            store.follow(service, instance, start)
+            if follow
+            else store.read(service, instance, start)
+        )
     try:
         for line in lines:
             if as_json:
@@ -185,7 +203,9 @@ def logs(
 
 @app.command()
 def events(
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing.", metavar="")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """What the agent did and why."""

@@ -83,7 +83,7 @@ def print_status(data: dict[str, Any]) -> None:
         print(
             f"{name}: r{svc.get('active_revision')} · {ready}/{svc.get('desired_replicas')} ready"
             f" · listen :{svc.get('listen') or '-'}"
-            + (f" · rollout: {rollout}" if rollout else "")
+            + (f" · {_rollout(rollout)}" if rollout else "")
             + "".join(f" · ALARM: {a}" for a in svc.get("alarms", []))
         )
         rows = [
@@ -100,6 +100,18 @@ def print_status(data: dict[str, Any]) -> None:
             for i in svc.get("instances", [])
         ]
         print_table(["INSTANCE", "REV", "STATE", "HEALTH", "AGE", "ADDRESS", "PID", "IMAGE"], rows)
+
+
+def _rollout(info: dict[str, Any]) -> str:
+    """``rollout: deploy to r3, 1/3 healthy, step 2 (d-1a2b3c4d, 12 s)``, not a dict."""
+    text = f"rollout: {info.get('kind', 'deploy')} to r{info.get('target', '?')}"
+    if info.get("desired") is not None:
+        text += f", {info.get('healthy', 0)}/{info.get('desired')} healthy"
+    if info.get("step"):
+        text += f", step {info['step']}"
+    started = info.get("started")
+    age = f", {time.time() - float(started):.0f} s" if started else ""
+    return text + f" ({info.get('deployment') or '-'}{age})"
 
 
 def print_history(data: dict[str, Any]) -> None:

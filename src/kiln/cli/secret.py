@@ -60,9 +60,13 @@ def secret_list(as_json: JsonFlag = False) -> None:
     if as_json:
         emit_json([i.to_json() for i in infos])
         return
-    for info in infos:
-        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.updated))
-        print(f"{info.name}\t{info.version}\t{updated}")
+    from kiln.cli.render import print_table
+
+    rows = [
+        [info.name, info.version, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.updated))]
+        for info in infos
+    ]
+    print_table(["NAME", "VERSION", "UPDATED"], rows)
 
 
 @secret_app.command("rm")

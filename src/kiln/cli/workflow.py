@@ -200,7 +200,8 @@ def rollback(home: Path, service: str, revision: str | None, say: Say = _stderr)
 def format_event(event: dict[str, Any]) -> str:
     ts = time.strftime("%H:%M:%S", time.localtime(float(event.get("ts", 0))))
     where = "/".join(str(event[k]) for k in ("service", "instance") if event.get(k))
-    return f"{ts} {event.get('kind', '')} {where}: {event.get('message', '')}".rstrip()
+    head = f"{ts} {event.get('kind', '')}" + (f" {where}" if where else "")
+    return f"{head}: {event.get('message', '')}".rstrip()
 
 
 def up(

@@ -289,6 +289,9 @@ class Health(_Model):
         kinds = [k for k in ("http", "exec") if getattr(self, k)] + (["tcp"] if self.tcp else [])
         if len(kinds) > 1:
             raise ValueError(f"choose one check kind, not {' and '.join(kinds)}")
+        if self.http is not None and not self.http.startswith("/"):
+            # "healthz" would be probed as GET healthz, which no server answers.
+            raise ValueError(f"http must be a path starting with /, such as /{self.http}")
         return self
 
     @property

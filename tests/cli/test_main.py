@@ -127,3 +127,46 @@ def test_status_and_events_read_as_sentences() -> None:
     assert _rollout(info) == "rollout: deploy to r3, 1/3 healthy, step 2 (d-1a2b3c4d, 12 s)"
     event = {"ts": 0, "kind": "deployment.finished", "service": None, "message": "done"}
     assert format_event(event).endswith(" deployment.finished: done")
+
+
+def test_validate_reports_every_error_with_its_line_and_touches_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "app").mkdir()
+    toml = """\
+[project]
+name = "v"
+
+[images.web]
+from = "scratch"
+steps = [
+  { copy = "app/", to = "/srv/app" },
+  { copy = "missing/", to = "/srv/missing" },
+  { copy = "../outside", to = "/srv/out" },
+]
+cmd = ["/srv/app/run"]
+
+[services.web]
+image = "web"
+secrets = ["api_key"]
+"""
+    (project / "kiln.toml").write_text(toml)
+    (tmp_path / "outside").write_text("not the project's\n")
+    checked = run("validate", str(project), home=home)
+    assert checked.returncode == 1, checked
+    errors = checked.stderr.splitlines()
+    assert len(errors) == 3, errors
+    assert errors[0].startswith(f"error: {project / 'kiln.toml'}:8: images.web.steps[1].copy: ")
+    assert "missing/ does not exist" in errors[0]
+    assert ":9: images.web.steps[2].copy: ../outside is outside the project directory" in errors[1]
+    assert (
+        f":15: services.web.secrets[0]: secret api_key is not set in KILN_HOME {home}"
+        in (errors[2])
+    )
+    assert not list((home / "images").rglob("sha256/*")), "validate baked something"
+    assert not (home / "agent.sock").exists() and not (home / "state.db").exists()
+
+    (project / "kiln.toml").write_text(toml.replace("nme", "x").replace('name = "v"', 'nme = "v"'))
+    typo = run("validate", str(project), home=home)
+    assert typo.returncode == 1 and ":2: project.nme: unknown key" in typo.stderr

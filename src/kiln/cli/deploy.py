@@ -64,6 +64,19 @@ def up(
 
 
 @app.command()
+def validate(target: Target = None, env: EnvOption = None) -> None:
+    """Check kiln.toml and what it refers to, without baking or an agent; exit 1 on errors."""
+    from kiln.spec.validate import validate_project
+
+    errors = validate_project(target or Path.cwd(), env, kiln_home())
+    for message in errors:
+        sys.stderr.write(f"error: {message}\n")
+    if errors:
+        raise typer.Exit(1)
+    print("kiln.toml is valid")
+
+
+@app.command()
 def plan(
     target: Target = None,
     env: EnvOption = None,

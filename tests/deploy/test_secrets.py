@@ -110,8 +110,10 @@ def test_versions_for_names_the_service_and_the_command_that_fixes_it(
     assert store.versions_for({"web": ["db"], "worker": []}) == {"db": "v1"}
     with pytest.raises(KilnError) as e:
         store.versions_for({"web": ["db", "api_key"]})
+    home = store.root.parent  # the home is named: a secret set in another one is the trap
     assert str(e.value) == (
-        "services.web.secrets: secret api_key is not set; set it with: kiln secret set api_key"
+        f"services.web.secrets: secret api_key is not set in KILN_HOME {home}; "
+        f"set it with: KILN_HOME={home} kiln secret set api_key"
     )
     with pytest.raises(KilnError, match=r"services.web.secrets: 'Bad' is not a valid"):
         store.versions_for({"web": ["Bad"]})

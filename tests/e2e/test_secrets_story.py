@@ -112,9 +112,8 @@ def test_secrets_rotate_and_roll_back_without_ever_leaving_the_store(
 
     refused = kiln(home, "up", str(project))
     assert refused.returncode == 1
-    assert (
-        "services.web.secrets: secret api_key is not set; set it with: kiln secret set api_key"
-        in refused.stderr
+    assert f"services.web.secrets: secret api_key is not set in KILN_HOME {home}" in (
+        refused.stderr
     )
 
     missing = kiln(home, "secret", "set", "api_key", "--from-file", str(tmp_path / "nope"))

@@ -355,3 +355,28 @@ def test_the_main_job_on_the_docker_runtime(
     finally:
         kiln(home, "down")
         engine.close()
+
+
+def test_ctrl_c_on_apply_leaves_the_rollout_to_the_agent_and_says_so(
+    home: Path, tmp_path: Path
+) -> None:
+    listen = free_port()
+    project = make_project(tmp_path / "p", listen, "v1")
+    assert kiln(home, "up", str(project)).returncode == 0
+    (project / "rootfs" / "www" / "index.html").write_text("v2\n")
+    env = dict(os.environ, KILN_HOME=str(home))
+    applying = subprocess.Popen(
+        [KILN, "apply", "--file", str(project), "--yes"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: status(home).get("rollout") is not None, timeout=30)
+    applying.send_signal(signal.SIGINT)
+    _, err = applying.communicate(timeout=30)
+    assert applying.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert "interrupted: deployment d-" in last and "goes on in the agent" in last, err
+    assert "kiln events --follow" in last and "kiln rollback web" in last, err
+    wait_for(lambda: status(home).get("rollout") is None and fetch(listen) == "v2", timeout=60)

@@ -181,7 +181,23 @@ def apply_plan(home: Path, plan: dict[str, Any], say: Say = _stderr) -> dict[str
     """Start the rollouts and follow their events until they end."""
     with AgentClient(home) as client:
         after = client.last_event_id()
-        return _follow(client, client.apply(plan), after, say)
+        started = client.apply(plan)
+        return _follow_or_explain(client, started, after, say, home)
+
+
+def _follow_or_explain(
+    client: AgentClient, started: dict[str, Any], after: int, say: Say, home: Path
+) -> dict[str, Any]:
+    """Ctrl-C stops the following, not the rollout: say so, and how to go on."""
+    try:
+        return _follow(client, started, after, say)
+    except KeyboardInterrupt:
+        services = " ".join(sorted(started.get("services") or [started.get("service") or ""]))
+        raise KilnError(
+            f"interrupted: deployment {started.get('deployment')} goes on in the agent "
+            f"(KILN_HOME {home}); follow it with: kiln events --follow; undo it with: "
+            f"kiln rollback {services.strip() or 'SERVICE'}"
+        ) from None
 
 
 def rollback(home: Path, service: str, revision: str | None, say: Say = _stderr) -> dict[str, Any]:

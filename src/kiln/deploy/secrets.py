@@ -202,7 +202,10 @@ class SecretStore:
         versions are never reused. Needs no key: a wrong key must not keep a leak alive."""
         check_secret_name(name)
         if self.current(name) is None:
-            raise KilnError(f"secret {name} is not set; kiln secret list shows the secrets")
+            raise KilnError(
+                f"secret {name} is not set in KILN_HOME {self.root.parent}; "
+                "kiln secret list shows the secrets"
+            )
         with self._locked(name) as directory:
             serial = int(_read_current(directory).get("serial", 0))
             for path in directory.iterdir():
@@ -219,9 +222,10 @@ class SecretStore:
                 check_secret_name(name, f"services.{service}.secrets")
                 version = out.get(name) or self.current(name)
                 if version is None:
+                    home = self.root.parent
                     raise KilnError(
-                        f"services.{service}.secrets: secret {name} is not set; "
-                        f"set it with: kiln secret set {name}"
+                        f"services.{service}.secrets: secret {name} is not set in KILN_HOME "
+                        f"{home}; set it with: KILN_HOME={home} kiln secret set {name}"
                     )
                 out[name] = version
         return out

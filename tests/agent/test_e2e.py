@@ -316,6 +316,10 @@ def test_apply_retires_exactly_the_instances_the_plan_names(
     assert record["outcome"] == "succeeded", record
     assert [i["id"] for i in instances(agent)] == [by_age[2]]
     assert get(listen) == (200, "v1\n")
+    stopped = {e["instance"]: e["message"] for e in agent.client.events()
+               if e["kind"] == "instance.stopped"}  # fmt: skip
+    for gone in by_age[:2]:
+        assert "scaled down to 1 by r2" in stopped[gone], stopped  # not "replaced by r2"
 
 
 def test_a_failed_deployment_explains_itself(

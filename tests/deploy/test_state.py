@@ -413,8 +413,9 @@ def test_deployments_and_rollouts_survive_a_reopen(store: StateStore, tmp_path: 
         "services": {"web": {"revision": 2, "outcome": "running"}},
     }
     store.put_deployment(record)
+    named, destroyed = frozenset({"a", "b"}), frozenset({"b"})
     store.put_rollout(
-        RolloutRecord("web", "d-1234abcd", 2, "deploy", None, 1.0, 0, frozenset({"a"}))
+        RolloutRecord("web", "d-1234abcd", 2, "deploy", None, 1.0, 0, named, destroyed)
     )
     store.rollout_step("web", 2, 3)
     store.reset_breaker("web", 5.0)
@@ -422,7 +423,7 @@ def test_deployments_and_rollouts_survive_a_reopen(store: StateStore, tmp_path: 
     try:
         assert again.deployment("d-1234abcd") == record
         assert again.rollouts() == [
-            RolloutRecord("web", "d-1234abcd", 2, "deploy", None, 1.0, 3, frozenset({"a"}))
+            RolloutRecord("web", "d-1234abcd", 2, "deploy", None, 1.0, 3, named, destroyed)
         ]
         assert again.breaker_resets() == {"web": 5.0}
         again.end_rollout("web", 2)

@@ -102,6 +102,7 @@ async def adopt(e: Engine) -> None:
                 started=row.started,
                 step=row.step,
                 named=row.named,
+                destroyed=row.destroyed,
                 undoing=row.undoing,
             )
         )

@@ -405,7 +405,19 @@ class Engine:
                 data={"deployment": deployment},
             )
             await self.rollouts.begin(
-                Rollout(sp.service, rev, deployment, "deploy", time.time(), named=named)
+                Rollout(
+                    sp.service,
+                    rev,
+                    deployment,
+                    "deploy",
+                    time.time(),
+                    named=named,
+                    destroyed=frozenset(
+                        c.instance
+                        for c in sp.changes
+                        if c.instance is not None and c.action is Action.DESTROY
+                    ),
+                )
             )
         await self.deployments.finish_if_done(deployment)
         return {"deployment": deployment, "services": record["services"]}

@@ -46,6 +46,7 @@ class Rollout:
     step: int = 0
     named: frozenset[str] | None = None
     undoing: int | None = None
+    destroyed: frozenset[str] = frozenset()
     progress: dict[str, int] = field(default_factory=dict)
     task: asyncio.Task[str] | None = None
 
@@ -59,6 +60,7 @@ class Rollout:
             self.started,
             self.step,
             self.named,
+            self.destroyed,
         )
 
     def info(self) -> dict[str, object]:
@@ -223,7 +225,12 @@ class Rollouts:
                     },
                 )
             for iid in step.retire:
-                e.spawn(e.lifecycle.retire(iid, f"replaced by r{target.number}"), f"retire {iid}")
+                why = (
+                    f"scaled down to {view.desired} by r{target.number}"
+                    if iid in rollout.destroyed
+                    else f"replaced by r{target.number}"
+                )
+                e.spawn(e.lifecycle.retire(iid, why), f"retire {iid}")
             for _ in range(step.start):
                 rec = await e.lifecycle.new(service, target, deployment=rollout.deployment)
                 e.lifecycle.launch(rec, target)

@@ -175,6 +175,8 @@ class RolloutRecord:
     named: frozenset[str] | None = None
     """The instances the applied plan replaces or destroys (None: by revision, as a
     rollback does); the rollout retires exactly these."""
+    destroyed: frozenset[str] = frozenset()
+    """Those of ``named`` the plan destroys without a replacement (a scale-down)."""
 
 
 @dataclass(frozen=True)
@@ -1031,7 +1033,7 @@ class StateStore:
                     rollout.started,
                     rollout.step,
                     time.time(),
-                    None if rollout.named is None else json.dumps(sorted(rollout.named)),
+                    _named_json(rollout),
                 ),
             )
 
@@ -1061,7 +1063,7 @@ class StateStore:
                 r[4],
                 float(r[5]),
                 int(r[6]),
-                None if r[7] is None else frozenset(json.loads(r[7])),
+                *_named_from_json(r[7]),
             )
             for r in rows
         ]
@@ -1135,6 +1137,22 @@ class StateStore:
                 )
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.5)
+
+
+def _named_json(rollout: RolloutRecord) -> str | None:
+    if rollout.named is None:
+        return None
+    return json.dumps({"named": sorted(rollout.named), "destroyed": sorted(rollout.destroyed)})
+
+
+def _named_from_json(raw: str | None) -> tuple[frozenset[str] | None, frozenset[str]]:
+    """A list (before scale-downs were told apart) or ``{"named", "destroyed"}``."""
+    if raw is None:
+        return None, frozenset()
+    data = json.loads(raw)
+    if isinstance(data, list):
+        return frozenset(data), frozenset()
+    return frozenset(data.get("named") or ()), frozenset(data.get("destroyed") or ())
 
 
 def _check(value: str, allowed: frozenset[str], what: str) -> None:

@@ -119,7 +119,7 @@ def main() -> int:
 
     banner("2. kiln up: bake, start the agent, plan, apply")
     kiln("up", str(project))
-    kiln("status")
+    kiln("status", ok=(0, 3))
     print("curl http://127.0.0.1:8000/ →", fetch("http://127.0.0.1:8000/"))
 
     banner("3. Change the app, plan, and roll it out under continuous load")
@@ -161,7 +161,7 @@ def main() -> int:
     kiln("history", "web")
     kiln("rollback", "web")
     print("curl http://127.0.0.1:8000/ →", fetch("http://127.0.0.1:8000/"))
-    kiln("status")
+    kiln("status", ok=(0, 3))
 
     banner("6. Logs of an instance that no longer exists")
     print(f"$ kiln logs web --instance {victim['id']}   # first and last lines")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -342,3 +345,15 @@ def test_a_failed_deployment_explains_itself(
     assert f"{culprit}: exited with code 3" in text, text
     assert "stderr: boom" in text and "stdout: listening on nothing" in text, text
     assert f"kiln logs web --instance {culprit}" in text, text
+
+    # A first rollout that failed stays in kiln status, which says so in its exit code.
+    web = agent.client.status()["services"]["web"]
+    assert (web["state"], web["failed"]["revision"]) == ("failed", 1), web
+    shown = subprocess.run(
+        [str(Path(sys.executable).parent / "kiln"), "status"],
+        env=dict(os.environ, KILN_HOME=str(agent.home)),
+        text=True,
+        capture_output=True,
+    )
+    assert shown.returncode == 3, shown
+    assert shown.stdout.startswith("web: FAILED: r1: "), shown.stdout

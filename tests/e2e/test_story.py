@@ -107,6 +107,8 @@ def test_the_main_job_through_the_cli(home: Path, tmp_path: Path) -> None:
     assert fetch(listen) == "v1"
     first = status(home)
     assert len([i for i in first["instances"] if i["state"] == "ready"]) == 3
+    assert first["state"] == "ok"
+    assert kiln(home, "status").returncode == 0
 
     (project / "rootfs" / "www" / "index.html").write_text("v2\n")
     plan = kiln(home, "plan", str(project), "-o", str(tmp_path / "plan.json"))

@@ -39,15 +39,38 @@ async def status(e: Engine) -> dict[str, Any]:
                 }
             )
         rollout = e.rollouts.running.get(name)
-        if active is None and not instances and rollout is None:
+        failed = None
+        if active is None and rollout is None:
+            revisions = await e.db(e.state.revisions, name)
+            if revisions and revisions[-1].status == "failed":
+                failed = revisions[-1]  # a first rollout that failed stays in view
+        if active is None and not instances and rollout is None and failed is None:
             continue
+        alarms = [a.message for a in await e.db(e.state.alarms, name)]
+        desired = int(active.config.get("replicas", 1)) if active else 0
+        ready = sum(1 for i in instances if i["state"] == "ready")
+        state = (
+            "rolling"
+            if rollout is not None
+            else "failed"
+            if failed is not None
+            else "alarm"
+            if alarms
+            else "degraded"
+            if ready < desired
+            else "ok"
+        )
         services[name] = {
+            "state": state,
             "active_revision": active.number if active else None,
-            "desired_replicas": int(active.config.get("replicas", 1)) if active else 0,
+            "desired_replicas": desired,
             "listen": active.config.get("listen") if active else None,
             "instances": instances,
             "rollout": rollout.info() if rollout is not None else None,
-            "alarms": [a.message for a in await e.db(e.state.alarms, name)],
+            "alarms": alarms,
+            "failed": {"revision": failed.number, "reason": failed.reason}
+            if failed is not None
+            else None,
         }
     return {"services": services, "proxy": e.router.info(), "runtime": e.runtime.name}
 

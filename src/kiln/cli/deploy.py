@@ -133,15 +133,26 @@ def apply(
 
 @app.command()
 def status(as_json: JsonFlag = False) -> None:
-    """Services, revisions and instances with state, health, age and digest."""
+    """Services, revisions and instances with state, health, age and digest.
+
+    Exits 3 when a service failed, is degraded (fewer ready than desired, no
+    rollout running) or in alarm, as ``systemctl is-active`` does; ``--json`` exits 0
+    and says it in each service's ``state``."""
     from kiln.cli.render import print_status
 
     with _client() as client:
         data = client.status()
     if as_json:
         emit_json(data)
-    else:
-        print_status(data)
+        return
+    print_status(data)
+    unwell = [
+        name
+        for name, svc in (data.get("services") or {}).items()
+        if svc.get("state") in ("failed", "degraded", "alarm")
+    ]
+    if unwell:
+        raise typer.Exit(3)  # like systemctl is-active: not every service is well
 
 
 @app.command()

@@ -80,9 +80,15 @@ def print_status(data: dict[str, Any]) -> None:
     for name, svc in services.items():
         ready = sum(1 for i in svc.get("instances", []) if i.get("state") == "ready")
         rollout = svc.get("rollout")
+        state = svc.get("state", "ok")
+        failed = svc.get("failed") or {}
+        if state == "failed":
+            print(f"{name}: FAILED: r{failed.get('revision')}: {failed.get('reason') or '?'}")
+            continue
         print(
             f"{name}: r{svc.get('active_revision')} · {ready}/{svc.get('desired_replicas')} ready"
-            f" · listen :{svc.get('listen') or '-'}"
+            + (f" · {state.upper()}" if state in ("degraded", "alarm") else "")
+            + f" · listen :{svc.get('listen') or '-'}"
             + (f" · {_rollout(rollout)}" if rollout else "")
             + "".join(f" · ALARM: {a}" for a in svc.get("alarms", []))
         )

@@ -357,3 +357,36 @@ def test_a_failed_deployment_explains_itself(
     )
     assert shown.returncode == 3, shown
     assert shown.stdout.startswith("web: FAILED: r1: "), shown.stdout
+
+
+def test_kiln_scale_is_a_revision_that_touches_no_other_service(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    listen = free_port()
+    digest = busybox_image("web:v1", V1)
+    assert deploy(agent.client, service_spec(digest, listen=listen))["outcome"] == "succeeded"
+    kiln = [str(Path(sys.executable).parent / "kiln")]
+    env = dict(os.environ, KILN_HOME=str(agent.home))
+
+    def scale(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*kiln, "scale", *args], env=env, text=True, capture_output=True)
+
+    down = scale("web", "1")
+    assert down.returncode == 0, down.stderr
+    assert [i["state"] for i in instances(agent)] == ["ready"]
+    history = agent.client.history("web")["revisions"]
+    assert [(r["number"], r["status"], r["config"]["replicas"]) for r in history[:2]] == [
+        (2, "active", 1),
+        (1, "superseded", 3),
+    ]
+    assert history[0]["config_hash"] == history[1]["config_hash"], "the instances' config kept"
+    up = scale("web", "2")
+    assert up.returncode == 0, up.stderr
+    assert sorted(i["state"] for i in instances(agent)) == ["ready", "ready"]
+    same = scale("web", "2")
+    assert same.returncode == 0 and "nothing to do" in same.stderr
+    unknown = scale("nope", "2")
+    assert unknown.returncode == 1 and "no service 'nope'" in unknown.stderr
+    absurd = scale("web", "100000")
+    assert absurd.returncode == 1 and "replicas" in absurd.stderr
+    assert get(listen) == (200, "v1\n")

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from kiln.agent.errors import Conflict, NotFound
 from kiln.errors import KilnError
 from kiln.spec.loader import describe_errors, key_name
-from kiln.spec.models import Service, shown
+from kiln.spec.models import MAX_COUNT, Service, shown
 
 if TYPE_CHECKING:
     from kiln.agent.daemon import Agent
@@ -65,6 +65,11 @@ class PlanRequest(BaseModel):
 
 class ApplyRequest(BaseModel):
     plan: dict[str, Any]
+
+
+class ScaleRequest(BaseModel):
+    service: str = Field(max_length=64)
+    replicas: int = Field(ge=0, le=MAX_COUNT, strict=True)
 
 
 class RollbackRequest(BaseModel):
@@ -173,6 +178,10 @@ def build_app(agent: Agent) -> FastAPI:
         if not _DEPLOYMENT_ID.fullmatch(deployment_id):  # it becomes a file name
             raise NotFound(f"no deployment {shown(deployment_id)}")
         return await agent.deployment(deployment_id)
+
+    @app.post("/v1/scale")
+    async def scale(body: ScaleRequest) -> dict[str, Any]:
+        return await agent.scale(body.service, body.replicas)
 
     @app.post("/v1/rollback")
     async def rollback(body: RollbackRequest) -> dict[str, Any]:

@@ -197,6 +197,9 @@ class AgentClient:
             if time.monotonic() > deadline:
                 raise KilnError(f"deployment {deployment_id}: still running after {timeout:.0f}s")
 
+    def scale(self, service: str, replicas: int) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/scale", {"service": service, "replicas": replicas}))
+
     def rollback(self, service: str, revision: int | None = None) -> dict[str, Any]:
         return dict(
             self._request("POST", "/v1/rollback", {"service": service, "revision": revision})

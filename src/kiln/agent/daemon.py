@@ -144,6 +144,9 @@ class Agent:
     async def rollback(self, service: str, revision: int | None) -> dict[str, Any]:
         return await self._engine().rollback(service, revision)
 
+    async def scale(self, service: str, replicas: int) -> dict[str, Any]:
+        return await self._engine().scale(service, replicas)
+
     async def history(self, service: str) -> dict[str, Any]:
         return await self._engine().history(service)
 

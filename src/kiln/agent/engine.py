@@ -456,6 +456,39 @@ class Engine:
                     f"not to {project!r}; nothing was changed"
                 )
 
+    async def scale(self, service: str, replicas: int) -> dict[str, Any]:
+        """The active revision with another replica count: planned and applied as any
+        change is (a new revision in history, the plan's instances created or destroyed),
+        touching no other service."""
+        from dataclasses import replace
+
+        from kiln.deploy.plan import DesiredService, make_plan
+        from kiln.spec.models import MAX_COUNT
+
+        if isinstance(replicas, bool) or not 0 <= replicas <= MAX_COUNT:
+            raise KilnError(f"scale {service}: replicas must be 0-{MAX_COUNT}, not {replicas}")
+        active = await self.db(self.state.active_revision, service)
+        if active is None:
+            raise NotFound(f"no service {service!r} is running; kiln up first")
+        config = dict(active.config)
+        pinned = {str(k): str(v) for k, v in (config.pop("secrets_versions", None) or {}).items()}
+        config.pop("image_config", None)
+        project = config.pop("project", None)
+        config["replicas"] = replicas
+        want = DesiredService(service, config, active.image_digest, active.config_hash, pinned)
+        plan = make_plan({service: want}, await self.db(self.state.snapshot))
+        plan = replace(plan, services=tuple(s for s in plan.services if s.service == service))
+        if plan.empty:
+            return {"deployment": None, "services": {}}
+        source = {
+            "project": project,
+            "spec_text": active.spec_text,
+            "spec_path": active.spec_path,
+            "git_commit": active.git_commit,
+            "environment": active.environment,
+        }
+        return await self.apply({**plan.to_json(), "source": source})
+
     async def rollback(self, service: str, revision: int | None) -> dict[str, Any]:
         """Under the apply lock: a rollback and an apply never race for one service."""
         if self._apply_lock.locked():

@@ -64,6 +64,14 @@ def up(
 
 
 @app.command()
+def scale(service: str, replicas: int) -> None:
+    """Run REPLICAS instances of SERVICE: a new revision, planned and rolled out."""
+    from kiln.cli.workflow import scale as run_scale
+
+    _finish(run_scale(kiln_home(), service, replicas))
+
+
+@app.command()
 def validate(target: Target = None, env: EnvOption = None) -> None:
     """Check kiln.toml and what it refers to, without baking or an agent; exit 1 on errors."""
     from kiln.spec.validate import validate_project

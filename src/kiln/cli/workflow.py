@@ -200,6 +200,17 @@ def _follow_or_explain(
         ) from None
 
 
+def scale(home: Path, service: str, replicas: int, say: Say = _stderr) -> dict[str, Any]:
+    """A new revision of SERVICE with REPLICAS instances, applied and followed."""
+    with AgentClient(home) as client:
+        after = client.last_event_id()
+        started = client.scale(service, replicas)
+        if not started.get("deployment"):
+            say(f"{service} already runs {replicas} replica(s); nothing to do")
+            return {"outcome": "unchanged"}
+        return _follow_or_explain(client, started, after, say, home)
+
+
 def rollback(home: Path, service: str, revision: str | None, say: Say = _stderr) -> dict[str, Any]:
     """New instances from the previous (or named: ``r3`` or ``3``) revision, followed."""
     number: int | None = None

@@ -339,8 +339,7 @@ class Engine:
                 await self.db(holder.__exit__, None, None, None)
 
     async def _apply(self, plan: Plan, source: dict[str, Any]) -> dict[str, Any]:
-        if plan.base != await self.db(self.state.state_hash):
-            raise Conflict("the state changed since this plan was made; run kiln plan again")
+        # A running rollout is named first: it is why the state keeps changing under a plan.
         busy = [
             s.service for s in plan.services if not s.empty and s.service in self.rollouts.running
         ]
@@ -352,6 +351,8 @@ class Engine:
                 f"{rollout.deployment or '?'}, {rollout.kind} to r{rollout.target.number}, "
                 f"started {age:.0f}s ago); wait for it or follow it with kiln events --follow"
             )
+        if plan.base != await self.db(self.state.state_hash):
+            raise Conflict("the state changed since this plan was made; run kiln plan again")
         await self.routing.check_listeners(plan)
         await self._check_projects(plan, source)
         # Every service is in the deployment from the start: one that ends quickly (a

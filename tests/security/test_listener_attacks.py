@@ -716,7 +716,8 @@ def test_twenty_thousand_partial_heads(
         print(f"  a new client from another address waited {waits}; meanwhile {same.summary()}")
         print(f"  opened {opened}, closed (count, 408s, first s, last s) {closed}")
         print(f"  HAProxy RSS start {rss_start:.1f} MB, peak {rss_peak:.1f} MB")
-        assert held == 2 * cap
+        # Each address holds its cap; the prober's own request may be in flight too.
+        assert 2 * cap <= held <= 2 * cap + 2, held
         assert "strict" in counters and counters_s < 1.0
         assert problems == []
         assert max(waits.values()) < 0.5, waits

@@ -216,7 +216,7 @@ class Engine:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
-    async def revision(self, service: str, number: int, fresh: bool = False) -> Revision:
+    async def revision(self, service: str, number: int) -> Revision:
         rev = await self.db(self.state.revision, service, number)
         self.configs[(service, number)] = rev.config
         return rev

@@ -240,7 +240,7 @@ class Rollouts:
         e = self.engine
         service, target = rollout.service, rollout.target
         await self._retirements_of(service)
-        current = await e.revision(service, target.number, fresh=True)
+        current = await e.revision(service, target.number)
         becomes: RevisionStatus = (
             "rolled_back" if rollout.kind in ("rollback", "auto-rollback") else "superseded"
         )

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.agent.errors import NotFound
 from kiln.agent.lifecycle import handle_of
+from kiln.deploy.state import Revision
 
 if TYPE_CHECKING:
     from kiln.agent.engine import Engine
@@ -20,8 +21,11 @@ async def status(e: Engine) -> dict[str, Any]:
     for name in await e.db(e.state.services):
         active = await e.db(e.state.active_revision, name)
         instances = []
+        by_number: dict[int, Revision] = {}  # one read per revision, not per instance
         for rec in await e.db(e.state.instances, name, True):
-            rev = await e.revision(name, rec.revision)
+            if rec.revision not in by_number:
+                by_number[rec.revision] = await e.revision(name, rec.revision)
+            rev = by_number[rec.revision]
             handle = handle_of(rec)
             data = handle.data if handle is not None else {}
             instances.append(

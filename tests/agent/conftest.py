@@ -46,6 +46,16 @@ def kiln_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
+def image(kiln_home: Path, tmp_path: Path) -> str:
+    """A one-file image in the home's store: the fake runtime runs nothing from it, but
+    the engine reads its config and digest as it would for any runtime."""
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "app").write_text("#!/bin/sh\n")
+    return put_image(kiln_home, "app:v1", tree, ["/bin/app"])
+
+
+@pytest.fixture
 def busybox_image(kiln_home: Path, tmp_path: Path) -> ImageFactory:
     """``busybox_image("web:v1", files={"healthz": "ok"})`` → digest of an httpd image."""
     counter = iter(range(1000))

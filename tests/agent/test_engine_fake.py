@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_harness import put_image
 
 from kiln.agent.engine import Engine
 from kiln.deploy.plan import desired_from_spec, make_plan
@@ -37,16 +36,6 @@ NO_BREAKER = {"meltdown_fraction": 100.0}
 """Deaths never trip the meltdown breaker (for tests about something else)."""
 
 Body = Callable[[Engine, StateStore], Awaitable[None]]
-
-
-@pytest.fixture
-def image(kiln_home: Path, tmp_path: Path) -> str:
-    """A one-file image in the home's store: the fake runtime runs nothing from it, but
-    the engine reads its config and digest as it would for any runtime."""
-    tree = tmp_path / "tree"
-    (tree / "bin").mkdir(parents=True)
-    (tree / "bin" / "app").write_text("#!/bin/sh\n")
-    return put_image(kiln_home, "app:v1", tree, ["/bin/app"])
 
 
 def spec(image: str, replicas: int, version: str = "1", **service: Any) -> Spec:

@@ -72,6 +72,25 @@ class ScaleRequest(BaseModel):
     replicas: int = Field(ge=0, le=MAX_COUNT, strict=True)
 
 
+class ServiceRequest(BaseModel):
+    service: str = Field(max_length=64)
+
+
+EXEC_ARGS_MAX = 4096
+EXEC_TIMEOUT_MAX = 24 * 3600.0
+
+
+class ExecRequest(BaseModel):
+    """A command for ``kiln exec``: argv as a list (no shell unless it names one), bounded
+    so a request cannot make the agent hold an absurd command or wait forever."""
+
+    instance: str = Field(min_length=1, max_length=128)
+    argv: list[Annotated[str, Field(max_length=EXEC_ARGS_MAX, pattern=r"^[^\x00]*$")]] = Field(
+        min_length=1, max_length=256
+    )
+    timeout: float = Field(default=60.0, gt=0, le=EXEC_TIMEOUT_MAX, allow_inf_nan=False)
+
+
 class RollbackRequest(BaseModel):
     service: str
     revision: Revision | None = None
@@ -186,6 +205,22 @@ def build_app(agent: Agent) -> FastAPI:
     @app.post("/v1/rollback")
     async def rollback(body: RollbackRequest) -> dict[str, Any]:
         return await agent.rollback(body.service, body.revision)
+
+    @app.post("/v1/restart")
+    async def restart(body: ServiceRequest) -> dict[str, Any]:
+        return await agent.restart(body.service)
+
+    @app.post("/v1/stop")
+    async def stop(body: ServiceRequest) -> dict[str, Any]:
+        return await agent.stop_service(body.service)
+
+    @app.post("/v1/start")
+    async def start(body: ServiceRequest) -> dict[str, Any]:
+        return await agent.start_service(body.service)
+
+    @app.post("/v1/exec")
+    async def exec_(body: ExecRequest) -> dict[str, Any]:
+        return await agent.exec(body.instance, body.argv, body.timeout)
 
     @app.get("/v1/history/{service}")
     async def history(service: str) -> dict[str, Any]:

@@ -205,6 +205,19 @@ class AgentClient:
             self._request("POST", "/v1/rollback", {"service": service, "revision": revision})
         )
 
+    def restart(self, service: str) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/restart", {"service": service}))
+
+    def stop_service(self, service: str) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/stop", {"service": service}))
+
+    def start_service(self, service: str) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/start", {"service": service}))
+
+    def exec(self, instance: str, argv: list[str], timeout: float) -> dict[str, Any]:
+        body = {"instance": instance, "argv": argv, "timeout": timeout}
+        return dict(self._request("POST", "/v1/exec", body, timeout=timeout + 30.0))
+
     def history(self, service: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/v1/history/{service}"))
 

@@ -147,6 +147,18 @@ class Agent:
     async def scale(self, service: str, replicas: int) -> dict[str, Any]:
         return await self._engine().scale(service, replicas)
 
+    async def restart(self, service: str) -> dict[str, Any]:
+        return await self._engine().restart(service)
+
+    async def stop_service(self, service: str) -> dict[str, Any]:
+        return await self._engine().stop_service(service)
+
+    async def start_service(self, service: str) -> dict[str, Any]:
+        return await self._engine().start_service(service)
+
+    async def exec(self, instance: str, argv: list[str], timeout: float) -> dict[str, Any]:
+        return await self._engine().exec(instance, argv, timeout)
+
     async def history(self, service: str) -> dict[str, Any]:
         return await self._engine().history(service)
 

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from kiln.agent import views
 from kiln.agent.adoption import adopt
+from kiln.agent.control import ServiceControl
 from kiln.agent.deployments import Deployments
 from kiln.agent.errors import Conflict, NotFound
 from kiln.agent.executor import ImageConfigs
@@ -88,6 +89,7 @@ class Engine:
         self.rollouts = Rollouts(self)
         self.deployments = Deployments(self)
         self.reconciler = Reconciler(self)
+        self.control = ServiceControl(self)
 
     # plumbing shared by the parts
 
@@ -533,6 +535,25 @@ class Engine:
             "revision": target.number,
             "started": record["started"],
         }
+
+    async def restart(self, service: str) -> dict[str, Any]:
+        return await self._locked(self.control.restart, service)
+
+    async def stop_service(self, service: str) -> dict[str, Any]:
+        return await self._locked(self.control.stop, service)
+
+    async def start_service(self, service: str) -> dict[str, Any]:
+        return await self._locked(self.control.start, service)
+
+    async def exec(self, instance: str, argv: list[str], timeout: float) -> dict[str, Any]:
+        return await self.control.exec(instance, argv, timeout)
+
+    async def _locked(self, change: Callable[[str], Awaitable[T]], service: str) -> T:
+        """Changes to a service never race an apply or a rollback of it."""
+        if self._apply_lock.locked():
+            raise Conflict("a kiln apply is being started; try again")
+        async with self._apply_lock:
+            return await change(service)
 
     # reads
 

@@ -82,6 +82,12 @@ class HealthChecks:
         tracker = self.trackers.get(iid)
         return tracker.state.value if tracker is not None else None
 
+    def last_probe(self, iid: str) -> str | None:
+        """What the last probe saw (``GET /healthz: HTTP 503``), for status and waits."""
+        tracker = self.trackers.get(iid)
+        last = tracker.last if tracker is not None else None
+        return last.detail if last is not None else None
+
     def ready_since(self, rec: InstanceRecord) -> float | None:
         tracker = self.trackers.get(rec.id)
         return tracker.ready_since if tracker is not None else rec.ready_at

@@ -27,10 +27,12 @@ from kiln.spec.models import Update
 if TYPE_CHECKING:
     from kiln.agent.engine import Engine
 
-__all__ = ["ROLLOUT_TICK", "Rollout", "Rollouts"]
+__all__ = ["REMOVALS", "ROLLOUT_TICK", "Rollout", "Rollouts"]
 
 log = logging.getLogger("kiln.agent")
 
+REMOVALS = frozenset({"remove", "stop"})
+"""Rollout kinds that retire every instance of a service and route nothing to it."""
 ROLLOUT_TICK = 0.25
 """The longest a rollout sleeps without a change; time-based steps (min_healthy_time,
 deadlines) are seen within it."""
@@ -168,7 +170,9 @@ class Rollouts:
                 if rollout.named is not None
                 else rec.revision != rollout.undoing
             )
-            inst = RolloutInstance(rec.id, rec.state, rec.created, e.health.ready_since(rec))
+            inst = RolloutInstance(
+                rec.id, rec.state, rec.created, e.health.ready_since(rec), rec.touched is not None
+            )
             (new if same else old).append(inst)
         return RolloutView(
             target_revision=target.number,
@@ -181,7 +185,7 @@ class Rollouts:
         )
 
     async def _run(self, rollout: Rollout) -> str:
-        if rollout.kind == "remove":
+        if rollout.kind in REMOVALS:
             return await self._remove(rollout)
         e = self.engine
         service, target = rollout.service, rollout.target
@@ -228,6 +232,8 @@ class Rollouts:
                 why = (
                     f"scaled down to {view.desired} by r{target.number}"
                     if iid in rollout.destroyed
+                    else "restarted by kiln restart"
+                    if rollout.kind == "restart"
                     else f"replaced by r{target.number}"
                 )
                 e.spawn(e.lifecycle.retire(iid, why), f"retire {iid}")
@@ -333,20 +339,25 @@ class Rollouts:
         nothing replaces them); resumed as a whole after an agent restart."""
         e = self.engine
         service = rollout.service
-        e.emit(f"rollout.{'resumed' if rollout.step else 'started'}", f"{service}: removal",
-               service, data={"deployment": rollout.deployment, "kind": "remove"})  # fmt: skip
+        stop = rollout.kind == "stop"
+        e.emit(f"rollout.{'resumed' if rollout.step else 'started'}",
+               f"{service}: {'stop' if stop else 'removal'}",
+               service, data={"deployment": rollout.deployment, "kind": rollout.kind})  # fmt: skip
+        why = "stopped by kiln stop" if stop else "service removed from kiln.toml"
         rollout.step = 1
         await e.db(e.state.rollout_step, service, rollout.target.number, 1)
         for _ in range(5):  # a start that lands meanwhile is retired on the next round
             live = await e.db(e.state.instances, service, True)
             if not live:
                 break
-            await asyncio.gather(
-                *(e.lifecycle.retire(i.id, "service removed from kiln.toml") for i in live)
-            )
+            await asyncio.gather(*(e.lifecycle.retire(i.id, why) for i in live))
         await self._settle_dead(service)
         await e.routing.push(service)
-        e.emit("service.removed", f"{service}: removed", service)
+        if stop:
+            e.emit("service.stopped", f"{service}: stopped; kiln start {service} runs it again",
+                   service, revision=rollout.target.number)  # fmt: skip
+        else:
+            e.emit("service.removed", f"{service}: removed", service)
         await self._close(rollout, "succeeded", None)
         return "succeeded"
 

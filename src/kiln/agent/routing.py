@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from kiln.agent.lifecycle import handle_of
+from kiln.agent.rollouts import REMOVALS
 from kiln.deploy.plan import Plan
 from kiln.errors import KilnError
 from kiln.runtime import HostResources
@@ -45,7 +46,7 @@ class Routing:
     async def route_for(self, service: str) -> Route | None:
         e = self.engine
         rollout = e.rollouts.running.get(service)
-        if rollout is not None and rollout.kind == "remove":
+        if rollout is not None and rollout.kind in REMOVALS:
             return None
         if rollout is not None:
             cfg: dict[str, Any] | None = rollout.target.config

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from kiln.agent.control import stopped_revision
 from kiln.agent.errors import NotFound
 from kiln.agent.lifecycle import handle_of
+from kiln.deploy.plan import revision_changes
 from kiln.deploy.state import Revision
 
 if TYPE_CHECKING:
@@ -40,15 +42,22 @@ async def status(e: Engine) -> dict[str, Any]:
                     "address": handle.address if handle is not None else None,
                     "pid": data.get("sandbox_pid") or data.get("shim_pid"),
                     "container": data.get("container_id"),
+                    "touched": rec.touched,
+                    "probe": e.health.last_probe(rec.id),
+                    "reason": rec.reason,
                 }
             )
         rollout = e.rollouts.running.get(name)
-        failed = None
+        failed = stopped = None
         if active is None and rollout is None:
             revisions = await e.db(e.state.revisions, name)
             if revisions and revisions[-1].status == "failed":
                 failed = revisions[-1]  # a first rollout that failed stays in view
+            stopped = stopped_revision(revisions)
         if active is None and not instances and rollout is None and failed is None:
+            if stopped is not None and stopped.reason == "kiln stop":
+                services[name] = {"state": "stopped", "stopped_revision": stopped.number,
+                                  "instances": [], "alarms": []}  # fmt: skip
             continue
         alarms = [a.message for a in await e.db(e.state.alarms, name)]
         desired = int(active.config.get("replicas", 1)) if active else 0
@@ -83,4 +92,8 @@ async def history(e: Engine, service: str) -> dict[str, Any]:
     revisions = await e.db(e.state.revisions, service)
     if not revisions:
         raise NotFound(f"no service {service!r}")
-    return {"service": service, "revisions": [r.to_json() for r in reversed(revisions)]}
+    shown = []
+    for index, rev in enumerate(revisions):
+        before = revisions[index - 1] if index else None
+        shown.append({**rev.to_json(), "changes": revision_changes(before, rev)})
+    return {"service": service, "revisions": shown[::-1]}

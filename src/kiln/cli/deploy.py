@@ -188,6 +188,56 @@ def rollback(
 
 
 @app.command()
+def restart(service: str) -> None:
+    """Replace every instance of SERVICE with a new one of the same revision (touched first)."""
+    from kiln.cli.workflow import control
+
+    _finish(control(kiln_home(), "restart", service))
+
+
+@app.command()
+def stop(service: str) -> None:
+    """Retire every instance of SERVICE and close its listener; kiln start runs it again."""
+    from kiln.cli.workflow import control
+
+    _finish(control(kiln_home(), "stop", service))
+
+
+@app.command()
+def start(service: str) -> None:
+    """Run the revision kiln stop (or kiln down) stopped, with new instances."""
+    from kiln.cli.workflow import control
+
+    _finish(control(kiln_home(), "start", service))
+
+
+@app.command(
+    "exec",
+    context_settings={"allow_interspersed_args": False},
+)
+def exec_(
+    instance: Annotated[
+        str, typer.Argument(help="An instance id (or a unique prefix) or a service.")
+    ],
+    command: Annotated[
+        list[str], typer.Argument(help="The command, after --.", metavar="-- CMD...")
+    ],
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds before the command is killed.")
+    ] = 60.0,
+) -> None:
+    """Run CMD in a running instance; marks it touched, so kiln restart replaces it first."""
+    from kiln.cli.workflow import exec_in
+
+    result = exec_in(kiln_home(), instance, list(command), timeout)
+    sys.stdout.write(result.get("output") or "")
+    sys.stdout.flush()
+    note = " (output truncated to its last 1 MiB)" if result.get("truncated") else ""
+    print(f"kiln: ran in {result.get('instance')}, now marked touched{note}", file=sys.stderr)
+    raise typer.Exit(int(result.get("exit_code") or 0))
+
+
+@app.command()
 def logs(
     service: str,
     instance: Annotated[str | None, typer.Option("--instance", help="One instance.")] = None,

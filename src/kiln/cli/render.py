@@ -85,6 +85,9 @@ def print_status(data: dict[str, Any]) -> None:
         if state == "failed":
             print(f"{name}: FAILED: r{failed.get('revision')}: {failed.get('reason') or '?'}")
             continue
+        if state == "stopped":
+            print(f"{name}: stopped (r{svc.get('stopped_revision')}; kiln start {name} runs it)")
+            continue
         print(
             f"{name}: r{svc.get('active_revision')} · {ready}/{svc.get('desired_replicas')} ready"
             + (f" · {state.upper()}" if state in ("degraded", "alarm") else "")
@@ -96,8 +99,8 @@ def print_status(data: dict[str, Any]) -> None:
             [
                 str(i.get("id")),
                 f"r{i.get('revision')}",
-                str(i.get("state")),
-                str(i.get("health", "-")),
+                str(i.get("state")) + (", touched" if i.get("touched") else ""),
+                _health(i),
                 _age(i.get("age")),
                 str(i.get("address") or i.get("port") or "-"),
                 str(i.get("pid") or "-"),
@@ -106,6 +109,19 @@ def print_status(data: dict[str, Any]) -> None:
             for i in svc.get("instances", [])
         ]
         print_table(["INSTANCE", "REV", "STATE", "HEALTH", "AGE", "ADDRESS", "PID", "IMAGE"], rows)
+        if any(i.get("touched") for i in svc.get("instances", [])):
+            print(
+                f"touched: a command ran in it (kiln exec); kiln restart {name} replaces it first"
+            )
+
+
+def _health(instance: dict[str, Any]) -> str:
+    """The health verdict, and what the last probe saw while it is not passing."""
+    health = str(instance.get("health", "-"))
+    probe = instance.get("probe")
+    if health in ("ready", "-") or not probe:
+        return health
+    return f"{health} ({probe})"
 
 
 def _rollout(info: dict[str, Any]) -> str:
@@ -128,8 +144,9 @@ def print_history(data: dict[str, Any]) -> None:
             short(str(r.get("image_digest", ""))),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(r.get("created", 0)))),
             str(r.get("git_commit") or "-")[:10],
+            "; ".join(r.get("changes") or []),
             str(r.get("reason") or ""),
         ]
         for r in data.get("revisions", [])
     ]
-    print_table(["REV", "STATUS", "IMAGE", "CREATED", "COMMIT", "REASON"], rows)
+    print_table(["REV", "STATUS", "IMAGE", "CREATED", "COMMIT", "CHANGES", "REASON"], rows)

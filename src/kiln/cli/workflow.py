@@ -200,10 +200,18 @@ def _follow_or_explain(
         ) from None
 
 
+def _agent(client: AgentClient) -> AgentClient:
+    """The agent of the client's home, started when none runs and the home has services
+    (a rollback or a restart after a reboot needs no ``kiln up`` first)."""
+    if not client.running() and (client.home / "state.db").exists():
+        start_background(client.home, runtime=read_choice(client.home))
+    return client
+
+
 def scale(home: Path, service: str, replicas: int, say: Say = _stderr) -> dict[str, Any]:
     """A new revision of SERVICE with REPLICAS instances, applied and followed."""
     with AgentClient(home) as client:
-        after = client.last_event_id()
+        after = _agent(client).last_event_id()
         started = client.scale(service, replicas)
         if not started.get("deployment"):
             say(f"{service} already runs {replicas} replica(s); nothing to do")
@@ -220,8 +228,28 @@ def rollback(home: Path, service: str, revision: str | None, say: Say = _stderr)
             raise KilnError(f"rollback: {revision!r} is not a revision such as r3")
         number = int(text)
     with AgentClient(home) as client:
-        after = client.last_event_id()
+        after = _agent(client).last_event_id()
         return _follow(client, client.rollback(service, number), after, say)
+
+
+def control(home: Path, verb: str, service: str, say: Say = _stderr) -> dict[str, Any]:
+    """``kiln restart|stop|start SERVICE``: the agent's rollout for it, followed."""
+    with AgentClient(home) as client:
+        after = _agent(client).last_event_id()
+        change = {
+            "restart": client.restart,
+            "stop": client.stop_service,
+            "start": client.start_service,
+        }[verb]
+        return _follow_or_explain(client, change(service), after, say, home)
+
+
+def exec_in(home: Path, instance: str, argv: list[str], timeout: float) -> dict[str, Any]:
+    """``kiln exec``: the command's exit code and output, from inside the instance."""
+    if not argv:
+        raise KilnError("exec: no command; usage: kiln exec INSTANCE -- CMD [ARG...]")
+    with AgentClient(home) as client:
+        return client.exec(instance, argv, timeout)
 
 
 def format_event(event: dict[str, Any]) -> str:

@@ -366,6 +366,30 @@ def instance_diff(
     return reasons
 
 
+def revision_changes(before: Revision | None, after: Revision) -> list[str]:
+    """What a revision changed from the one before it, as the plan said it (``kiln
+    history`` tells two revisions of the same image apart by this)."""
+    if before is None:
+        return ["first revision"]
+
+    def secrets(rev: Revision) -> dict[str, str]:
+        versions = dict(rev.config.get("secrets_versions") or {})
+        return versions or {s: "" for s in rev.config.get("secrets") or []}
+
+    changes = instance_diff(
+        before.config,
+        before.image_digest,
+        after.config,
+        after.image_digest,
+        secrets(before),
+        secrets(after),
+    )
+    if before.config.get("replicas") != after.config.get("replicas"):
+        changes.append(f"replicas {before.config.get('replicas')} → {after.config.get('replicas')}")
+    changes += settings_diff(before.config, after.config)
+    return changes or ["no change (same config)"]
+
+
 def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
     for key in SETTING_KEYS:

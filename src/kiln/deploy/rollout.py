@@ -40,6 +40,8 @@ class RolloutInstance:
     """An ``InstanceRecord.state``; draining/stopping ones should be left out of the view."""
     created: float
     ready_since: float | None = None
+    touched: bool = False
+    """A human ran a command in it (``kiln exec``): retired before untouched ones."""
 
     @property
     def ready(self) -> bool:
@@ -158,7 +160,9 @@ class Rolling(Strategy):
         # Old instances that serve nothing cost no availability.
         old_unready = [i for i in old_live if not i.ready]
         retire.extend(i.id for i in old_unready)
-        old_ready = sorted((i for i in old_live if i.ready), key=lambda i: i.created)
+        old_ready = sorted(
+            (i for i in old_live if i.ready), key=lambda i: (not i.touched, i.created)
+        )
 
         # Old instances that healthy new ones already cover go first: availability stays ≥ desired.
         drop = min(len(old_ready), max(0, len(old_ready) + len(new_healthy) - desired))

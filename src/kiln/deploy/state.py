@@ -132,6 +132,8 @@ class InstanceRecord:
     """The dead or unhealthy instance this one replaces (retired once this one is ready)."""
     noticed: float | None = None
     """When the agent noticed that this instance died or turned unhealthy."""
+    touched: float | None = None
+    """When a human first ran a command in it (``kiln exec``): it may have drifted."""
 
     @property
     def live(self) -> bool:
@@ -158,6 +160,7 @@ class InstanceRecord:
             "deployment": self.deployment,
             "replaces": self.replaces,
             "noticed": self.noticed,
+            "touched": self.touched,
         }
 
 
@@ -427,7 +430,13 @@ def _v4(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[_Migration, ...] = (_v1, _v2, _v3, _v4)
+def _v5(db: sqlite3.Connection) -> None:
+    """``kiln exec`` marks the instance it ran in: a human shell in an immutable
+    instance is drift, shown in status and replaced first by ``kiln restart``."""
+    _script(db, "ALTER TABLE instances ADD COLUMN touched REAL;")
+
+
+MIGRATIONS: tuple[_Migration, ...] = (_v1, _v2, _v3, _v4, _v5)
 """Append only: migration ``i`` takes the schema from version ``i`` to ``i + 1``."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -444,6 +453,7 @@ _INSTANCE_FIELDS = frozenset(
         "deployment",
         "replaces",
         "noticed",
+        "touched",
     }
 )
 _REVISION_COLS = (
@@ -452,7 +462,7 @@ _REVISION_COLS = (
 )
 _INSTANCE_COLS = (
     "id, service, revision, state, port, handle, created, ready_at, stopped_at, exit_code, "
-    "reason, replaced_by, deployment, replaces, noticed"
+    "reason, replaced_by, deployment, replaces, noticed, touched"
 )
 
 
@@ -1212,4 +1222,5 @@ def _instance_row(row: tuple[Any, ...]) -> InstanceRecord:
         deployment=row[12],
         replaces=row[13],
         noticed=row[14],
+        touched=row[15],
     )

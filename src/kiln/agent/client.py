@@ -161,11 +161,15 @@ class AgentClient:
         after: int | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         timeout: float = 600.0,
+        on_idle: Callable[[], None] | None = None,
+        idle: float = FOLLOW_IDLE,
     ) -> dict[str, Any]:
         """The one way to follow a deployment: every event after ``after`` (default: now)
         goes to ``on_event`` as it happens, until the agent says the deployment finished;
         returns its final record. Woken by the event stream, not by polling; an agent
-        restarted meanwhile is waited for and followed again from the same event."""
+        restarted meanwhile is waited for and followed again from the same event.
+        ``on_idle`` is called after each ``idle`` seconds without an event (to say what
+        the deployment waits for)."""
         deadline = time.monotonic() + timeout
         cursor = self.last_event_id() if after is None else after
         gone_since: float | None = None
@@ -179,7 +183,7 @@ class AgentClient:
                         if on_event is not None:
                             on_event(event)
                     return record
-                for event in self.follow_events(cursor, idle=FOLLOW_IDLE):
+                for event in self.follow_events(cursor, idle=idle):
                     cursor = max(cursor, int(event["id"]))
                     if on_event is not None:
                         on_event(event)
@@ -188,6 +192,9 @@ class AgentClient:
                         data.get("deployment") == deployment_id
                     ):
                         break
+                else:
+                    if on_idle is not None:
+                        on_idle()
             except AgentUnavailable:
                 # An agent being restarted: its successor continues the deployment.
                 gone_since = gone_since or time.monotonic()

@@ -66,7 +66,10 @@ class Rollout:
         )
 
     def info(self) -> dict[str, object]:
+        update = Update.model_validate(self.target.config.get("update") or {})
         return {
+            "healthy_deadline": update.healthy_deadline,
+            "min_healthy_time": update.min_healthy_time,
             "target": self.target.number,
             "kind": self.kind,
             "started": self.started,

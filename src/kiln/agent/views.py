@@ -37,6 +37,7 @@ async def status(e: Engine) -> dict[str, Any]:
                     "state": rec.state,
                     "health": e.health.state_of(rec.id) or rec.state,
                     "age": now - rec.created,
+                    "ready_for": now - rec.ready_at if rec.ready_at is not None else None,
                     "digest": rev.image_digest,
                     "port": rec.port,
                     "address": handle.address if handle is not None else None,

@@ -229,7 +229,8 @@ def exec_(
     """Run CMD in a running instance; marks it touched, so kiln restart replaces it first."""
     from kiln.cli.workflow import exec_in
 
-    result = exec_in(kiln_home(), instance, list(command), timeout)
+    argv = list(command)[1:] if list(command)[:1] == ["--"] else list(command)
+    result = exec_in(kiln_home(), instance, argv, timeout)
     sys.stdout.write(result.get("output") or "")
     sys.stdout.flush()
     note = " (output truncated to its last 1 MiB)" if result.get("truncated") else ""

@@ -167,14 +167,73 @@ def load_plan_file(path: Path) -> dict[str, Any]:
     return data
 
 
+WAIT_NOTE = 2.0
+"""The longest a following command stays silent: after this without an event it says
+what the deployment waits for."""
+
+
 def _follow(client: AgentClient, started: dict[str, Any], after: int, say: Say) -> dict[str, Any]:
-    """Print the events after ``after`` until the deployment ends."""
+    """Print the events after ``after`` until the deployment ends, and what it waits
+    for whenever nothing happened for ``WAIT_NOTE`` seconds."""
     deployment = started.get("deployment")
     if not deployment:
         return started
+
+    def waiting() -> None:
+        for line in waiting_lines(client.status(), str(deployment)):
+            say(line)
+
     return client.follow_deployment(
-        str(deployment), after, lambda event: say(format_event(event)), timeout=24 * 3600.0
+        str(deployment),
+        after,
+        lambda event: say(format_event(event)),
+        timeout=24 * 3600.0,
+        on_idle=waiting,
+        idle=WAIT_NOTE,
     )
+
+
+def waiting_lines(status: dict[str, Any], deployment: str, now: float | None = None) -> list[str]:
+    """``waiting for web-1a2b: GET /healthz: HTTP 503 (12 s of healthy_deadline 60 s)``:
+    one line per instance the deployment's rollouts wait on, read from ``kiln status``."""
+    now = time.time() if now is None else now
+    lines: list[str] = []
+    for name, svc in sorted((status.get("services") or {}).items()):
+        rollout = svc.get("rollout") or {}
+        if rollout.get("deployment") != deployment:
+            continue
+        target = rollout.get("target")
+        deadline = float(rollout.get("healthy_deadline") or 0)
+        hold = float(rollout.get("min_healthy_time") or 0)
+        waits = 0
+        for inst in svc.get("instances") or []:
+            age = float(inst.get("age") or 0)
+            of_deadline = f"{age:.0f} s of healthy_deadline {deadline:g} s"
+            iid, state = inst.get("id"), inst.get("state")
+            if state in ("draining", "stopping"):
+                why = f"{state} (its connections finish, then it stops)"
+            elif inst.get("revision") != target:
+                continue
+            elif state == "pending":
+                why = f"creating its sandbox and unpacking the image ({age:.0f} s)"
+            elif state in ("starting", "unhealthy"):
+                probe = inst.get("probe") or "started; no probe answer yet"
+                why = f"{probe} ({of_deadline})"
+            elif state == "ready" and float(inst.get("ready_for") or 0) < hold:
+                why = (
+                    f"healthy for {float(inst.get('ready_for') or 0):.1f} s of "
+                    f"min_healthy_time {hold:g} s"
+                )
+            else:
+                continue
+            lines.append(f"waiting for {iid}: {why}")
+            waits += 1
+        if not waits:
+            lines.append(
+                f"waiting: {name} r{target}, {rollout.get('healthy', 0)}/"
+                f"{rollout.get('desired', '?')} healthy"
+            )
+    return lines
 
 
 def apply_plan(home: Path, plan: dict[str, Any], say: Say = _stderr) -> dict[str, Any]:

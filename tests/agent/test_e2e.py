@@ -390,3 +390,26 @@ def test_kiln_scale_is_a_revision_that_touches_no_other_service(
     absurd = scale("web", "100000")
     assert absurd.returncode == 1 and "replicas" in absurd.stderr
     assert get(listen) == (200, "v1\n")
+
+
+def test_an_app_not_on_port_says_so_with_the_last_probe_and_a_hint(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    """The classic first mistake: the app listens on a port of its own, not on $PORT."""
+    from kiln.observe.failure import explain_failure
+
+    wrong = busybox_image(
+        "web:wrong-port",
+        V1,
+        ["/bin/sh", "-c", "echo listening on port 9999; exec httpd -f -p 9999 -h /www"],
+    )
+    record = deploy(agent.client, service_spec(wrong, listen=free_port(), replicas=1))
+    assert record["outcome"] == "failed", record
+    text = explain_failure(agent.home, record)
+    culprit = record["services"]["web"]["culprits"][0]
+    assert "  last probe: GET /healthz: connection refused on " in text, text
+    assert (
+        "hint: nothing answered on port 8080, the one Kiln gave it in $PORT; its log "
+        "mentions port 9999" in text
+    ), text
+    assert f"kiln logs web --instance {culprit}" in text

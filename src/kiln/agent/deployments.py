@@ -76,6 +76,15 @@ class Deployments:
         entry["culprits"] = list(culprits)
         await self.engine.db(self.engine.state.put_deployment, record)
 
+    async def probed(self, deployment: str | None, service: str, probes: dict[str, str]) -> None:
+        """What the last health probe of each culprit saw, for the failure's explanation."""
+        record = self.open.get(deployment or "")
+        if record is None or not probes:
+            return
+        entry = record["services"].setdefault(service, {"revision": None, "outcome": "running"})
+        entry["probes"] = dict(probes)
+        await self.engine.db(self.engine.state.put_deployment, record)
+
     async def service_done(
         self,
         deployment: str | None,

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kiln.agent.lifecycle import handle_of
 from kiln.deploy.rollout import STRATEGIES, RolloutInstance, RolloutView
 from kiln.deploy.state import Revision, RevisionStatus, RolloutRecord
 from kiln.spec.models import Update
@@ -302,10 +303,15 @@ class Rollouts:
         )
         if rollout.kind == "deploy":
             await e.db(e.state.set_revision_status, service, target.number, "failed", reason=why)
+        probes: dict[str, str] = {}
         for iid in culprits:
             rec = await e.db(e.state.instance, iid)
+            seen, handle = e.health.last_probe(iid), handle_of(rec)
+            if seen is not None:
+                probes[iid] = seen + (f" on {handle.address}" if handle is not None else "")
             if rec.state in ("failed", "lost"):
                 await e.db(e.state.update_instance, iid, replaced_by="rollout-failed")
+        await e.deployments.probed(rollout.deployment, service, probes)
         if rollout.kind == "deploy" and update.auto_rollback and active is not None:
             e.emit(
                 "rollback.auto",

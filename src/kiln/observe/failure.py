@@ -40,8 +40,9 @@ def explain_failure(home: Path, record: dict[str, Any]) -> str:
             if entry.get("reason"):
                 head += f": {entry['reason']}"
             lines = [head]
+            probes = entry.get("probes") or {}
             for iid in entry.get("culprits") or []:
-                lines.extend(_culprit(state, logs, service, str(iid)))
+                lines.extend(_culprit(state, logs, service, str(iid), probes.get(iid)))
             culprits = entry.get("culprits") or []
             more = f"kiln logs {service}" + (f" --instance {culprits[0]}" if culprits else "")
             lines.append(f"  more: {more} · kiln events")
@@ -52,20 +53,25 @@ def explain_failure(home: Path, record: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _culprit(state: Any, logs: Any, service: str, iid: str) -> list[str]:
+def _culprit(state: Any, logs: Any, service: str, iid: str, probe: str | None) -> list[str]:
     from kiln.errors import KilnError
+    from kiln.observe.hints import instance_hints
 
     out: list[str] = []
     how = ""
+    port = exit_code = None
     if state is not None:
         try:
             rec = state.instance(iid)
             how = rec.reason or rec.state
+            port, exit_code = rec.port, rec.exit_code
             if rec.exit_code is not None and "exit" not in how:
                 how += f" (exit code {rec.exit_code})"
         except KilnError:
             how = ""
     out.append(f"  {iid}: {how or 'no record'}")
+    if probe:
+        out.append(f"  last probe: {probe}")
     try:
         last = deque(logs.read(service, iid), maxlen=LOG_LINES)
     except (OSError, KilnError):
@@ -75,4 +81,7 @@ def _culprit(state: Any, logs: Any, service: str, iid: str) -> list[str]:
         out.extend(f"    {line.stream}: {line.line}" for line in last)
     else:
         out.append(f"  {iid} wrote no log lines")
+    seen = " ".join(filter(None, [how, probe or ""]))
+    for hint in instance_hints(port, exit_code, seen, [line.line for line in last]):
+        out.append(f"  hint: {hint}")
     return out

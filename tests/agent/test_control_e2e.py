@@ -130,3 +130,21 @@ def test_a_long_wait_says_what_it_waits_for_and_is_never_silent_long(
     times = [began] + [t for t, _ in stamped]
     gap = max(b - a for a, b in itertools.pairwise(times))
     assert gap < 3.5, f"silent for {gap:.1f} s: {stamped}"
+
+
+def test_exec_keeps_only_the_tail_of_endless_output_and_a_timeout_kills_it(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    """A compromised or careless command cannot fill the agent's memory or hold it."""
+    digest = busybox_image("web:v1", V1)
+    spec = service_spec(digest, listen=free_port(), replicas=1)
+    assert deploy(agent.client, spec)["outcome"] == "succeeded"
+    flood = kiln(agent, "exec", "web", "--", "sh", "-c", "head -c 50000000 /dev/zero; echo end")
+    assert flood.returncode == 0, flood.stderr[-500:]
+    assert flood.stdout.endswith("end\n") and len(flood.stdout) <= (1 << 20)
+    assert "truncated to its last 1 MiB" in flood.stderr
+    began = time.monotonic()
+    slow = kiln(agent, "exec", "--timeout", "1", "web", "--", "sleep", "30")
+    assert slow.returncode == 1 and "timed out after 1.0s" in slow.stderr, slow
+    assert time.monotonic() - began < 15
+    assert agent.client.status()["services"]["web"]["state"] == "ok"

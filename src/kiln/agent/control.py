@@ -20,17 +20,15 @@ from kiln.agent.lifecycle import IN_SERVICE, handle_of
 from kiln.agent.rollouts import Rollout
 from kiln.deploy.state import InstanceRecord, Revision
 from kiln.errors import KilnError
-from kiln.runtime import Execer
+from kiln.runtime import EXEC_OUTPUT_MAX, Execer
 
 if TYPE_CHECKING:
     from kiln.agent.engine import Engine
 
-__all__ = ["EXEC_OUTPUT_MAX", "STOPPED_BY", "ServiceControl", "stopped_revision"]
+__all__ = ["STOPPED_BY", "ServiceControl", "stopped_revision"]
 
 STOPPED_BY = frozenset({"kiln stop", "kiln down"})
 """Why a revision that ``kiln start`` may bring back stopped being active."""
-EXEC_OUTPUT_MAX = 1 << 20
-"""The most of a command's output ``kiln exec`` hands back (the tail is kept)."""
 
 
 class ServiceControl:
@@ -142,12 +140,11 @@ class ServiceControl:
             rec.revision,
             {"exit_code": code},
         )
-        truncated = len(output) > EXEC_OUTPUT_MAX
         return {
             "instance": rec.id,
             "exit_code": code,
-            "output": output[-EXEC_OUTPUT_MAX:],
-            "truncated": truncated,
+            "output": output,
+            "truncated": len(output.encode()) >= EXEC_OUTPUT_MAX,
         }
 
     async def _active(self, service: str) -> Revision:

@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from kiln.errors import KilnError
 
 __all__ = [
+    "EXEC_OUTPUT_MAX",
     "HANDLE_VERSION",
     "Capabilities",
     "Execer",
@@ -33,6 +34,7 @@ __all__ = [
     "InstanceState",
     "InstanceStatus",
     "NotSupported",
+    "OutputTail",
     "Releaser",
     "Runtime",
     "RuntimeFailure",
@@ -41,6 +43,27 @@ __all__ = [
 ]
 
 HANDLE_VERSION = 2
+EXEC_OUTPUT_MAX = 1 << 20
+"""The most of an exec's output a runtime keeps (its tail): a command that prints
+forever must not fill the agent's memory."""
+
+
+class OutputTail:
+    """The last ``limit`` bytes of a stream, and whether anything before them was cut."""
+
+    def __init__(self, limit: int = EXEC_OUTPUT_MAX) -> None:
+        self.limit = limit
+        self._data = bytearray()
+        self.cut = False
+
+    def add(self, chunk: bytes) -> None:
+        self._data += chunk
+        if len(self._data) > self.limit:
+            del self._data[: len(self._data) - self.limit]
+            self.cut = True
+
+    def text(self) -> str:
+        return self._data.decode("utf-8", errors="replace")
 
 
 class RuntimeFailure(KilnError):
@@ -268,7 +291,8 @@ class Execer(Protocol):
     """Optional: run a command inside a running instance (exec health checks)."""
 
     def exec(self, handle: InstanceHandle, argv: list[str], timeout: float) -> tuple[int, str]:
-        """Run ``argv`` inside the instance; return (exit code, combined output).
+        """Run ``argv`` inside the instance; return (exit code, combined output: its
+        last ``EXEC_OUTPUT_MAX`` bytes at most).
 
         Raises RuntimeFailure when the instance is not running or the command
         exceeds ``timeout`` seconds.

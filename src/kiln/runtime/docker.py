@@ -63,6 +63,7 @@ from kiln.runtime import (
     InstanceSpec,
     InstanceState,
     InstanceStatus,
+    OutputTail,
     RuntimeFailure,
 )
 
@@ -1162,9 +1163,12 @@ class DockerRuntime:
         result: dict[str, Any] = {}
         api = self.new_api(timeout=max(timeout, 1.0) + 5)
 
+        tail = OutputTail()
+
         def run() -> None:
             try:
-                result["output"] = api.exec_start(exec_id, stream=False, demux=False)
+                for chunk in api.exec_start(exec_id, stream=True, demux=False):
+                    tail.add(chunk)
             except Exception as e:
                 result["error"] = e
             finally:
@@ -1180,8 +1184,7 @@ class DockerRuntime:
             if "error" in result:
                 raise result["error"]
             code = self.api.exec_inspect(exec_id).get("ExitCode")
-        output: bytes = result.get("output") or b""
-        return int(code if code is not None else -1), output.decode("utf-8", errors="replace")
+        return int(code if code is not None else -1), tail.text()
 
     def _kill_exec(self, exec_id: str, container_id: str) -> None:
         """The Engine API cannot kill an exec: on an engine of this machine, kill its

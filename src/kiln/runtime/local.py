@@ -25,6 +25,7 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from signal import SIGKILL, SIGTERM
@@ -44,6 +45,7 @@ from kiln.runtime import (
     InstanceSpec,
     InstanceState,
     InstanceStatus,
+    OutputTail,
     RuntimeFailure,
 )
 from kiln.runtime.shim import FORWARDED_SIGNALS, write_json_atomic
@@ -609,22 +611,36 @@ class LocalRuntime:
         process_file = directory / f".exec-{os.getpid()}-{time.monotonic_ns()}.json"
         write_json_atomic(process_file, process)
         command = self.runc.exec_argv(self.container_id(handle.instance_id), process_file)
+        tail = OutputTail()
         try:
-            result = subprocess.run(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-                check=False,
+            proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
-        except subprocess.TimeoutExpired as e:
-            raise RuntimeFailure(
-                f"instance {handle.instance_id}: exec {argv[0]!r} timed out after {timeout}s"
-            ) from e
+            assert proc.stdout is not None
+            reader = threading.Thread(
+                target=lambda: _drain(proc.stdout, tail), name="kiln-exec-output", daemon=True
+            )
+            reader.start()
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired as e:
+                proc.kill()
+                proc.wait()
+                raise RuntimeFailure(
+                    f"instance {handle.instance_id}: exec {argv[0]!r} timed out after {timeout}s"
+                ) from e
+            finally:
+                reader.join(5)
+                proc.stdout.close()
         finally:
             process_file.unlink(missing_ok=True)
-        return result.returncode, result.stdout.decode("utf-8", errors="replace")
+        return code, tail.text()
+
+
+def _drain(stream: Any, tail: OutputTail) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        while chunk := stream.read1(65536):
+            tail.add(chunk)
 
 
 def _shim_pid(handle: InstanceHandle) -> int:

@@ -96,7 +96,13 @@ class AgentClient:
                 params=params,
                 timeout=timeout if timeout is not None else self.timeout,
             )
-        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as e:
+        except (
+            httpx.ConnectError,
+            httpx.ReadError,
+            httpx.RemoteProtocolError,
+            FileNotFoundError,
+            ConnectionRefusedError,
+        ) as e:
             raise AgentUnavailable(
                 f"no agent answers on {self.socket}; start one with `kiln agent` or `kiln up`"
             ) from e

@@ -11,16 +11,18 @@ an immutable instance is drift.
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from kiln.agent.errors import Conflict, NotFound
 from kiln.agent.lifecycle import IN_SERVICE, handle_of
-from kiln.agent.rollouts import Rollout
+from kiln.agent.rollouts import REMOVALS, Rollout
 from kiln.deploy.state import InstanceRecord, Revision
 from kiln.errors import KilnError
-from kiln.runtime import EXEC_OUTPUT_MAX, Execer
+from kiln.runtime import OUTPUT_CUT, Execer
 
 if TYPE_CHECKING:
     from kiln.agent.engine import Engine
@@ -31,9 +33,17 @@ STOPPED_BY = frozenset({"kiln stop", "kiln down"})
 """Why a revision that ``kiln start`` may bring back stopped being active."""
 
 
+EXECS_MAX = 8
+"""``kiln exec`` commands running at once; more are refused, not queued."""
+SUMMARY_MAX = 200
+"""The most of a command the event log keeps (an argv may be a megabyte)."""
+
+
 class ServiceControl:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._pool = ThreadPoolExecutor(max_workers=EXECS_MAX, thread_name_prefix="kiln-exec")
+        self._running = 0
 
     async def restart(self, service: str) -> dict[str, Any]:
         """Every instance replaced by a new one of the active revision, rolled out with the
@@ -75,7 +85,12 @@ class ServiceControl:
         """Every instance retired and the listener closed; the revision stays the one
         ``kiln start`` brings back. A rollout of the service is cancelled first."""
         e = self.engine
-        active = await self._active(service)
+        running = e.rollouts.running.get(service)
+        active = await e.db(e.state.active_revision, service)
+        if active is None and running is not None and running.kind not in REMOVALS:
+            active = running.target  # a start or a first deployment, stopped midway
+        if active is None:
+            active = await self._active(service)
         await e.rollouts.cancel(service)
         await e.db(e.state.set_revision_status, service, active.number, "superseded",
                    reason="kiln stop")  # fmt: skip
@@ -98,29 +113,50 @@ class ServiceControl:
             raise NotFound(f"no service {service!r} in this KILN_HOME ({e.home})")
         if await e.db(e.state.active_revision, service) is not None:
             raise Conflict(f"{service} is running already; kiln restart {service} replaces it")
+        if service in e.rollouts.running:
+            raise Conflict(
+                f"{service}: a rollout is running (a start?); wait for it "
+                "(kiln events --follow) or kiln stop it"
+            )
         target = stopped_revision(revisions)
         if target is None:
             raise KilnError(
                 f"{service} was not stopped by kiln stop or kiln down; deploy it with kiln up"
             )
+        if target.config.get("listen"):
+            await e.routing.check_listen(service, int(target.config["listen"]))
         record = await e.deployments.create(f"start {service}", {service: target.number})
         await e.rollouts.begin(Rollout(service, target, str(record["id"]), "start", time.time()))
         return {"deployment": record["id"], "service": service, "revision": target.number}
 
     async def exec(self, name: str, argv: list[str], timeout: float) -> dict[str, Any]:
         """``argv`` inside a live instance through the runtime's exec, recorded as an event;
-        the instance is marked touched before the command runs."""
+        the instance is marked touched before the command runs. Execs run in a pool of
+        their own, bounded, so long ones never hold the runtime calls the agent's own
+        work (starts, health checks, retirements) waits on."""
         e = self.engine
         runtime = e.runtime
         if not isinstance(runtime, Execer) or not runtime.capabilities.exec:
             raise KilnError(f"the {runtime.name} runtime cannot run commands in instances")
+        if self._running >= EXECS_MAX:
+            raise Conflict(f"{EXECS_MAX} kiln exec commands are running already; try again later")
+        self._running += 1
+        try:
+            return await self._exec(runtime, name, argv, timeout)
+        finally:
+            self._running -= 1
+
+    async def _exec(
+        self, runtime: Execer, name: str, argv: list[str], timeout: float
+    ) -> dict[str, Any]:
+        e = self.engine
         rec = await self._instance(name)
         handle = handle_of(rec)
         if handle is None:
             raise Conflict(f"{rec.id} has not started yet; try again")
         if rec.touched is None:
             rec = await e.db(e.state.update_instance, rec.id, touched=time.time())
-        command = shlex.join(argv)
+        command = _summary(argv)
         e.emit(
             "instance.exec",
             f"{rec.id}: kiln exec {command} (marked touched; kiln restart {rec.service} "
@@ -128,13 +164,14 @@ class ServiceControl:
             rec.service,
             rec.id,
             rec.revision,
-            {"argv": argv},
+            {"command": command, "arguments": len(argv)},
         )
         started = time.monotonic()
-        code, output = await e.io(runtime.exec, handle, argv, timeout)
+        loop = asyncio.get_running_loop()
+        code, output = await loop.run_in_executor(self._pool, runtime.exec, handle, argv, timeout)
         e.emit(
             "instance.exec_done",
-            f"{rec.id}: {argv[0]} exited {code} after {time.monotonic() - started:.1f}s",
+            f"{rec.id}: {_summary(argv[:1])} exited {code} after {time.monotonic() - started:.1f}s",
             rec.service,
             rec.id,
             rec.revision,
@@ -143,9 +180,12 @@ class ServiceControl:
         return {
             "instance": rec.id,
             "exit_code": code,
-            "output": output,
-            "truncated": len(output.encode()) >= EXEC_OUTPUT_MAX,
+            "output": output.removeprefix(OUTPUT_CUT),
+            "truncated": output.startswith(OUTPUT_CUT),
         }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _active(self, service: str) -> Revision:
         e = self.engine
@@ -168,6 +208,8 @@ class ServiceControl:
                        key=lambda r: r.created)  # fmt: skip
         if ready:
             return ready[0]
+        if name in await e.db(e.state.services):
+            raise Conflict(f"service {name} has no ready instance to run a command in")
         prefixed = [r for r in live if r.id.startswith(name)]
         if len(prefixed) == 1:
             return prefixed[0]
@@ -178,9 +220,24 @@ class ServiceControl:
 
 
 def stopped_revision(revisions: list[Revision]) -> Revision | None:
-    """The revision active last, if stopping is why it is not active now."""
+    """The revision to start again: the newest, if stopped while it was being deployed,
+    or else the one active last, if stopping is why it is not active now."""
+    if not revisions:
+        return None
+
+    def stopped(rev: Revision) -> bool:
+        return rev.status == "superseded" and rev.reason in STOPPED_BY
+
+    if stopped(revisions[-1]):
+        return revisions[-1]
     activated = [r for r in revisions if r.activated is not None]
     if not activated:
         return None
     last = max(activated, key=lambda r: r.activated or 0)
-    return last if last.status == "superseded" and last.reason in STOPPED_BY else None
+    return last if stopped(last) else None
+
+
+def _summary(argv: list[str]) -> str:
+    """The command as a shell would show it, cut to ``SUMMARY_MAX`` characters."""
+    text = shlex.join(argv)
+    return text if len(text) <= SUMMARY_MAX else text[: SUMMARY_MAX - 1] + "…"

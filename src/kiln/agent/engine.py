@@ -259,6 +259,7 @@ class Engine:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        self.control.close()
         await self.io(self.router.close)
         await self.io(self.runtime.close)
         await self.db(lambda: None)  # the events queued so far are written

@@ -335,7 +335,7 @@ class Rollouts:
             self.running[service] = back
             back.task = rollout.task
             return await self._run(back)
-        if rollout.kind == "deploy" and active is None:
+        if rollout.kind in ("deploy", "start") and active is None:
             for rec in await e.db(e.state.instances, service, True):
                 if rec.revision == target.number:
                     e.spawn(e.lifecycle.retire(rec.id, f"r{target.number} failed"),

@@ -190,26 +190,27 @@ class Routing:
             want = plan.desired.get(sp.service)
             if sp.removed or want is None or not want.service_config.get("listen"):
                 continue
-            listen = int(want.service_config["listen"])
-            current = self.pushed.get(sp.service)
-            if current is not None and current.listen == listen:
-                continue
-            holder = next(
-                (n for n, r in self.pushed.items() if n != sp.service and r.listen == listen),
-                None,
+            await self.check_listen(sp.service, int(want.service_config["listen"]))
+
+    async def check_listen(self, service: str, listen: int) -> None:
+        """``listen`` is free for ``service``: not another service's, not another program's."""
+        current = self.pushed.get(service)
+        if current is not None and current.listen == listen:
+            return
+        holder = next(
+            (n for n, r in self.pushed.items() if n != service and r.listen == listen), None
+        )
+        if holder is not None:
+            raise KilnError(
+                f"service {service}: port {listen} is served by service {holder} now; "
+                "move one service per apply; nothing was changed"
             )
-            if holder is not None:
-                raise KilnError(
-                    f"service {sp.service}: port {listen} is served by service {holder} now; "
-                    "move one service per apply; nothing was changed"
-                )
-            try:
-                await self.engine.io(self.engine.router.check_listen, listen)
-            except KilnError as err:
-                raise KilnError(
-                    f"service {sp.service}: cannot listen on port {listen} ({err}); "
-                    "nothing was changed"
-                ) from err
+        try:
+            await self.engine.io(self.engine.router.check_listen, listen)
+        except KilnError as err:
+            raise KilnError(
+                f"service {service}: cannot listen on port {listen} ({err}); nothing was changed"
+            ) from err
 
 
 def describe(info: dict[str, Any]) -> str:

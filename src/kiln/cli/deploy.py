@@ -229,6 +229,8 @@ def exec_(
     """Run CMD in a running instance; marks it touched, so kiln restart replaces it first."""
     from kiln.cli.workflow import exec_in
 
+    if not 0 < timeout <= 86400:  # also refuses nan; inf is above the bound
+        raise KilnError(f"--timeout: must be a number of seconds from 0 to 86400, not {timeout}")
     argv = list(command)[1:] if list(command)[:1] == ["--"] else list(command)
     result = exec_in(kiln_home(), instance, argv, timeout)
     sys.stdout.write(result.get("output") or "")

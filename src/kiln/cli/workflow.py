@@ -180,7 +180,11 @@ def _follow(client: AgentClient, started: dict[str, Any], after: int, say: Say) 
         return started
 
     def waiting() -> None:
-        for line in waiting_lines(client.status(), str(deployment)):
+        try:
+            lines = waiting_lines(client.status(), str(deployment))
+        except KilnError:
+            return  # an agent being restarted: the follower waits for its successor
+        for line in lines:
             say(line)
 
     return client.follow_deployment(
@@ -210,8 +214,10 @@ def waiting_lines(status: dict[str, Any], deployment: str, now: float | None = N
             age = float(inst.get("age") or 0)
             of_deadline = f"{age:.0f} s of healthy_deadline {deadline:g} s"
             iid, state = inst.get("id"), inst.get("state")
-            if state in ("draining", "stopping"):
-                why = f"{state} (its connections finish, then it stops)"
+            if state == "draining":
+                why = "draining (its open connections finish, then it stops)"
+            elif state == "stopping":
+                why = "stopping (sent SIGTERM; killed after its stop_grace)"
             elif inst.get("revision") != target:
                 continue
             elif state == "pending":
@@ -244,19 +250,31 @@ def apply_plan(home: Path, plan: dict[str, Any], say: Say = _stderr) -> dict[str
         return _follow_or_explain(client, started, after, say, home)
 
 
+UNDO = {"restart": None, "stop": "kiln start", "start": "kiln stop"}
+"""What undoes a service command; a restart changes no revision, so nothing does."""
+
+
 def _follow_or_explain(
-    client: AgentClient, started: dict[str, Any], after: int, say: Say, home: Path
+    client: AgentClient,
+    started: dict[str, Any],
+    after: int,
+    say: Say,
+    home: Path,
+    verb: str | None = None,
 ) -> dict[str, Any]:
     """Ctrl-C stops the following, not the rollout: say so, and how to go on."""
     try:
         return _follow(client, started, after, say)
     except KeyboardInterrupt:
         services = " ".join(sorted(started.get("services") or [started.get("service") or ""]))
-        raise KilnError(
+        undo = UNDO.get(verb or "", "kiln rollback")
+        text = (
             f"interrupted: deployment {started.get('deployment')} goes on in the agent "
-            f"(KILN_HOME {home}); follow it with: kiln events --follow; undo it with: "
-            f"kiln rollback {services.strip() or 'SERVICE'}"
-        ) from None
+            f"(KILN_HOME {home}); follow it with: kiln events --follow"
+        )
+        if undo:
+            text += f"; undo it with: {undo} {services.strip() or 'SERVICE'}"
+        raise KilnError(text) from None
 
 
 def _agent(client: AgentClient) -> AgentClient:
@@ -300,7 +318,7 @@ def control(home: Path, verb: str, service: str, say: Say = _stderr) -> dict[str
             "stop": client.stop_service,
             "start": client.start_service,
         }[verb]
-        return _follow_or_explain(client, change(service), after, say, home)
+        return _follow_or_explain(client, change(service), after, say, home, verb)
 
 
 def exec_in(home: Path, instance: str, argv: list[str], timeout: float) -> dict[str, Any]:

@@ -494,7 +494,13 @@ def _plan_service(
         replace = [c for c in replace if c.instance not in doomed]
     changes.extend(replace)
     if have < target:
-        reason = "new service" if have == 0 and name not in actual.active else None
+        reason = None
+        if have == 0 and name not in actual.active:
+            reason = (
+                "stopped by kiln stop or kiln down; applying runs it again"
+                if name in actual.stopped
+                else "new service"
+            )
         scale = reason or f"replicas {have} → {target}"
         changes.extend(
             InstanceChange(Action.CREATE, name, None, None, (scale,)) for _ in range(target - have)

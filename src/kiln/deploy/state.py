@@ -250,6 +250,8 @@ class StateSnapshot:
     instances: tuple[InstanceRecord, ...] = ()
     revisions: Mapping[tuple[str, int], Revision] = field(default_factory=dict)
     active: Mapping[str, int] = field(default_factory=dict)
+    stopped: frozenset[str] = frozenset()
+    """Services with no active revision because ``kiln stop`` (or ``kiln down``) stopped it."""
 
     @property
     def services(self) -> tuple[str, ...]:
@@ -932,9 +934,19 @@ class StateStore:
                 "OR (state IN ('failed', 'lost') AND replaced_by IS NULL))",
                 sorted(LIVE_STATES),
             ).fetchall()
+            # As kiln start chooses: the newest revision, or the one active last, stopped.
+            stopped_rows = db.execute(
+                "SELECT DISTINCT r.service FROM revisions r WHERE r.status = 'superseded' "
+                "AND r.reason IN ('kiln stop', 'kiln down') AND ("
+                "r.number = (SELECT MAX(number) FROM revisions WHERE service = r.service) OR "
+                "r.activated = (SELECT MAX(activated) FROM revisions WHERE service = r.service))"
+            ).fetchall()
         revisions = {(r.service, r.number): r for r in map(_revision_row, revision_rows)}
         active = {r.service: r.number for r in revisions.values() if r.status == "active"}
-        return StateSnapshot(instances=instances, revisions=revisions, active=active)
+        stopped = frozenset(row[0] for row in stopped_rows) - set(active)
+        return StateSnapshot(
+            instances=instances, revisions=revisions, active=active, stopped=stopped
+        )
 
     def state_hash(self) -> str:
         return self.snapshot().state_hash

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 __all__ = ["instance_hints", "step_hints"]
 
 _LISTENS_ON = re.compile(
-    r"(?:listen(?:ing)?|serving|bound|port|running)\D{0,40}?(?:[0-9.]+:)?(\d{2,5})\b",
+    r"\b(?:listen(?:ing)?|serving|bound|port)\b\D{0,40}?(?:[0-9.]+:)?(\d{2,5})\b",
     re.IGNORECASE,
 )
 _NO_NETWORK = re.compile(
@@ -22,7 +22,12 @@ _NO_NETWORK = re.compile(
     r"network is unreachable|failed to establish a new connection|no address associated",
     re.IGNORECASE,
 )
-_NOT_FOUND = re.compile(r"(?:command not found|: not found|no such file or directory)", re.I)
+_NOT_FOUND = re.compile(
+    r"\bsh: (?:\d+: )?[^:\s]+: not found|: command not found|executable file not found|"
+    r"exec(?:ve)?\b[^\n]*: no such file or directory",
+    re.IGNORECASE,
+)
+"""A shell's or an exec's own words for a command that is not there, not an app's 404."""
 
 
 def instance_hints(
@@ -42,7 +47,7 @@ def instance_hints(
             "a Python module is missing: python3-minimal has no http, email, json… modules; "
             "use the python3 package, or add the one that provides the module to packages"
         )
-    if exit_code == 127 or (exit_code is not None and _NOT_FOUND.search(logs)):
+    if exit_code == 127 or (exit_code not in (None, 0) and _NOT_FOUND.search(logs)):
         hints.append(
             "the command was not found in the image: check cmd (an absolute path, or one on "
             "the image's PATH) and add the package that provides it to packages"
@@ -59,7 +64,10 @@ def instance_hints(
             f"nothing answered on port {port}, the one Kiln gave it in $PORT{where}: make the "
             f'app listen on $PORT (e.g. cmd = ["app", "--port", "${{PORT}}"]) on 0.0.0.0'
         )
-    if "permission denied" in logs.lower() and re.search(r"bind|listen|port", logs, re.I):
+    if any(
+        "permission denied" in line.lower() and re.search(r"\b(?:bind|listen)", line, re.I)
+        for line in log_lines
+    ):
         hints.append(
             "binding a port was refused: instances run without privileges, so they cannot "
             "bind ports below 1024; listen on $PORT"

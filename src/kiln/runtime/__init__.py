@@ -25,6 +25,7 @@ from kiln.errors import KilnError
 __all__ = [
     "EXEC_OUTPUT_MAX",
     "HANDLE_VERSION",
+    "OUTPUT_CUT",
     "Capabilities",
     "Execer",
     "ExitNotifier",
@@ -48,6 +49,9 @@ EXEC_OUTPUT_MAX = 1 << 20
 forever must not fill the agent's memory."""
 
 
+OUTPUT_CUT = "[kiln: earlier output cut; its last 1 MiB follows]\n"
+
+
 class OutputTail:
     """The last ``limit`` bytes of a stream, and whether anything before them was cut."""
 
@@ -63,7 +67,8 @@ class OutputTail:
             self.cut = True
 
     def text(self) -> str:
-        return self._data.decode("utf-8", errors="replace")
+        """The tail as text, starting with ``OUTPUT_CUT`` when earlier output was cut."""
+        return (OUTPUT_CUT if self.cut else "") + self._data.decode("utf-8", errors="replace")
 
 
 class RuntimeFailure(KilnError):

@@ -25,7 +25,6 @@ import select
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from signal import SIGKILL, SIGTERM
@@ -613,34 +612,69 @@ class LocalRuntime:
         command = self.runc.exec_argv(self.container_id(handle.instance_id), process_file)
         tail = OutputTail()
         try:
-            proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            )
-            assert proc.stdout is not None
-            reader = threading.Thread(
-                target=lambda: _drain(proc.stdout, tail), name="kiln-exec-output", daemon=True
-            )
-            reader.start()
-            try:
-                code = proc.wait(timeout)
-            except subprocess.TimeoutExpired as e:
-                proc.kill()
-                proc.wait()
-                raise RuntimeFailure(
-                    f"instance {handle.instance_id}: exec {argv[0]!r} timed out after {timeout}s"
-                ) from e
-            finally:
-                reader.join(5)
-                proc.stdout.close()
+            code = _run_bounded(command, tail, timeout)
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeFailure(
+                f"instance {handle.instance_id}: exec {argv[0]!r} timed out after {timeout}s "
+                "(still running, or a background process it started holds its output open: "
+                "redirect that one's output, e.g. cmd >/dev/null 2>&1 &)"
+            ) from e
         finally:
             process_file.unlink(missing_ok=True)
         return code, tail.text()
 
 
-def _drain(stream: Any, tail: OutputTail) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        while chunk := stream.read1(65536):
-            tail.add(chunk)
+def _run_bounded(command: builtins.list[str], tail: OutputTail, timeout: float) -> int:
+    """Run ``command``, keeping the tail of its output, until it exits: woken by its
+    pidfd and its output pipe, not by polling. Past ``timeout`` the command is killed
+    (TimeoutExpired). runc copies an exec's output through pipes of its own (the process
+    runs as a mapped user) and exits only when they close, so a background process that
+    keeps them open holds it, as it holds ``docker exec``."""
+    proc = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert proc.stdout is not None
+    out = proc.stdout.fileno()
+    os.set_blocking(out, False)
+    exited = os.pidfd_open(proc.pid)
+    deadline = time.monotonic() + timeout
+    try:
+        with select.epoll() as poll:
+            poll.register(out, select.EPOLLIN)
+            poll.register(exited, select.EPOLLIN)
+            open_out = True
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    proc.kill()
+                    proc.wait()
+                    raise subprocess.TimeoutExpired(command, timeout)
+                for fd, _ in poll.poll(left):
+                    if fd == out and open_out:
+                        open_out = _read_into(out, tail)
+                        if not open_out:
+                            poll.unregister(out)
+                if proc.poll() is not None:
+                    if open_out:
+                        _read_into(out, tail)  # what it wrote before it exited
+                    return int(proc.returncode)
+    finally:
+        os.close(exited)
+        proc.stdout.close()
+
+
+def _read_into(fd: int, tail: OutputTail) -> bool:
+    """Read what is there now, at most 1 MiB (a writer that never pauses must not keep
+    the caller from its deadline); False at end of file."""
+    for _ in range(16):
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        tail.add(chunk)
+    return True
 
 
 def _shim_pid(handle: InstanceHandle) -> int:

@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 KILN = str(Path(sys.executable).parent / "kiln")
 
@@ -73,16 +76,50 @@ def test_an_impossible_since_is_one_clear_error(tmp_path: Path) -> None:
     )
 
 
-def test_help_shows_environments_and_no_bool_tags(tmp_path: Path) -> None:
-    """Rich used to eat ``[environments.NAME]`` and tag every flag ``<bool>``."""
+def test_help_shows_environments_and_the_version_flag(tmp_path: Path) -> None:
+    """Rich used to eat ``[environments.NAME]``; ``--version`` was missing from the list."""
     up = run("up", "--help", home=tmp_path / "home")
     assert "[environments.NAME]" in up.stdout, up.stdout
-    for command in ("up", "status", "logs", "events"):
-        shown = run(command, "--help", home=tmp_path / "home").stdout.splitlines()
-        tagged = [line for line in shown if "<bool>" in line and "--help" not in line]
-        assert tagged == [], (command, tagged)  # Typer's own --help keeps its tag
+    top = run("--help", home=tmp_path / "home")
+    assert top.returncode == 0
+    assert any(line.split()[1:3] == ["--version", "-V"] for line in top.stdout.splitlines())
     history = run("history", "--help", home=tmp_path / "home")
     assert "newest first" in history.stdout
+
+
+def _command_paths() -> list[list[str]]:
+    """Every command and group of the real app, as the words that invoke it."""
+    import typer.main
+
+    from kiln.cli import app as cli
+
+    cli.run(["--help"])  # registers the commands of every module, as `kiln` does
+    paths: list[list[str]] = []
+
+    def walk(command: Any, path: list[str]) -> None:
+        paths.append(path)
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(cli.app), [])
+    return paths
+
+
+def test_no_help_tags_a_flag_bool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A flag takes no value: ``--json <bool>`` (and Typer's own ``--help <bool>``)
+    read as if it wanted one."""
+    from kiln.cli.main import main
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    paths = _command_paths()
+    assert ["image", "inspect"] in paths and ["secret", "set"] in paths and len(paths) > 25
+    capsys.readouterr()
+    for path in paths:
+        assert main([*path, "--help"]) == 0, path
+        shown = capsys.readouterr().out
+        assert "--help" in shown and "<bool>" not in shown, (path, shown)
 
 
 def test_logs_tail_keeps_the_last_lines(tmp_path: Path) -> None:
@@ -170,3 +207,57 @@ secrets = ["api_key"]
     (project / "kiln.toml").write_text(toml.replace("nme", "x").replace('name = "v"', 'nme = "v"'))
     typo = run("validate", str(project), home=home)
     assert typo.returncode == 1 and ":2: project.nme: unknown key" in typo.stderr
+
+
+MISTAKES = """\
+[project]
+name = "v"
+
+[image.web]
+from = "scratch"
+
+[services.web]
+image = "web"
+replicas = "2"
+
+[services.web.health]
+interval = 1
+"""
+
+
+def test_validate_prints_every_error_and_other_commands_the_first_once(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (tmp_path / "kiln.toml").write_text(MISTAKES)
+    spec = tmp_path / "kiln.toml"
+    every = [
+        f"error: {spec}:4: image: unknown key; did you mean 'images'?",
+        f"error: {spec}:9: services.web.replicas: must be an integer: write 2, without quotes",
+        f'error: {spec}:12: services.web.health.interval: must be a duration string such as "1s", '
+        "not the number 1",
+    ]
+    checked = run("validate", str(tmp_path), home=home)
+    assert (checked.returncode, checked.stderr.splitlines(), checked.stdout) == (1, every, "")
+    for command in ("plan", "up", "bake"):
+        out = run(command, str(tmp_path), home=home)
+        assert out.returncode == 1, (command, out)
+        assert out.stderr.splitlines() == [
+            every[0] + " (and 2 more; run kiln validate to see them all)"
+        ], command
+        assert out.stdout == "", command
+    assert not (home / "agent.sock").exists() and not (home / "state.db").exists()
+
+
+def test_validate_reports_references_copy_sources_and_secrets_together(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (tmp_path / "kiln.toml").write_text(
+        '[project]\nname = "v"\n\n[images.web]\nfrom = "scratch"\n'
+        'steps = [{ copy = "missing/", to = "/srv" }]\n\n'
+        '[services.web]\nimage = "wbe"\nsecrets = ["token"]\n'
+    )
+    checked = run("validate", str(tmp_path), home=home)
+    assert checked.returncode == 1
+    lines = checked.stderr.splitlines()
+    assert [line.split(": ")[1].rsplit(":", 1)[1] for line in lines] == ["6", "9", "10"], lines
+    assert "images.web.steps[0].copy: missing/ does not exist" in lines[0]
+    assert "services.web.image: no recipe images.wbe in this file; did you mean 'web'?" in lines[1]
+    assert "services.web.secrets[0]: secret token is not set in KILN_HOME" in lines[2]

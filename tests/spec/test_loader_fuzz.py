@@ -1,5 +1,5 @@
 """Property tests: whatever ``kiln.toml`` holds, the loader answers with a Spec or one
-KilnError naming the file, never a traceback.
+KilnError naming the file and the line, never a traceback.
 
 Files are generated from valid starting points (the shop example, a minimal and
 a full file) and mutated structurally (a value replaced by any TOML value, a key
@@ -60,7 +60,7 @@ volumes = [{ name = "data", path = "/var/lib/app", readonly = false }]
 writable = ["/var/cache"]
 resources = { memory = "256MiB", cpu = 0.5 }
 stop_grace = "5s"
-drain_timeout = 2.5
+drain_timeout = "2.5s"
 
 [services.web.health]
 http = "/healthz"
@@ -184,14 +184,25 @@ def toml_document(data: dict[str, Any]) -> str:
 
 
 def check(text: str, env: str | None = None) -> None:
-    """A Spec, or a KilnError whose message names the file; nothing else, ever."""
+    """A Spec, or a KilnError whose message names the file and the line (only an --env
+    the file does not define may have none); nothing else, ever."""
     try:
         spec = parse_spec(text, FILE, env)
     except KilnError as e:
-        assert "kiln.toml" in str(e), str(e)
-        assert "\n" not in str(e), str(e)
+        every = [str(x) for x in getattr(e, "errors", [e])]
+        for message in [str(e), *every]:
+            assert "\n" not in message, message
+            located = re.match(r"kiln\.toml:\d+(:\d+)?: ", message)
+            assert located or ": no such environment (" in message, message
+        keys = [message.split(": ")[1] for message in every]
+        assert len(keys) == len(set(keys)), every  # one error per key
         return
     _accepted_is_sane(spec)
+
+
+def test_the_starting_points_are_valid() -> None:
+    for text in STARTS:
+        _accepted_is_sane(parse_spec(text, FILE))
 
 
 def _accepted_is_sane(spec: Spec) -> None:
@@ -294,7 +305,7 @@ def test_random_bytes_and_truncation(
         try:
             spec = load_spec(path)
         except KilnError as e:
-            assert "kiln.toml" in str(e), str(e)
+            assert re.match(rf"{re.escape(str(path))}:\d+", str(e)), str(e)
             return
         _accepted_is_sane(spec)
 

@@ -2,24 +2,65 @@
 
 from __future__ import annotations
 
+import enum
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from kiln.errors import KilnError
+
+
+def _untag_flags(command: TyperCommand | TyperGroup, ctx: Any) -> None:
+    """A flag takes no value, so its help shows no type: Typer tags each one ``<bool>``,
+    its own ``--help`` included."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+
+
+class _Command(TyperCommand):
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _untag_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+class _Group(TyperGroup):
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _untag_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+def _untagged_help(typer_app: typer.Typer) -> None:
+    """Every command and group of ``typer_app`` (those other modules register too) gets
+    the help without ``<bool>`` tags."""
+    if not isinstance(typer_app.info.cls, type) or typer_app.info.cls is TyperGroup:
+        typer_app.info.cls = _Group
+    for command in typer_app.registered_commands:
+        if command.cls in (None, TyperCommand):
+            command.cls = _Command
+    for group in typer_app.registered_groups:
+        if not isinstance(group.cls, type) or group.cls is TyperGroup:
+            group.cls = _Group
+        if group.typer_instance is not None:
+            _untagged_help(group.typer_instance)
+
 
 app = typer.Typer(
     name="kiln",
     help="Bake golden images, deploy them by replacement, never repair in place.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=False,  # `kiln completion SHELL` instead of --install-completion
     pretty_exceptions_enable=False,
 )
 image_app = typer.Typer(help="Work with images in the local store.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
+COMPLETE_VAR = "_KILN_COMPLETE"
+"""Set by the completion scripts when the shell asks ``kiln`` for completions."""
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.", metavar="")]
 Target = Annotated[
@@ -30,10 +71,31 @@ EnvOption = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from kiln import __version__
+
+        print(f"kiln {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _private_home(ctx: typer.Context) -> None:
-    # Every command but `schema` reads or writes KILN_HOME: make it owner-only first.
-    if ctx.invoked_subcommand != "schema" and not ctx.resilient_parsing:
+def _private_home(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            help="Print the version and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
+    # Every command but `schema`, `completion` and `init` reads or writes KILN_HOME: make it
+    # owner-only first.
+    if ctx.invoked_subcommand not in ("schema", "completion", "init") and not ctx.resilient_parsing:
         from kiln.paths import ensure_home
 
         ensure_home()
@@ -79,6 +141,27 @@ def schema() -> None:
     from kiln.spec import json_schema
 
     emit_json(json_schema())
+
+
+class Shell(enum.StrEnum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@app.command()
+def completion(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish")]) -> None:
+    """Print the shell completion script for SHELL.
+
+    bash: put eval "$(kiln completion bash)" in ~/.bashrc
+
+    zsh: put eval "$(kiln completion zsh)" in ~/.zshrc, after compinit
+
+    fish: kiln completion fish > ~/.config/fish/completions/kiln.fish
+    """
+    from typer._completion_shared import get_completion_script
+
+    print(get_completion_script(prog_name="kiln", complete_var=COMPLETE_VAR, shell=shell.value))
 
 
 @app.command()
@@ -157,8 +240,15 @@ def image_unpack(ref: str, dest: Path) -> None:
 
 def run(args: list[str]) -> int:
     from kiln.cli import deploy as _deploy  # noqa: F401  (registers the deploy commands)
+    from kiln.cli import init as _init  # noqa: F401  (registers kiln init)
     from kiln.cli import secret as _secret  # noqa: F401  (registers kiln secret)
 
+    if os.environ.get(COMPLETE_VAR):
+        # The shell asks for completions: Typer's own protocol (complete_bash, …).
+        from typer._completion_classes import completion_init
+
+        completion_init()
+    _untagged_help(app)
     try:
         app(args, prog_name="kiln", standalone_mode=True)
     except KilnError as e:

@@ -32,6 +32,8 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 def print_images(entries: list[Any], as_json: bool) -> None:
+    """CREATED is when the image was baked; the config's own ``created`` is the same for
+    every bake of a recipe (reproducible), so it would say nothing."""
     if as_json:
         sys.stdout.write(
             json.dumps([_image_json(e) for e in entries], indent=2, sort_keys=True) + "\n"
@@ -40,8 +42,22 @@ def print_images(entries: list[Any], as_json: bool) -> None:
     rows = []
     for e in entries:
         name, _, tag = e.ref_name.partition(":")
-        rows.append([name, tag, short(e.digest), e.created or "-", human_size(e.size)])
+        created = _local_time(e.stored or e.created)
+        rows.append([name, tag, short(e.digest), created, human_size(e.size)])
     print_table(["NAME", "TAG", "DIGEST", "CREATED", "SIZE"], rows)
+
+
+def _local_time(rfc3339: str | None) -> str:
+    """``2025-05-01T10:00:00Z`` → ``2025-05-01 12:00:00`` in the local zone."""
+    from datetime import datetime
+
+    if not rfc3339:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(rfc3339)
+    except ValueError:
+        return rfc3339
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _image_json(entry: Any) -> dict[str, Any]:
@@ -49,17 +65,20 @@ def _image_json(entry: Any) -> dict[str, Any]:
         "ref": entry.ref_name,
         "digest": entry.digest,
         "size": entry.size,
-        "created": entry.created,
+        "created": entry.stored or entry.created,
     }
 
 
 def inspect_image(store: Any, ref: str) -> dict[str, Any]:
+    """``created``: when it was baked; ``config.created`` stays the reproducible time."""
     desc = store.resolve(ref)
     manifest = store.manifest(desc.digest)
+    tagged = [e for e in store.images() if e.digest == desc.digest]
     return {
         "ref": ref,
         "digest": desc.digest,
-        "tags": [e.ref_name for e in store.images() if e.digest == desc.digest],
+        "tags": [e.ref_name for e in tagged],
+        "created": min((e.stored for e in tagged if e.stored), default=None),
         "manifest": manifest,
         "config": store.config(desc.digest),
     }

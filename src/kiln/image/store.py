@@ -44,6 +44,9 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _HEX_PREFIX_RE = re.compile(r"^[0-9a-f]{6,64}$")
 _MIN_PREFIX = 6
 _STALE_TEMP_SECONDS = 3600.0
+ANNOTATION_STORED = "dev.kiln.stored"
+"""On an ``index.json`` entry: when the tag was recorded (RFC 3339, UTC), i.e. when the
+image was baked. Kept out of the image, whose config holds the reproducible time."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,10 @@ class ImageEntry:
     digest: str
     size: int
     created: str | None
+    """The config's ``created``: reproducible, so the same for every bake of a recipe."""
     title: str | None
+    stored: str | None = None
+    """When the tag was recorded in this store (RFC 3339, UTC): when it was baked."""
 
     @property
     def name(self) -> str:
@@ -166,6 +172,9 @@ class ImageStore:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise KilnError(f"cannot store {src} in {self.root}: {e}") from e
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # Ctrl-C: no half-copied blob stays behind
+            raise
         if move:
             src.unlink(missing_ok=True)
         return Descriptor(media_type, digest, size)
@@ -221,7 +230,12 @@ class ImageStore:
                     raise KilnError(
                         f"tag {ref_name} already points at {entry.digest}; tags are immutable"
                     )
-            entries.append(manifest.with_annotations({ANNOTATION_REF_NAME: ref_name}))
+            stored = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            entries.append(
+                manifest.with_annotations(
+                    {ANNOTATION_REF_NAME: ref_name, ANNOTATION_STORED: stored}
+                )
+            )
             self._write_index(entries)
 
     def resolve(self, ref: str) -> Descriptor:
@@ -283,8 +297,18 @@ class ImageStore:
                 )
                 created_value = self.read_json(config.digest).get("created")
                 created = str(created_value) if created_value is not None else None
-            out.append(ImageEntry(_ref_name(entry), entry.digest, size, created, title))
+            stored = (entry.annotations or {}).get(ANNOTATION_STORED) or self._written(entry.digest)
+            out.append(ImageEntry(_ref_name(entry), entry.digest, size, created, title, stored))
         return out
+
+    def _written(self, digest: str) -> str | None:
+        """When a manifest blob was written: the bake time of a tag recorded before
+        ``ANNOTATION_STORED`` was."""
+        try:
+            mtime = self.blob_path(digest).stat().st_mtime
+        except (OSError, KilnError):
+            return None
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime))
 
     def remove(self, ref: str) -> list[str]:
         """Drop index entries: NAME:TAG that tag, a digest every tag on it; blobs wait for gc."""

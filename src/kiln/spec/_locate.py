@@ -2,7 +2,9 @@
 
 ``tomllib`` gives values but no positions, so this scans the (already valid)
 text once and records the first line of every key path, array elements
-included: ``("images", "web", "steps", 1, "copy") → 7``.
+included: ``("images", "web", "steps", 1, "copy") → 7``. Every prefix of a
+table header or dotted key is recorded too (``[image.web]`` puts ``image`` on
+its line), so a mistake in any part of a key has a line.
 """
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ _BARE = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
 class _Scanner:
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, max_depth: int | None = None) -> None:
         self.text = text
         self.pos = 0
         self.line = 1
         self.lines: dict[KeyPath, int] = {}
         self.array_tables: dict[KeyPath, int] = {}
+        self.max_depth = max_depth
+
+    def record(self, path: KeyPath, start: int = 1) -> None:
+        """The line of ``path`` and of its prefixes at least ``start`` parts long."""
+        for end in range(start, len(path) + 1):
+            self.lines.setdefault(path[:end], self.line)
 
     def peek(self, n: int = 1) -> str:
         return self.text[self.pos : self.pos + n]
@@ -43,8 +51,11 @@ class _Scanner:
     def string(self) -> str:
         for quote in ('"""', "'''"):
             if self.peek(3) == quote:
-                end = self.text.find(quote, self.pos + 3)
-                end = len(self.text) if end < 0 else end
+                end = self.pos + 3
+                while end < len(self.text) and self.text[end : end + 3] != quote:
+                    # A basic string may escape a quote: \""" does not end it.
+                    end += 2 if quote == '"""' and self.text[end] == "\\" else 1
+                end = min(end, len(self.text))
                 while self.text[end + 3 : end + 4] == quote[0]:
                     end += 1
                 value = self.text[self.pos + 3 : end]
@@ -78,6 +89,8 @@ class _Scanner:
 
     def value(self, path: KeyPath) -> None:
         self.skip(newlines=False)
+        if self.max_depth is not None and len(path) > self.max_depth:
+            raise _TooDeep(self.line)
         self.lines.setdefault(path, self.line)
         c = self.peek()
         if c == "{":
@@ -91,7 +104,7 @@ class _Scanner:
                     self.advance()
                     continue
                 key = self.key()
-                self.lines.setdefault(path + key, self.line)
+                self.record(path + key, len(path) + 1)
                 self.advance()  # '='
                 self.value(path + key)
         elif c == "[":
@@ -125,17 +138,16 @@ class _Scanner:
                 index = self.array_tables.get(name, 0)
                 self.array_tables[name] = index + 1
                 table = (*name, index)
-                self.lines.setdefault(name, self.line)
-                self.lines.setdefault(table, self.line)
+                self.record(table)
                 self.advance(2)
             elif self.peek() == "[":
                 self.advance()
                 table = self.key()
-                self.lines.setdefault(table, self.line)
+                self.record(table)
                 self.advance()
             else:
                 key = self.key()
-                self.lines.setdefault(table + key, self.line)
+                self.record(table + key, len(table) + 1)
                 self.advance()  # '='
                 self.value(table + key)
 
@@ -150,17 +162,39 @@ def _unescape(raw: str) -> str:
         return raw
 
 
+class _TooDeep(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
 def key_lines(text: str) -> dict[KeyPath, int]:
+    """Key path → line; for text the scanner cannot follow, the lines found so far."""
+    scanner = _Scanner(text)
     try:
-        return _Scanner(text).document()
+        return scanner.document()
     except (IndexError, RecursionError):
-        return {}
+        return scanner.lines
 
 
-def line_of(lines: dict[KeyPath, int], path: KeyPath) -> int | None:
-    """The line of ``path`` or of its nearest written ancestor (a missing key → its table)."""
+def nesting_line(text: str, max_depth: int) -> int | None:
+    """The line where values first nest deeper than ``max_depth``: for a file too deep
+    for ``tomllib`` itself to read."""
+    try:
+        _Scanner(text, max_depth).document()
+    except _TooDeep as e:
+        return e.line
+    except (IndexError, RecursionError):
+        return None
+    return None
+
+
+def line_of(lines: dict[KeyPath, int], path: KeyPath, env: str | None = None) -> int | None:
+    """The line of ``path`` or of its nearest written ancestor (a missing key → its table);
+    with ``env``, where ``[environments.ENV]`` overlays the key when it does."""
     for end in range(len(path), 0, -1):
-        found = lines.get(path[:end])
+        key = path[:end]
+        overlaid = lines.get(("environments", env, *key)) if env is not None else None
+        found = overlaid if overlaid is not None else lines.get(key)
         if found is not None:
             return found
     return None

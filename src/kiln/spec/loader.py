@@ -1,4 +1,11 @@
-"""Read ``kiln.toml`` into a typed ``Spec``; every error names file, line and key."""
+"""Read ``kiln.toml`` into a typed ``Spec``; every error names file, line and key.
+
+All the mistakes of a file are found in one pass, in stages (TOML syntax; values no
+model could hold; ``--env`` overlays; the models; references between tables). A
+stage works on what the earlier ones accepted, and references are checked only once
+the tables are right, so one mistake never shows up twice, as itself and as its
+consequence. Commands report the first with a count; ``kiln validate`` every one.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from kiln.errors import KilnError
-from kiln.spec._locate import KeyPath, key_lines, line_of
-from kiln.spec.models import Recipe, RuntimeTargetOverlay, Service, Spec, shown
+from kiln.spec._locate import KeyPath, key_lines, line_of, nesting_line
+from kiln.spec.models import WRITTEN, Recipe, RuntimeTargetOverlay, Service, Spec, shown
 
 _STEP_TAGS = {"copy", "run", "env", "workdir"}
 
@@ -27,9 +34,51 @@ class SpecError(KilnError):
         self.file = file
         self.line = line
         self.key = key
+        self.path_key: KeyPath | None = None
         self.detail = message
         where = f"{file}:{line}" if line else str(file)
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        self.errors: list[KilnError] = [self]
+        """Every mistake found in the file, this one first, in file order."""
+
+
+def _reported(errors: list[KilnError], env: str | None) -> KilnError:
+    """The first error, with how many more there are and how to see them all."""
+    first = errors[0]
+    if len(errors) == 1 or not isinstance(first, SpecError):
+        return first
+    validate = "kiln validate" + (f" --env {env}" if env is not None else "")
+    more = f" (and {len(errors) - 1} more; run {validate} to see them all)"
+    summary = SpecError(first.file, first.line, first.key, first.detail + more)
+    summary.errors = list(errors)
+    return summary
+
+
+class _Found:
+    """The errors of one file as they are found: one per key, each with its line."""
+
+    def __init__(self, path: Path, lines: dict[KeyPath, int], env: str | None) -> None:
+        self.path = path
+        self.lines = lines
+        self.env = env
+        self.errors: list[SpecError] = []
+
+    def add(self, key: KeyPath, message: str, *, in_file: bool = True, merged: bool = True) -> None:
+        """``in_file``: the mistake is in the file, so it has a line even when no part of
+        its key is written (a missing ``[project]`` is reported at line 1). ``merged``:
+        ``key`` is of the file after ``--env`` merged its overlays, so the overlay's line
+        is the one to show when it wrote the key."""
+        if any(e.path_key == key for e in self.errors):
+            return
+        env = self.env if merged else None
+        line = line_of(self.lines, key, env) or (1 if in_file else None)
+        error = SpecError(self.path, line, key_name(key), message)
+        error.path_key = key
+        self.errors.append(error)
+
+    def in_file_order(self) -> list[KilnError]:
+        """Stable: errors on one line keep the order they were found in."""
+        return [*sorted(self.errors, key=lambda e: e.line or 0)]
 
 
 def key_name(path: KeyPath) -> str:
@@ -99,18 +148,26 @@ def _known_keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+def _close_key(path: KeyPath) -> str | None:
+    """The known key an unknown ``path[-1]`` is probably a misspelling of."""
+    parent = _model_at(path[:-1])
+    if parent is None:
+        return None
+    close = difflib.get_close_matches(str(path[-1]), _known_keys(parent), n=1)
+    return close[0] if close else None
+
+
 def _message(err: Any, path: KeyPath) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
         parent = _model_at(path[:-1])
         hint = ""
-        if parent is not None:
-            close = difflib.get_close_matches(str(path[-1]), _known_keys(parent), n=1)
-            if close:
-                hint = f"; did you mean {close[0]!r}?"
-            else:
-                hint = f"; known keys: {', '.join(sorted(_known_keys(parent)))}"
+        close = _close_key(path)
+        if close is not None:
+            hint = f"; did you mean {close!r}?"
+        elif parent is not None:
+            hint = f"; known keys: {', '.join(sorted(_known_keys(parent)))}"
         return f"unknown key{hint}"
     if kind == "missing":
         return "required key is missing"
@@ -124,11 +181,16 @@ def _message(err: Any, path: KeyPath) -> str:
         return f"must be one of {ctx.get('expected', '')}"
     if kind == "string_pattern_mismatch":
         return f"{shown(err.get('input'))} does not match {ctx.get('pattern')}"
+    quoted = err.get("input") if isinstance(err.get("input"), str) else None
     if kind in ("int_type", "int_parsing", "int_from_float"):
+        if quoted is not None and re.fullmatch(r"[+-]?\d{1,18}", quoted.strip()):
+            return f"must be an integer: write {int(quoted)}, without quotes"
         return "must be an integer"
     if kind in ("string_type",):
         return "must be a string"
     if kind in ("bool_type", "bool_parsing"):
+        if quoted is not None and quoted.strip() in ("true", "false"):
+            return f"must be true or false: write {quoted.strip()}, without quotes"
         return "must be true or false"
     if kind in ("list_type",):
         return "must be a list"
@@ -169,30 +231,62 @@ MAX_DEPTH = 32
 
 
 def parse_spec(text: str, path: Path, env: str | None = None) -> Spec:
+    """The file's ``Spec``, or a ``SpecError`` naming its first mistake and counting the rest."""
+    spec, errors = check_spec(text, path, env)
+    if errors:
+        raise _reported(errors, env)
+    assert spec is not None
+    return spec
+
+
+def check_spec(
+    text: str, path: Path, env: str | None = None
+) -> tuple[Spec | None, list[KilnError]]:
+    """Every mistake of the file in file order, and the ``Spec`` when the models accept it
+    (even if references between its tables are wrong): what ``kiln validate`` needs."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
-        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
-        where = f"{path}:{m.group(1)}:{m.group(2)}" if m else str(path)
-        raise SpecErrorAt(where, f"malformed TOML: {reason}") from None
+        return None, [_malformed(text, path, str(e))]
     except RecursionError:
-        raise SpecErrorAt(str(path), "malformed TOML: nested too deeply") from None
-    lines = key_lines(text)
-    _check_values(data, path, lines)
+        line = nesting_line(text, MAX_DEPTH)
+        return None, [
+            SpecErrorAt(
+                f"{path}:{line}" if line else str(path), "malformed TOML: nested too deeply"
+            )
+        ]
+    found = _Found(path, key_lines(text), env)
+    _check_values(data, found)
+    if found.errors:
+        return None, found.in_file_order()
     if env is not None:
-        _apply_overlay(data, env, path, lines)
+        _apply_overlay(data, env, found)
     try:
-        spec = Spec.model_validate(data)
+        spec = Spec.model_validate(data, context=WRITTEN)
     except ValidationError as e:
-        key_path, message = describe_errors(e.errors(), lines)
-        raise SpecError(path, line_of(lines, key_path), key_name(key_path), message) from None
-    _check_references(spec, path, lines)
-    _check_runtime(spec, path, lines, env)
+        for key, message in _model_errors(e.errors(), data):
+            found.add(key, message)
+        return None, found.in_file_order()
+    _check_references(spec, found)
+    _check_runtime(spec, found)
     spec._path = path
     spec._text = text
     spec._environment = env
-    return spec
+    return spec, found.in_file_order()
+
+
+def _malformed(text: str, path: Path, reason: str) -> SpecErrorAt:
+    """tomllib's reason with the line and column it gives, also "at end of document"."""
+    m = re.search(r"\(at line (\d+), column (\d+)\)", reason)
+    if m:
+        where = f"{path}:{m.group(1)}:{m.group(2)}"
+    elif "(at end of document)" in reason:
+        last = text.split("\n")[-1]
+        where = f"{path}:{text.count(chr(10)) + 1}:{len(last) + 1}"
+    else:
+        where = str(path)
+    reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", reason)
+    return SpecErrorAt(where, f"malformed TOML: {reason}")
 
 
 def describe_errors(
@@ -200,8 +294,8 @@ def describe_errors(
 ) -> tuple[KeyPath, str]:
     """The one pydantic error to show (the earliest in the file) as (key path, message).
 
-    Shared with the agent's API, which checks what it is sent with the same
-    models and must name the bad key the same way.
+    Used by the agent's API, which checks what it is sent with the same models and
+    must name the bad key the same way.
     """
     where = lines or {}
 
@@ -216,68 +310,136 @@ def describe_errors(
     return key_path, _message(first, key_path) + more
 
 
-def _check_values(data: dict[str, Any], path: Path, lines: dict[KeyPath, int]) -> None:
+def _written_path(loc: KeyPath, data: Any, missing: bool) -> tuple[KeyPath, KeyPath | None]:
+    """``loc`` as keys of the file, and the union it went through, if any.
+
+    pydantic names a union's alternatives in ``loc`` (``run.str``, ``run.list[str]``):
+    those parts are no key of the file, so they are dropped, and the path up to them
+    (the union's key) is returned second.
+    """
+    out: list[str | int] = []
+    union: KeyPath | None = None
+    node = data
+    for i, part in enumerate(loc):
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_list or (isinstance(node, dict) and part in node):
+            node = node[part]
+        elif missing and i == len(loc) - 1:
+            node = None
+        else:
+            union = union or tuple(out)
+            continue
+        out.append(part)
+    return tuple(out), union
+
+
+def _model_errors(errors: Sequence[Any], data: Any) -> list[tuple[KeyPath, str]]:
+    """pydantic's errors as (key path, message), one per key: a union's alternatives are
+    merged ("must be a string or a list") unless one of them got further into the value
+    (then its error is the one that explains), and a "required key is missing" goes when
+    an unknown key beside it is a misspelling of it (one mistake, one error)."""
+    found: list[tuple[KeyPath, KeyPath | None, str, str]] = []
+    for err in errors:
+        key, union = _written_path(_strip_tags(tuple(err["loc"])), data, err["type"] == "missing")
+        found.append((key, union, err["type"], _message(err, key)))
+    deeper = {u for key, u, _, _ in found if u is not None and len(key) > len(u)}
+    misspelt = {
+        (*key[:-1], close)
+        for key, _, kind, _ in found
+        if kind == "extra_forbidden" and (close := _close_key(key)) is not None
+    }
+    messages: dict[KeyPath, list[str]] = {}
+    for key, union, kind, message in found:
+        if (union in deeper and key == union) or (kind == "missing" and key in misspelt):
+            continue
+        if message not in messages.setdefault(key, []):
+            messages[key].append(message)
+    return [(key, _either(texts)) for key, texts in messages.items()]
+
+
+def _either(messages: list[str]) -> str:
+    if len(messages) > 1 and all(m.startswith("must be ") for m in messages):
+        return "must be " + " or ".join(m.removeprefix("must be ") for m in messages)
+    return messages[0]
+
+
+def _check_values(data: dict[str, Any], found: _Found) -> None:
     """Refuse what no model would: absurd nesting and NUL characters (no argv or file
     name can hold one, so it would only fail later, far from the file)."""
     stack: list[tuple[KeyPath, Any]] = [((), data)]
     while stack:
         key, value = stack.pop()
         if len(key) > MAX_DEPTH:
-            raise SpecError(
-                path, line_of(lines, key), key_name(key[:MAX_DEPTH]), "nested too deeply"
-            )
-        if isinstance(value, str) and "\0" in value:
-            raise SpecError(path, line_of(lines, key), key_name(key), "contains a NUL character")
-        if isinstance(value, dict):
+            found.add(key[:MAX_DEPTH], "nested too deeply")
+        elif isinstance(value, str) and "\0" in value:
+            found.add(key, "contains a NUL character")
+        elif isinstance(value, dict):
             for k, v in value.items():
                 if "\0" in k:
-                    raise SpecError(
-                        path, line_of(lines, key), key_name(key), "a key contains a NUL character"
-                    )
-                stack.append(((*key, k), v))
+                    found.add(key, "a key contains a NUL character")
+                else:
+                    stack.append(((*key, k), v))
         elif isinstance(value, list):
             stack.extend(((*key, i), v) for i, v in enumerate(value))
 
 
-def _apply_overlay(data: dict[str, Any], env: str, path: Path, lines: dict[KeyPath, int]) -> None:
-    """Merge ``[environments.ENV]`` over the base tables, in place."""
+def _apply_overlay(data: dict[str, Any], env: str, found: _Found) -> None:
+    """Merge ``[environments.ENV]`` over the base tables, in place; what cannot be merged
+    is an error and stays out."""
 
-    def table(value: Any, key: KeyPath) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise SpecError(path, line_of(lines, key), key_name(key), "must be a table")
-        return value
+    def table(value: Any, key: KeyPath) -> dict[str, Any] | None:
+        if isinstance(value, dict):
+            return value
+        found.add(key, "must be a table", merged=False)
+        return None
 
     envs = table(data.get("environments", {}), ("environments",))
+    if envs is None:
+        return
     if env not in envs:
         known = ", ".join(key_name((name,)) for name in sorted(envs)) or "none defined"
-        raise SpecError(
-            path, None, key_name(("environments", env)), f"no such environment ({known})"
+        # The mistake is the --env given, not a line of the file.
+        found.add(
+            ("environments", env), f"no such environment ({known})", in_file=False, merged=False
         )
+        return
     overlay = table(copy.deepcopy(envs[env]), ("environments", env))
+    if overlay is None:
+        return
     for section in ("services", "images"):
         overlays = table(overlay.get(section, {}), ("environments", env, section))
-        for name, changes in overlays.items():
+        for name, changes in (overlays or {}).items():
             key = ("environments", env, section, name)
             base = table(data.get(section, {}), (section,))
+            if base is None:
+                break
             if name not in base:
-                raise SpecError(
-                    path,
-                    line_of(lines, key),
-                    key_name(key),
+                found.add(
+                    key,
                     f"overlays {key_name((section, name))}, which the file does not define",
+                    merged=False,
                 )
-            base[name] = _deep_merge(table(base[name], (section, name)), table(changes, key))
+                continue
+            base_table = table(base[name], (section, name))
+            change_table = table(changes, key)
+            if base_table is not None and change_table is not None:
+                base[name] = _deep_merge(base_table, change_table)
     if "runtime" in overlay:
         runtime_key: KeyPath = ("environments", env, "runtime")
         runtime = table(overlay["runtime"], runtime_key)
+        if runtime is None:
+            return
         # Checked before merging: a mistake is reported where the overlay wrote it.
         try:
-            RuntimeTargetOverlay.model_validate(runtime)
+            RuntimeTargetOverlay.model_validate(runtime, context=WRITTEN)
         except ValidationError as e:
             errors = [{**err, "loc": (*runtime_key, *err["loc"])} for err in e.errors()]
-            full, message = describe_errors(errors, lines)
-            raise SpecError(path, line_of(lines, full), key_name(full), message) from None
-        data["runtime"] = {**table(data.get("runtime", {}), ("runtime",)), **runtime}
+            for bad, message in _model_errors(errors, data):
+                found.add(bad, message)
+            return
+        base_runtime = table(data.get("runtime", {}), ("runtime",))
+        if base_runtime is not None:
+            data["runtime"] = {**base_runtime, **runtime}
 
 
 class SpecErrorAt(KilnError):
@@ -287,51 +449,44 @@ class SpecErrorAt(KilnError):
         super().__init__(f"{where}: {message}")
 
 
-def _check_references(spec: Spec, path: Path, lines: dict[KeyPath, int]) -> None:
+def _check_references(spec: Spec, found: _Found) -> None:
     recipes = sorted(spec.images)
-
-    def fail(key: KeyPath, message: str) -> None:
-        raise SpecError(path, line_of(lines, key), key_name(key), message)
 
     def suggest(name: str) -> str:
         close = difflib.get_close_matches(name, recipes, n=1)
         return f"; did you mean {close[0]!r}?" if close else ""
 
     for name, recipe in spec.images.items():
-        _check_recipe(recipe, name, fail, suggest, recipes)
+        _check_recipe(recipe, name, found.add, suggest, recipes)
     listens: dict[int, str] = {}
     for name, service in spec.services.items():
-        _check_service(service, name, fail, suggest, recipes)
+        _check_service(service, name, found.add, suggest, recipes)
         if service.listen is not None:
             other = listens.get(service.listen)
             if other:
-                fail(
+                found.add(
                     ("services", name, "listen"),
                     f"port {service.listen} is already the listen port of "
                     f"{key_name(('services', other))}",
                 )
-            listens[service.listen] = name
+            else:
+                listens[service.listen] = name
 
 
-def _check_runtime(spec: Spec, path: Path, lines: dict[KeyPath, int], env: str | None) -> None:
+def _check_runtime(spec: Spec, found: _Found) -> None:
     """``host`` names a Docker Engine: it means nothing to the local runtime."""
     runtime = spec.runtime
     if runtime.kind == "docker" or runtime.host is None:
         return
+    env = found.env
 
     def where(key: str) -> KeyPath:
         overlaid = ("environments", env, "runtime", key) if env is not None else None
-        return overlaid if overlaid is not None and overlaid in lines else ("runtime", key)
+        return overlaid if overlaid is not None and overlaid in found.lines else ("runtime", key)
 
     kind_from = where("kind")
     origin = f" ({key_name(kind_from[:-1])} sets kind)" if kind_from[0] == "environments" else ""
-    host_key = where("host")
-    raise SpecError(
-        path,
-        line_of(lines, host_key),
-        key_name(host_key),
-        f'is only used with kind = "docker"; kind is "{runtime.kind}"{origin}',
-    )
+    found.add(where("host"), f'is only used with kind = "docker"; kind is "{runtime.kind}"{origin}')
 
 
 def _check_recipe(recipe: Recipe, name: str, fail: Any, suggest: Any, recipes: list[str]) -> None:
@@ -372,13 +527,29 @@ def _check_service(
 def load_spec(path: Path | None = None, env: str | None = None) -> Spec:
     """Load ``kiln.toml`` (a file, or a directory holding one), applying ``--env`` overlays."""
     file = find_spec_file(path)
+    return parse_spec(_read(file), file, env)
+
+
+def check_spec_file(
+    path: Path | None = None, env: str | None = None
+) -> tuple[Spec | None, list[KilnError]]:
+    """``check_spec`` of a file (or a directory's ``kiln.toml``): never raises a KilnError."""
     try:
-        text = file.read_text(encoding="utf-8")
+        file = find_spec_file(path)
+        text = _read(file)
+    except KilnError as e:
+        return None, [e]
+    return check_spec(text, file, env)
+
+
+def _read(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise SpecError(file, None, "", f"not UTF-8 text ({e.reason})") from None
+        line = e.object[: e.start].count(b"\n") + 1
+        raise SpecError(file, line, "", f"not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise SpecError(file, None, "", f"cannot read it: {e.strerror or e}") from None
-    return parse_spec(text, file, env)
 
 
 def json_schema() -> dict[str, Any]:

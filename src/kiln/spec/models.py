@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -129,11 +130,33 @@ def parse_size(value: object, maximum: int | None = None) -> int:
     return size
 
 
-def _spec_duration(value: object) -> float:
+WRITTEN = {"written": True}
+"""The validation context of a ``kiln.toml``: what a person wrote, held to the file's
+rules. Without it (the agent re-reading a stored config) a duration may be a number."""
+
+
+def _written_duration(value: object, info: ValidationInfo) -> None:
+    """In ``kiln.toml`` a duration says its unit: ``interval = 1`` reads as one second to
+    some and one millisecond to others, so a bare number is refused, not guessed."""
+    context = info.context if isinstance(info.context, dict) else {}
+    if not context.get("written") or isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        fits = isinstance(value, int) or math.isfinite(value)
+        if fits and 0 <= value <= MAX_DURATION:
+            raise ValueError(
+                f'must be a duration string such as "{value:g}s", not the number {value!r}'
+            )
+        raise ValueError(f'must be a duration string such as "1s" or "250ms", not {_kind(value)}')
+
+
+def _spec_duration(value: object, info: ValidationInfo) -> float:
+    _written_duration(value, info)
     return parse_duration(value, MAX_DURATION)
 
 
-def _positive_duration(value: object) -> float:
+def _positive_duration(value: object, info: ValidationInfo) -> float:
+    _written_duration(value, info)
     seconds = parse_duration(value, MAX_DURATION)
     if seconds <= 0:
         raise ValueError("must be > 0")
@@ -149,11 +172,9 @@ def _memory(value: object) -> int | None:
     return size
 
 
-Duration = Annotated[float, BeforeValidator(_spec_duration, json_schema_input_type=str | float)]
-"""A duration in ``kiln.toml``: ``"250ms"`` … ``"24h"``, or a number of seconds."""
-PositiveDuration = Annotated[
-    float, BeforeValidator(_positive_duration, json_schema_input_type=str | float)
-]
+Duration = Annotated[float, BeforeValidator(_spec_duration, json_schema_input_type=str)]
+"""A duration in ``kiln.toml``: ``"250ms"`` … ``"24h"`` (a number of seconds only from code)."""
+PositiveDuration = Annotated[float, BeforeValidator(_positive_duration, json_schema_input_type=str)]
 Count = Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]
 """A whole number of things: TOML booleans, floats and strings are refused, not coerced."""
 PositiveCount = Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT)]
@@ -478,14 +499,6 @@ class Spec(_Model):
     def line(self, *path: str | int) -> int | None:
         """The line of key ``path`` in the file (or of its nearest written ancestor),
         for errors found after loading: the environment's overlay of it when it has one."""
-        from kiln.spec._locate import key_lines
+        from kiln.spec._locate import key_lines, line_of
 
-        lines = key_lines(self._text)
-        env = self._environment
-        for end in range(len(path), 0, -1):
-            key = path[:end]
-            overlaid = lines.get(("environments", env, *key)) if env is not None else None
-            found = overlaid if overlaid is not None else lines.get(key)
-            if found is not None:
-                return found
-        return None
+        return line_of(key_lines(self._text), path, self._environment)

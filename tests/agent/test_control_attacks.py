@@ -333,7 +333,7 @@ def test_a_missing_file_is_not_a_missing_command(exit_code: int, logs: list[str]
 
 
 def test_a_step_that_copies_a_missing_file_is_not_told_to_add_a_package() -> None:
-    from kiln.observe.hints import step_hints
+    from kiln.image.hints import step_hints
 
     output = ["cp: can't stat '/src/static/app.css': No such file or directory"]
     assert step_hints(1, output, network=False) == []
@@ -358,7 +358,8 @@ def test_a_file_permission_error_is_not_a_privileged_port() -> None:
 
 def test_the_known_patterns_still_get_their_hint() -> None:
     """Held: the real failures keep their hint (a fix of the above must not lose them)."""
-    from kiln.observe.hints import instance_hints, step_hints
+    from kiln.image.hints import step_hints
+    from kiln.observe.hints import instance_hints
 
     missing = instance_hints(8080, 127, "exited with code 127", ["sh: gunicorn: not found"])
     assert any("command was not found" in h for h in missing)

@@ -1,18 +1,23 @@
 """Shared fixtures for the image tests: a store in a temp KILN_HOME, tiny busybox
-images built with the image API itself, and a private dockerd for `docker load`
-(the session's one, shared with the runtime and security tests: tests/dockerd.py).
+images built with the image API itself, a private dockerd for `docker load`
+(the session's one, shared with the runtime and security tests: tests/dockerd.py),
+and the session's one cold Debian bake, whose shared base cache every later Debian
+bake of the session finds warm.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest_bake import DEB_CACHE, DebianBake, RecordingProgress, environment, load
 
 from dockerd import Dockerd, docker_engine  # noqa: F401 - a fixture, used by dockerd below
+from kiln.image.bake import bake
 from kiln.image.digest import (
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_MANIFEST,
@@ -110,3 +115,48 @@ def busybox_image(store: ImageStore, tmp_path: Path) -> tuple[str, Descriptor]:
 def dockerd(docker_engine: Dockerd) -> Path:  # noqa: F811
     """The session's private dockerd (tests/dockerd.py); its socket path."""
     return docker_engine.socket
+
+
+# Everything of the base a run step could record, except a directory's st_size (how
+# many entries the filesystem's directory blocks once held, which no layer carries).
+TREE_LISTING = (
+    "find /etc /usr /var -xdev \\\\( -type d -printf '%p d %m %U %G %T@\\\\n' \\\\) "
+    "-o -printf '%p %y %m %U %G %T@ %s %l\\\\n' | sort"
+)
+
+DEBIAN_RECIPE = """[project]
+name = "deb"
+
+[images.py]
+from = "debian:bookworm"
+packages = ["python3-minimal"]
+steps = [
+  { run = "python3 -c 'print(6 * 7)' > /answer" },
+  { run = "TREE_LISTING > /tree" },
+]
+cmd = ["python3"]
+""".replace("TREE_LISTING", TREE_LISTING)
+
+
+@pytest.fixture(scope="session")
+def debian_first_bake(tmp_path_factory: pytest.TempPathFactory) -> DebianBake:
+    """One cold bake per session: the shared base cache starts empty, so mmdebstrap
+    builds the minimal base and apt resolves the packages; .debs and apt's lists land
+    in a fixed cache, so the next session downloads nothing."""
+    if os.geteuid() != 0 or shutil.which("mmdebstrap") is None:
+        pytest.skip("a Debian bake needs root and mmdebstrap")
+    root = tmp_path_factory.mktemp("debian")
+    project = root / "project"
+    project.mkdir()
+    (project / "kiln.toml").write_text(DEBIAN_RECIPE)
+    home, bases = root / "home", root / "bases"
+    progress = RecordingProgress()
+    with environment(
+        KILN_HOME=str(home),
+        KILN_CACHE=os.environ.get("KILN_CACHE", str(DEB_CACHE)),
+        KILN_BASE_CACHE=str(bases),
+    ):
+        started = time.monotonic()
+        result = bake(load(project), progress=progress)["py"]
+        seconds = time.monotonic() - started
+    return DebianBake(project, home, bases, result, progress, seconds)

@@ -6,15 +6,18 @@ image-core tests and already points KILN_HOME at a temp dir for every test).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kiln.image.bake import BakeResult
 from kiln.image.store import ImageStore
 from kiln.paths import kiln_home
 from kiln.spec import load_spec
@@ -99,6 +102,9 @@ class RecordingProgress:
     def step_output(self, image: str, index: int, line: str) -> None:
         self.events.append(("output", image, index, line))
 
+    def step_status(self, image: str, index: int, text: str) -> None:
+        self.events.append(("status", image, index, text))
+
     def step_finished(
         self, image: str, index: int, label: str, cached: bool, seconds: float, size: int | None
     ) -> None:
@@ -115,3 +121,39 @@ class RecordingProgress:
 
     def output(self, image: str) -> list[str]:
         return [str(e[3]) for e in self.events if e[0] == "output" and e[1] == image]
+
+    def statuses(self, image: str) -> list[str]:
+        return [str(e[3]) for e in self.events if e[0] == "status" and e[1] == image]
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for a block (session fixtures cannot monkeypatch)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass(frozen=True)
+class DebianBake:
+    """The session's cold Debian bake: its project (with the kiln.lock it wrote), home,
+    shared base cache, result, progress events and time."""
+
+    project: Path
+    home: Path
+    bases: Path
+    result: BakeResult
+    progress: RecordingProgress
+    seconds: float
+
+    def warm(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Bake with this session's (warm) shared bases and the fixed download cache."""
+        monkeypatch.setenv("KILN_BASE_CACHE", str(self.bases))
+        monkeypatch.setenv("KILN_CACHE", os.environ.get("KILN_CACHE", str(DEB_CACHE)))

@@ -634,3 +634,24 @@ def test_as_an_unprivileged_user_a_bake_without_run_steps_works_and_one_with_fai
         )
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_run_step_that_needs_the_network_is_told_why_it_failed(tmp_path: Path) -> None:
+    """Run steps are offline: a download fails, and the error says so and what to do."""
+    project = make_project(
+        tmp_path / "offline",
+        """
+[images.web]
+from = "scratch"
+steps = [
+  { copy = "rootfs/", to = "/" },
+  { run = "/bin/busybox wget -q -O /tmp/x http://deb.debian.org/ && echo fetched" },
+]
+""",
+    )
+    with pytest.raises(KilnError) as err:
+        bake(load(project))
+    message = str(err.value)
+    assert message.startswith("images.web step 2 (run): exit 1\n"), message
+    assert "hint: run steps have no network by default" in message, message
+    assert "network = true" in message

@@ -172,6 +172,9 @@ def test_whiteouts_and_opaque_dirs_hide_lower_layers(
     listing = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
     assert listing == ["a", "a/-new", "a/sub", "a/sub/fresh", "b", "b/keep", "c"]
     assert (dest / "c").read_text() == "c is a file now"
+    # b lost z to a layer that does not name b: b keeps its own time, as the merged
+    # tree of the layer snapshots shows it (a step reading it must see the same).
+    assert (dest / "b").lstat().st_mtime == 0
 
 
 def test_corrupt_layer_blob_fails_the_unpack(

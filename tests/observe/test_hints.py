@@ -3,7 +3,8 @@ like (the messages are the ones the tools print), and none fires on a healthy lo
 
 from __future__ import annotations
 
-from kiln.observe.hints import instance_hints, step_hints
+from kiln.image.hints import step_hints
+from kiln.observe.hints import instance_hints
 
 
 def test_a_literal_port_variable_reaching_the_app() -> None:

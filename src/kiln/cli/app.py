@@ -238,6 +238,10 @@ def image_unpack(ref: str, dest: Path) -> None:
     print(f"unpacked {ref} into {dest}")
 
 
+INTERRUPTED_EXIT = 130
+"""Ctrl-C, as a shell reports SIGINT (128 + 2)."""
+
+
 def run(args: list[str]) -> int:
     from kiln.cli import deploy as _deploy  # noqa: F401  (registers the deploy commands)
     from kiln.cli import init as _init  # noqa: F401  (registers kiln init)
@@ -255,8 +259,11 @@ def run(args: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code == INTERRUPTED_EXIT:  # typer turns Ctrl-C into a silent exit 130
+            print("interrupted", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
     return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -51,6 +52,7 @@ from kiln.image.base import (
     oci_layout_base,
 )
 from kiln.image.cache import CachedLayer, FileHashCache, LayerCache, normalized_mode, step_key
+from kiln.image.command import INTERRUPTED, Interrupted
 from kiln.image.digest import (
     ANNOTATION_CREATED,
     ANNOTATION_TITLE,
@@ -61,7 +63,7 @@ from kiln.image.digest import (
 )
 from kiln.image.progress import BakeProgress, SilentProgress
 from kiln.image.store import GcResult, ImageStore
-from kiln.paths import download_cache, kiln_home
+from kiln.paths import download_cache, kiln_home, private_dirs
 from kiln.process import pid_alive
 
 if TYPE_CHECKING:
@@ -75,11 +77,6 @@ ANNOTATION_SOURCE = "org.opencontainers.image.source"
 HEALTHCHECK_LABEL = "dev.kiln.healthcheck"
 MAX_PARALLEL = 4
 _STAGING_PREFIX = "bake-"
-# mmdebstrap's tree lies in the temp dir (as its own tarball staging did), not in
-# $KILN_HOME: apt drops to the _apt user for downloads and, when that user cannot reach
-# the tree (a KILN_HOME under /root), leaves var/lib/apt/lists/partial owned by root
-# instead of _apt, so the base layer would depend on where KILN_HOME lies.
-_DEBIAN_PREFIX = "kiln-debian-"
 _MAX_SYMLINKS = 40
 
 
@@ -201,6 +198,14 @@ def staging_root() -> Path:
     return kiln_home() / "tmp"
 
 
+def bake_log(image: str) -> Path:
+    """Where the output of an image's build commands (mmdebstrap, apt) goes: the
+    display shows only what they are doing; a failure prints their last lines."""
+    logs = kiln_home() / "cache" / "bake-logs"
+    private_dirs(logs)
+    return logs / f"{image}.log"
+
+
 def step_ids(home: Path) -> IdRange | None:
     """The ids ``run`` steps are mapped to: the home's range, or None where steps
     cannot run (no root, no runc; see :func:`kiln.image.sandbox.step_blocker`).
@@ -256,8 +261,14 @@ class _Shared:
     None: ``run`` steps cannot run here."""
     snapshots: SnapshotStore | None = None
     results: dict[str, BakeResult] = field(default_factory=dict)
+    fresh_bases: dict[str, str] = field(default_factory=dict)
+    """Debian minimal bases this bake made from the mirror (``kiln.image.debian_layers``)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    """Another image failed: the others stop before their next step."""
+    interrupted: threading.Event = field(default_factory=threading.Event)
+    """Ctrl-C: every image stops now (its commands killed, its layer writing cut)
+    and cleans up."""
 
 
 def _env_list_to_dict(items: Any) -> dict[str, str]:
@@ -305,7 +316,6 @@ class _ImageBake:
         self.cached = 0
         self._staging: Path | None = None
         self._rootfs: Path | None = None
-        self._debian_dir: Path | None = None
         self._applied = 0
         self._overlay: OverlayRootfs | None = None
         self._held: HeldSnapshots | None = None
@@ -325,25 +335,29 @@ class _ImageBake:
         return self._staging
 
     def cleanup(self) -> None:
+        """Unmount, release and remove what this image's bake made; also after Ctrl-C.
+
+        A staging dir that still has a mount on it is never removed (that would
+        reach through the mount); the next bake unmounts and removes it."""
+        from kiln.image.overlay import unmount_all_under
+
         unmounted = self._overlay is None or self._overlay.unmount()
+        if self._staging is not None:
+            unmounted = unmount_all_under(self._staging) and unmounted
         if self._held is not None and unmounted:
             self._held.release()
             self._held = None
         if self._staging is not None and unmounted:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
-        if self._debian_dir is not None:
-            shutil.rmtree(self._debian_dir, ignore_errors=True)
-            self._debian_dir = None
 
     def rootfs(self, ids: IdRange) -> Path:
         """The filesystem so far, owners shifted into ``ids``, made on the first run
         step that misses the cache.
 
         An overlay of the layers' snapshots when overlayfs is usable (see
-        :mod:`kiln.image.overlay`), else unpacked into staging; a Debian
-        base's own tree when this bake built it and no overlay is possible.
-        Layers added after that are applied with the one safe extractor.
+        :mod:`kiln.image.overlay`), else unpacked into staging. Layers added
+        after that are applied with the one safe extractor.
         """
         if self._rootfs is None:
             self._rootfs = self._mount_snapshots()
@@ -404,9 +418,12 @@ class _ImageBake:
                 if self.shared.cancelled.is_set():
                     raise KilnError(f"{self.where}: bake cancelled")
                 self._step(index, step)
+            if self.shared.interrupted.is_set():
+                raise Interrupted()  # nothing is tagged after Ctrl-C
             result = self._assemble(started)
         except BaseException as e:
-            progress.image_failed(self.name, str(e))
+            interrupted = self.shared.interrupted.is_set() or isinstance(e, KeyboardInterrupt)
+            progress.image_failed(self.name, INTERRUPTED if interrupted else str(e))
             raise
         finally:
             self.cleanup()
@@ -424,20 +441,23 @@ class _ImageBake:
             self.name, index, label, cached, time.monotonic() - started, size
         )
 
-    def _add_layer(self, entry: CachedLayer, source: str, created_by: str, applied: bool) -> None:
+    def _add_layer(
+        self,
+        entry: CachedLayer,
+        source: str,
+        created_by: str,
+        applied: bool,
+        *,
+        created: int | None = None,
+    ) -> None:
+        when = rfc3339(self.shared.epoch if created is None else created)
         if entry.descriptor is None or entry.diff_id is None:
-            self.history.append(
-                {
-                    "created": rfc3339(self.shared.epoch),
-                    "created_by": created_by,
-                    "empty_layer": True,
-                }
-            )
+            self.history.append({"created": when, "created_by": created_by, "empty_layer": True})
             return
         self.layers.append(BaseLayer(entry.descriptor, entry.diff_id, source))
         if applied:
             self._applied = len(self.layers)
-        self.history.append({"created": rfc3339(self.shared.epoch), "created_by": created_by})
+        self.history.append({"created": when, "created_by": created_by})
 
     # -- base
 
@@ -463,10 +483,14 @@ class _ImageBake:
             except KilnError as e:
                 raise KilnError(f"{where}: {e}") from e
         elif kind == "debian":
-            base = self._debian(source, started)
-            self._adopt(base)
-            if self._rootfs is not None:
-                self._applied = len(self.layers)  # mmdebstrap's tree is the base layer
+            from kiln.image.sandbox import DEFAULT_PATH
+
+            self._adopt(BaseImage(source, (), {"Env": [f"PATH={DEFAULT_PATH}"]}))
+            for layer, created_by in self._debian(source, started):
+                digest = layer.descriptor.digest if layer.descriptor else "-"
+                self._add_layer(
+                    layer, f"{source}: layer {digest}", created_by, False, created=base_epoch()
+                )
             return
         else:
             raise KilnError(
@@ -493,123 +517,52 @@ class _ImageBake:
             ]
         self.history = history
 
-    def _debian(self, source: str, started: float) -> BaseImage:
-        from kiln.image import debian
-        from kiln.image.layer import layer_from_dir
+    def _debian(self, source: str, started: float) -> list[tuple[CachedLayer, str]]:
+        """The base's layers: the machine's shared minimal tree, then the recipe's
+        packages over it (:mod:`kiln.image.debian_layers`); ``kiln.lock`` written when
+        this bake resolved it."""
+        from kiln.image import debian, overlay
+        from kiln.image.debian_layers import DebianRequest, debian_layers
 
         where = f"{self.file}: {self.where}"
         shared = self.shared
         base = debian.parse_debian_base(source, self.recipe.packages, where)
         lock_path = shared.spec.root / debian.LOCK_NAME
-        epoch = base_epoch()
         with shared.lock:
             entries = debian.read_lock(lock_path)
         entry = None if shared.update_lock else entries.get(base.lock_key)
-        locked = dict(entry.packages) if entry else None
-        label = f"from {source}"
-        created_by = f"kiln: mmdebstrap --variant={debian.VARIANT} {base.suite}" + (
-            " + " + " ".join(base.packages) if base.packages else ""
+        progress = shared.progress
+        request = DebianRequest(
+            image=self.name,
+            where=where,
+            base=base,
+            entry=entry,
+            epoch=base_epoch(),
+            store=shared.store,
+            cache=shared.cache,
+            deb_cache=download_cache() / "debs",
+            apt_state=download_cache() / "apt" / f"{base.suite}-{base.architecture}",
+            staging=lambda: self.staging,
+            log=bake_log(self.name),
+            event=lambda text: progress.step_output(self.name, 0, text),
+            status=lambda text: progress.step_status(self.name, 0, text),
+            interrupted=shared.interrupted,
+            no_cache=shared.no_cache,
+            update_lock=shared.update_lock,
+            fresh_bases=shared.fresh_bases,
+            snapshots=shared.snapshots,
+            overlay_usable=lambda: overlay.overlay_usable(staging_root()),
         )
-
-        def key_for(packages: Mapping[str, str]) -> str:
-            inputs: dict[str, Any] = {
-                "debian": base.suite,
-                "architecture": base.architecture,
-                "requested": list(base.packages),
-                "lock": dict(sorted(packages.items())),
-                "variant": debian.VARIANT,
-                "epoch": epoch,
-            }
-            if debian.uses_merged_usr_hook(packages):
-                inputs["merged_usr"] = "hook"
-            return step_key([], inputs)
-
-        if locked is not None and not shared.no_cache:
-            hit = shared.cache.get(key_for(locked), shared.store)
-            if hit is not None and hit.descriptor is not None:
-                self._record(0, label, True, started, hit.descriptor.size)
-                return self._debian_image(base, hit, source, created_by)
-        self._debian_dir = Path(
-            tempfile.mkdtemp(prefix=f"{_DEBIAN_PREFIX}{os.getpid()}-{self.name}-")
-        )
-        os.chmod(self._debian_dir, 0o711)
-        out = self._debian_dir / "rootfs"
-        versions = self.staging / "versions.txt"
-        deb_cache = download_cache() / "debs"
-        deb_cache.mkdir(parents=True, exist_ok=True)
-        argv = debian.mmdebstrap_argv(
-            base, output=out, versions_out=versions, deb_cache=deb_cache, locked=locked
-        )
-        debian.run_mmdebstrap(
-            argv,
-            epoch,
-            lambda line: shared.progress.step_output(self.name, 0, line),
-            f"{where}.from",
-        )
-        try:
-            installed = debian.parse_dpkg_versions(versions.read_text())
-        except OSError as e:
-            raise KilnError(f"{where}.from: mmdebstrap wrote no package list: {e}") from e
-        if locked is not None:
-            debian.verify_installed(installed, locked, f"{where}.from ({source}, kiln.lock)")
-        else:
+        result = debian_layers(request)
+        if result.lock_entry is not None:
             with shared.lock:
                 entries = debian.read_lock(lock_path)
-                entries[base.lock_key] = debian.LockEntry(
-                    base.suite, base.architecture, base.packages, installed
-                )
+                entries[base.lock_key] = result.lock_entry
                 live = _lock_keys(shared.spec, base.architecture)
                 debian.write_lock(lock_path, {k: v for k, v in entries.items() if k in live})
-        debian.finish_tree(out, epoch)
-        result = layer_from_dir(out, shared.store, epoch)
-        layer = BaseLayer(
-            result.descriptor, result.diff_id, f"{source}: layer {result.descriptor.digest}"
-        )
-        if shared.ids is not None and not self._keep_as_snapshot(out, layer):
-            self._rootfs = self._own_tree(out, layer, shared.ids)
-        entry_layer = CachedLayer(result.descriptor, result.diff_id, result.size_uncompressed)
-        shared.cache.put(key_for(installed), entry_layer)
-        self._record(0, label, False, started, result.descriptor.size)
-        return self._debian_image(base, entry_layer, source, created_by)
-
-    def _keep_as_snapshot(self, tree: Path, layer: BaseLayer) -> bool:
-        """mmdebstrap's tree becomes the snapshot of the base layer when overlays work:
-        the steps of this bake and of later ones, and instances, then run over it,
-        never unpacking it."""
-        from kiln.image import overlay
-
-        snapshots = self.shared.snapshots
-        if snapshots is None or not overlay.overlay_usable(staging_root()):
-            return False
-        return snapshots.adopt(tree, layer) is not None
-
-    def _own_tree(self, tree: Path, layer: BaseLayer, ids: IdRange) -> Path:
-        """mmdebstrap's tree as the plain rootfs of the first run step, its owners
-        shifted into ``ids`` (after closing its directory to everyone else: shifted
-        setuid files must not be reachable)."""
-        if self._debian_dir is not None:
-            from kiln.image.snapshots import shift_tree
-
-            os.chmod(self._debian_dir, 0o700)
-            shift_tree(tree, ids, layer.source)
-        return tree
-
-    def _debian_image(
-        self, base: Any, layer: CachedLayer, source: str, created_by: str
-    ) -> BaseImage:
-        from kiln.image.sandbox import DEFAULT_PATH
-
-        assert layer.descriptor is not None and layer.diff_id is not None
-        return BaseImage(
-            source,
-            (
-                BaseLayer(
-                    layer.descriptor, layer.diff_id, f"{source}: layer {layer.descriptor.digest}"
-                ),
-            ),
-            {"Env": [f"PATH={DEFAULT_PATH}"]},
-            ({"created": rfc3339(base_epoch()), "created_by": created_by},),
-        )
+        size = sum(layer.descriptor.size for layer, _ in result.layers if layer.descriptor)
+        self._record(0, f"from {source}", not result.built, started, size)
+        return result.layers
 
     # -- steps
 
@@ -682,6 +635,7 @@ class _ImageBake:
             normalize_modes=step.chmod is None,
             root_owned=True,
             prefix=dest,
+            cancelled=self.shared.interrupted,
         )
         shutil.rmtree(staged, ignore_errors=True)
         entry = CachedLayer(result.descriptor, result.diff_id, result.size_uncompressed)
@@ -719,6 +673,8 @@ class _ImageBake:
         from kiln.image.layer import layer_from_diff, snapshot
 
         rootfs = self.rootfs(ids)
+        if self.shared.interrupted.is_set():
+            raise Interrupted()
         before = snapshot(rootfs, ids)
         make_workdir(rootfs, self.workdir, ids, f"{self.where} step {index} (run)")
         outcome = sandbox.run_in_sandbox(
@@ -731,12 +687,22 @@ class _ImageBake:
             ids=ids,
         )
         if outcome.exit_code != 0:
-            tail = "\n".join(outcome.tail)
+            from kiln.image.hints import step_hints
+
+            hints = step_hints(outcome.exit_code, outcome.tail, step.network)
+            tail = "\n".join([*outcome.tail, *(f"hint: {h}" for h in hints)])
             raise KilnError(f"{self.where} step {index} (run): exit {outcome.exit_code}\n{tail}")
         after = snapshot(rootfs, ids)
         if self._overlay is not None:
             after = self._overlay.settle(before, after)
-        result = layer_from_diff(rootfs, before, after, self.shared.store, self.shared.epoch)
+        result = layer_from_diff(
+            rootfs,
+            before,
+            after,
+            self.shared.store,
+            self.shared.epoch,
+            cancelled=self.shared.interrupted,
+        )
         if result is None:
             entry = CachedLayer(None, None, 0)
             source = label
@@ -977,7 +943,10 @@ def bake(
     Images that do not depend on each other bake in parallel threads. Returns
     the results in bake order. Raises KilnError for the first failure, after
     the other running bakes finished; nothing of a failed image is tagged.
+    Ctrl-C in the main thread stops every image at once; KeyboardInterrupt is
+    re-raised once everything they started is stopped and cleaned up.
     """
+    from kiln.image.debian_layers import DEBIAN_TMP_PREFIX
     from kiln.image.snapshots import SnapshotStore, remove_legacy_trees
 
     order = bake_order(spec, names)
@@ -986,7 +955,7 @@ def bake(
     ids = step_ids(home)
     snapshots = SnapshotStore(home, ids) if ids is not None else None
     clean_stale_staging(staging_root())
-    clean_stale_staging(Path(tempfile.gettempdir()), _DEBIAN_PREFIX)
+    clean_stale_staging(Path(tempfile.gettempdir()), DEBIAN_TMP_PREFIX)
     remove_legacy_trees(home, ("cache/trees",))
     if snapshots is not None:
         snapshots.sweep_staging()
@@ -1040,11 +1009,50 @@ def _run_in_order(shared: _Shared, order: list[str]) -> None:
                         if failure is None:
                             failure = e
                             shared.cancelled.set()
+        except KeyboardInterrupt:
+            _stop_everything(shared, running)
+            raise
         except BaseException:
             shared.cancelled.set()
             raise
     if failure is not None:
         raise failure
+
+
+def _stop_everything(shared: _Shared, running: Mapping[Future[BakeResult], str]) -> None:
+    """Ctrl-C: every image stops where it is and cleans up before the bake exits.
+
+    Build commands and layer writing watch ``interrupted``; a ``run`` step's
+    launcher is sent the SIGINT a terminal sends its whole process group (a
+    ``kill -INT`` reaches only Kiln). Further Ctrl-Cs do not cut the cleanup
+    short.
+    """
+    shared.interrupted.set()
+    shared.cancelled.set()
+    while True:
+        _interrupt_step_launchers()
+        try:
+            wait(running)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _interrupt_step_launchers() -> None:
+    """SIGINT to this process's children that launch ``run`` steps (kiln.oci.launch):
+    each stops its container and exits, as on a terminal's Ctrl-C."""
+    own = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_text = (entry / "stat").read_text()
+            ppid = int(stat_text[stat_text.rindex(")") + 2 :].split()[1])
+            if ppid != own or b"kiln.oci.launch" not in (entry / "cmdline").read_bytes():
+                continue
+            os.kill(int(entry.name), signal.SIGINT)
+        except (OSError, ValueError, IndexError):
+            continue
 
 
 def collect_garbage(store: ImageStore) -> GcResult:
@@ -1089,5 +1097,7 @@ def bake_project(
     from kiln.spec import load_spec
 
     spec = load_spec(path, env)
+    # On Ctrl-C everything the bake started is stopped and cleaned up before the
+    # KeyboardInterrupt leaves; the CLI says "interrupted" and exits 130.
     with _display() as progress:
         return bake(spec, names, no_cache=no_cache, update_lock=update_lock, progress=progress)

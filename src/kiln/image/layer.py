@@ -22,6 +22,7 @@ import os
 import stat
 import struct
 import tarfile
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from kiln.errors import KilnError
+from kiln.image.command import Interrupted
 from kiln.image.digest import MEDIA_TYPE_LAYER_GZIP, Descriptor
 from kiln.image.store import ImageStore
 from kiln.oci.idmap import IdRange
@@ -122,6 +124,7 @@ def layer_from_dir(
     normalize_modes: bool = False,
     root_owned: bool = False,
     prefix: str = "",
+    cancelled: threading.Event | None = None,
 ) -> LayerResult:
     """A layer holding the whole tree at ``root``, placed under ``prefix`` in the image.
 
@@ -158,7 +161,7 @@ def layer_from_dir(
         entries.extend(
             _entry_from_state(prefix, root, _state(top), epoch, normalize_modes, root_owned)
         )
-    return _write_layer(entries, store, f"tree {root}")
+    return _write_layer(entries, store, f"tree {root}", cancelled)
 
 
 def settle_tree(root: Path, epoch: int) -> None:
@@ -202,6 +205,7 @@ def layer_from_diff(
     epoch: int,
     *,
     normalize_modes: bool = False,
+    cancelled: threading.Event | None = None,
 ) -> LayerResult | None:
     """The layer that turns ``before`` into ``after``, or None when nothing changed.
 
@@ -225,7 +229,7 @@ def layer_from_diff(
         entries.append(_Entry(whiteout, tarfile.REGTYPE, 0o644, 0, 0, epoch))
     if not entries:
         return None
-    return _write_layer(entries, store, f"changes in {root}")
+    return _write_layer(entries, store, f"changes in {root}", cancelled)
 
 
 def layer_from_tarball(path: Path, store: ImageStore, epoch: int) -> LayerResult:
@@ -480,7 +484,9 @@ def _header(entry: _Entry) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def _copy_content(entry: _Entry, sink: _GzipTarSink, what: str) -> None:
+def _copy_content(
+    entry: _Entry, sink: _GzipTarSink, what: str, cancelled: threading.Event | None = None
+) -> None:
     source = entry.source
     try:
         reader: IO[bytes] | BinaryIO
@@ -493,6 +499,8 @@ def _copy_content(entry: _Entry, sink: _GzipTarSink, what: str) -> None:
         remaining = entry.size
         with reader:
             while remaining > 0:
+                if cancelled is not None and cancelled.is_set():
+                    raise Interrupted()
                 chunk = reader.read(min(_CHUNK, remaining))
                 if not chunk:
                     break
@@ -508,7 +516,17 @@ def _copy_content(entry: _Entry, sink: _GzipTarSink, what: str) -> None:
         sink.write(b"\0" * pad)
 
 
-def _write_layer(entries: list[_Entry], store: ImageStore, what: str) -> LayerResult:
+def _write_layer(
+    entries: list[_Entry],
+    store: ImageStore,
+    what: str,
+    cancelled: threading.Event | None = None,
+) -> LayerResult:
+    """Stream ``entries`` as a gzipped tar into the store.
+
+    ``cancelled`` (the bake's Ctrl-C) stops it between entries; the temp
+    file goes either way, so the store never holds part of a layer.
+    """
     unique: dict[str, _Entry] = {}
     for entry in entries:
         unique[entry.path] = entry
@@ -520,6 +538,8 @@ def _write_layer(entries: list[_Entry], store: ImageStore, what: str) -> LayerRe
             sink = _GzipTarSink(out, pool, 2 * workers)
             first_of: dict[object, str] = {}
             for entry in ordered:
+                if cancelled is not None and cancelled.is_set():
+                    raise Interrupted()
                 if entry.link_key is not None:
                     first = first_of.get(entry.link_key)
                     if first is not None:
@@ -536,7 +556,7 @@ def _write_layer(entries: list[_Entry], store: ImageStore, what: str) -> LayerRe
                         first_of[entry.link_key] = entry.path
                 sink.write(_header(entry))
                 if entry.type == tarfile.REGTYPE and entry.size:
-                    _copy_content(entry, sink, what)
+                    _copy_content(entry, sink, what, cancelled)
             sink.write(b"\0" * (2 * _BLOCK))
             pad = -sink.raw_size % _RECORD
             if pad:

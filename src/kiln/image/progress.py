@@ -25,15 +25,20 @@ class BakeProgress(Protocol):
 
     ``image_started`` once per image with its number of steps (the base counts
     as step 0); then per step ``step_started``, any number of ``step_output``
-    lines (run steps and mmdebstrap), and ``step_finished`` with whether the
-    layer came from the cache, the seconds spent and the layer size in bytes
-    (``None`` when the step made no layer). Finally ``image_finished`` with the
-    manifest digest, or ``image_failed`` with the error message.
+    lines (a run step's output; what a Debian base does, one line per phase)
+    and ``step_status`` texts (what a long build command is doing now: its
+    latest output line, which goes to a log file, not to ``step_output``), and
+    ``step_finished`` with whether the layer came from the cache, the seconds
+    spent and the layer size in bytes (``None`` when the step made no layer,
+    the sum of both layers for a Debian base). Finally ``image_finished`` with
+    the manifest digest, or ``image_failed`` with the error message
+    (``"interrupted"`` after Ctrl-C).
     """
 
     def image_started(self, image: str, steps: int) -> None: ...
     def step_started(self, image: str, index: int, label: str) -> None: ...
     def step_output(self, image: str, index: int, line: str) -> None: ...
+    def step_status(self, image: str, index: int, text: str) -> None: ...
     def step_finished(
         self, image: str, index: int, label: str, cached: bool, seconds: float, size: int | None
     ) -> None: ...
@@ -60,6 +65,9 @@ class SilentProgress:
         pass
 
     def step_output(self, image: str, index: int, line: str) -> None:
+        pass
+
+    def step_status(self, image: str, index: int, text: str) -> None:
         pass
 
     def step_finished(
@@ -97,6 +105,9 @@ class PlainProgress:
         if self.show_output:
             self._line(f"{image} [{index}] | {line}")
 
+    def step_status(self, image: str, index: int, text: str) -> None:
+        pass  # one line per event: a command's own lines are in its log
+
     def step_finished(
         self, image: str, index: int, label: str, cached: bool, seconds: float, size: int | None
     ) -> None:
@@ -107,7 +118,10 @@ class PlainProgress:
         self._line(f"{image}: {digest} in {seconds:.2f}s")
 
     def image_failed(self, image: str, message: str) -> None:
-        self._line(f"{image}: failed: {message.splitlines()[0] if message else ''}")
+        if message == "interrupted":
+            self._line(f"{image}: interrupted")
+        else:
+            self._line(f"{image}: failed: {message.splitlines()[0] if message else ''}")
 
 
 @dataclass
@@ -156,23 +170,33 @@ class LiveProgress:
         self._live.stop()
 
     def _render(self) -> Any:
+        """The table, its cells as ``Text`` (never markup): a step's label or a command's
+        line may hold brackets (``[amd64]``), and a line printed above the live table
+        renders it with markup off."""
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(box=None, show_header=False, pad_edge=False)
         for column in ("image", "step", "state", "time", "size"):
             table.add_column(column, no_wrap=column != "step")
-        styles = {"cached": "green", "built": "cyan", "running": "yellow", "failed": "red"}
+        styles = {
+            "cached": "green",
+            "built": "cyan",
+            "running": "yellow",
+            "failed": "red",
+            "interrupted": "red",
+        }
         for row in self._board.rows:
             time = "" if row.seconds is None else f"{row.seconds:.2f}s"
-            label = row.label
+            step = Text(f"[{row.index}] {row.label}")
             if row.state == "running" and row.last_line:
-                label += f"  [dim]{row.last_line[-60:]}[/dim]"
+                step.append(f"  {row.last_line[-60:]}", style="dim")
             table.add_row(
-                row.image,
-                f"[{row.index}] {label}",
-                f"[{styles.get(row.state, 'white')}]{row.state}[/]",
-                time,
-                human_size(row.size) if row.state != "running" else "",
+                Text(row.image),
+                step,
+                Text(row.state, style=styles.get(row.state, "white")),
+                Text(time),
+                Text(human_size(row.size) if row.state != "running" else ""),
             )
         return table
 
@@ -197,6 +221,13 @@ class LiveProgress:
             )
             self._refresh()
 
+    def step_status(self, image: str, index: int, text: str) -> None:
+        with self._lock:
+            row = self._board.row(image, index)
+            if row is not None and text.strip():
+                row.last_line = text
+                self._refresh()
+
     def step_finished(
         self, image: str, index: int, label: str, cached: bool, seconds: float, size: int | None
     ) -> None:
@@ -213,8 +244,9 @@ class LiveProgress:
         pass
 
     def image_failed(self, image: str, message: str) -> None:
+        state = "interrupted" if message == "interrupted" else "failed"
         with self._lock:
             for row in self._board.rows:
                 if row.image == image and row.state == "running":
-                    row.state = "failed"
+                    row.state = state
             self._refresh()

@@ -313,22 +313,47 @@ class SnapshotStore:
         staging = self._staging()
         try:
             fs = staging / _FS
-            fs.mkdir(mode=0o755)
-            size = apply_stored_layer(
-                image_store,
-                layer.descriptor,
-                fs,
-                source=layer.source,
-                diff_id=layer.diff_id,
-                ids=self.ids,
-                whiteouts="overlay",
-                lowers=tuple(reversed(below)),
-            )
+            size = self._copy_shared_base(layer, fs) if index == 0 else None
+            if size is None:
+                fs.mkdir(mode=0o755)
+                size = apply_stored_layer(
+                    image_store,
+                    layer.descriptor,
+                    fs,
+                    source=layer.source,
+                    diff_id=layer.diff_id,
+                    ids=self.ids,
+                    whiteouts="overlay",
+                    lowers=tuple(reversed(below)),
+                )
             parent = chains[index - 1] if index else None
             return self._publish(staging, chains[index], parent, layer, size)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def _copy_shared_base(self, layer: BaseLayer, fs: Path) -> int | None:
+        """A bottom layer that is a shared Debian base (:mod:`kiln.image.basecache`):
+        its tree copied (``cp -a``, a fraction of unpacking the layer) into the 0700
+        staging dir, then its owners shifted. None when there is no such tree (or it
+        cannot be used): then the layer is unpacked."""
+        from kiln.image.basecache import base_cache, copy_tree
+
+        cache = base_cache() if os.geteuid() == 0 else None
+        key = cache.base_with_layer(layer.diff_id) if cache is not None else None
+        if cache is None or key is None:
+            return None
+        try:
+            with cache.lock(f"base-{key[:32]}", exclusive=False):
+                found = cache.base(key)
+                if found is None or found.layer.diff_id != layer.diff_id:
+                    return None
+                copy_tree(found.fs, fs)
+            return shift_tree(fs, self.ids, f"{layer.source} (shared base {found.path})")
+        except (KilnError, OSError):
+            if os.path.lexists(fs):
+                shutil.rmtree(fs, ignore_errors=True)
+            return None
 
     def _staging(self) -> Path:
         _private_dir(self.root)

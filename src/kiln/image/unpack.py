@@ -285,6 +285,8 @@ class _LayerApplier:
         self.written: set[tuple[str, ...]] = set()
         self.hidden: set[tuple[str, ...]] = set()
         self.dirs: list[_DirMeta] = []
+        self.inherited: list[tuple[tuple[str, ...], int, int]] = []
+        self.touched: dict[tuple[str, ...], tuple[int, int]] = {}
         self.budget = shutil.disk_usage(dest).free
         self.used = 0
         if overlay:
@@ -301,6 +303,7 @@ class _LayerApplier:
             return
         name = parts[-1]
         parent = self._parent(parts[:-1], member, create=True)
+        self._touch(tuple(parts[:-1]), parent)
         if name == _OPAQUE:
             if self.overlay:
                 _mark_opaque(parent)
@@ -342,6 +345,20 @@ class _LayerApplier:
         self.written.add(tuple(parts))
 
     def finish(self) -> None:
+        # A directory the layer does not name keeps its times although entries were added
+        # to or removed from it (applied: the tree's own; unpacked alone: those of the
+        # layers below, which it stands for), as the merged tree shows it. The layer's own
+        # directory entries, set after these, win.
+        for parts, (atime_ns, mtime_ns) in self.touched.items():
+            with contextlib.suppress(KilnError, OSError):
+                parent = self._walk_existing(parts[:-1]) if parts else None
+                path = parent / parts[-1] if parent is not None else self.dest
+                os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+        for parts, atime_ns, mtime_ns in self.inherited:
+            with contextlib.suppress(KilnError, OSError):
+                parent = self._walk_existing(parts[:-1]) if parts else None
+                path = parent / parts[-1] if parent is not None else self.dest
+                os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=False)
         for meta in sorted(self.dirs, key=lambda m: len(m.parts), reverse=True):
             with contextlib.suppress(KilnError):
                 parent = self._walk_existing(meta.parts[:-1]) if meta.parts else None
@@ -379,6 +396,7 @@ class _LayerApplier:
             if st is None:
                 if not create:
                     raise self.fail(member, f"{'/'.join(parts[:depth])} does not exist")
+                self._touch(tuple(parts[: depth - 1]), current.parent)
                 os.mkdir(current, 0o755)
                 self._inherit(current, tuple(parts[:depth]))
             elif stat.S_ISLNK(st.st_mode):
@@ -511,6 +529,14 @@ class _LayerApplier:
             uid, gid = self.ids.to_host(uid), self.ids.to_host(gid)
         return uid, gid, member.mode & 0o7777, max(0, int(member.mtime))
 
+    def _touch(self, parts: tuple[str, ...], path: Path) -> None:
+        """Remember the times of a directory this layer is about to change (applied only)."""
+        if self.overlay or parts in self.touched:
+            return
+        st = _lstat(path)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            self.touched[parts] = (st.st_atime_ns, st.st_mtime_ns)
+
     def _root_ids(self) -> tuple[int, int]:
         root = self.ids.to_host(0) if self.ids is not None else 0
         return root, root
@@ -529,6 +555,7 @@ class _LayerApplier:
         os.chown(path, below.st_uid, below.st_gid, follow_symlinks=False)
         os.chmod(path, stat.S_IMODE(below.st_mode))
         os.utime(path, ns=(below.st_atime_ns, below.st_mtime_ns), follow_symlinks=False)
+        self.inherited.append((parts, below.st_atime_ns, below.st_mtime_ns))
 
     def _new_dir(self, path: Path) -> None:
         if self.ids is not None:

@@ -2,8 +2,9 @@
 
 Each hint is matched on what Kiln already has when something fails: the
 instance's exit code, the reason it was failed, its last log lines, the
-port it was given; or a ``run`` step's exit code and last output lines.
-A hint is only a suggestion, so each one says what it saw.
+port it was given.
+A hint is only a suggestion, so each one says what it saw. A bake's ``run``
+steps have hints of their own (:mod:`kiln.image.hints`).
 """
 
 from __future__ import annotations
@@ -11,23 +12,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-__all__ = ["instance_hints", "step_hints"]
+from kiln.image.hints import COMMAND_NOT_FOUND
+
+__all__ = ["instance_hints"]
 
 _LISTENS_ON = re.compile(
     r"\b(?:listen(?:ing)?|serving|bound|port)\b\D{0,40}?(?:[0-9.]+:)?(\d{2,5})\b",
     re.IGNORECASE,
 )
-_NO_NETWORK = re.compile(
-    r"temporary failure in name resolution|could not resolve|name or service not known|"
-    r"network is unreachable|failed to establish a new connection|no address associated",
-    re.IGNORECASE,
-)
-_NOT_FOUND = re.compile(
-    r"\bsh: (?:\d+: )?[^:\s]+: not found|: command not found|executable file not found|"
-    r"exec(?:ve)?\b[^\n]*: no such file or directory",
-    re.IGNORECASE,
-)
-"""A shell's or an exec's own words for a command that is not there, not an app's 404."""
 
 
 def instance_hints(
@@ -47,7 +39,7 @@ def instance_hints(
             "a Python module is missing: python3-minimal has no http, email, json… modules; "
             "use the python3 package, or add the one that provides the module to packages"
         )
-    if exit_code == 127 or (exit_code not in (None, 0) and _NOT_FOUND.search(logs)):
+    if exit_code == 127 or (exit_code not in (None, 0) and COMMAND_NOT_FOUND.search(logs)):
         hints.append(
             "the command was not found in the image: check cmd (an absolute path, or one on "
             "the image's PATH) and add the package that provides it to packages"
@@ -77,27 +69,5 @@ def instance_hints(
         hints.append(
             "the health check's path answered 404: set health.http to a path the app "
             "serves (it must start with /)"
-        )
-    return hints
-
-
-def step_hints(exit_code: int, output: Sequence[str], network: bool) -> list[str]:
-    """What probably went wrong with a ``run`` step of a bake."""
-    text = "\n".join(output)
-    hints: list[str] = []
-    if not network and _NO_NETWORK.search(text):
-        hints.append(
-            "run steps have no network by default: put Debian packages in the recipe's "
-            "packages (installed from the lock, no network needed), copy downloads into the "
-            "project, or give this step network = true (its output is then not reproducible)"
-        )
-    if exit_code == 127 or _NOT_FOUND.search(text):
-        hints.append(
-            "a command the step runs is not in the image: add the package that provides it "
-            "to the recipe's packages"
-        )
-    if re.search(r"apt-get|apt install|dpkg: error", text) and not network:
-        hints.append(
-            "apt in a run step has no network: list the package in the recipe's packages instead"
         )
     return hints

@@ -242,6 +242,19 @@ INTERRUPTED_EXIT = 130
 """Ctrl-C, as a shell reports SIGINT (128 + 2)."""
 
 
+def _by_ctrl_c(exit: BaseException) -> bool:
+    """Whether an exit came from a KeyboardInterrupt (not, say, ``kiln exec`` handing on
+    a command's own exit code 130)."""
+    seen: set[int] = set()
+    error: BaseException | None = exit
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def run(args: list[str]) -> int:
     from kiln.cli import deploy as _deploy  # noqa: F401  (registers the deploy commands)
     from kiln.cli import init as _init  # noqa: F401  (registers kiln init)
@@ -260,7 +273,7 @@ def run(args: list[str]) -> int:
         return 1
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if code == INTERRUPTED_EXIT:  # typer turns Ctrl-C into a silent exit 130
+        if code == INTERRUPTED_EXIT and _by_ctrl_c(e):  # typer makes Ctrl-C a silent exit
             print("interrupted", file=sys.stderr)
         return code
     except KeyboardInterrupt:

@@ -71,6 +71,8 @@ class Run:
     seconds: float
     silent: float
     lines: list[tuple[float, str]] = field(default_factory=list)
+    silent_after: str = ""
+    """The line the longest silence followed."""
 
 
 def run(home: Path, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Run:
@@ -94,9 +96,9 @@ def run(home: Path, *args: str, cwd: Path | None = None, env: dict[str, str] | N
     if code != 0:
         text = "\n".join(line for _, line in lines[-30:])
         raise SystemExit(f"kiln {' '.join(args)} exited {code}:\n{text}")
-    stamps = [began, *(t for t, _ in lines), ended]
-    silent = max(b - a for a, b in itertools.pairwise(stamps))
-    return Run(ended - began, silent, lines)
+    stamps = [(began, "(start)"), *lines, (ended, "(exit)")]
+    gap, before = max((b[0] - a[0], a[1]) for a, b in itertools.pairwise(stamps))
+    return Run(ended - began, gap, lines, before)
 
 
 def free_port() -> int:
@@ -159,6 +161,7 @@ def first_hour(work: Path, edits: int) -> dict[str, list[float]]:
     figures["kiln init → first request served"] = [first - began]
     figures["kiln init → kiln up done"] = [up[0].seconds + init.seconds]
     figures["longest silence: kiln up (fresh home)"] = [up[0].silent]
+    print(f"kiln up: longest silence {up[0].silent:.2f} s, after: {up[0].silent_after}")
     try:
         for replicas in (2, 3):
             set_key(project, "replicas", replicas)
@@ -173,6 +176,10 @@ def first_hour(work: Path, edits: int) -> dict[str, list[float]]:
                 thread.join()
                 done.append(applied[0].seconds)
                 silent.append(applied[0].silent)
+                print(
+                    f"kiln apply ({replicas} replicas): longest silence "
+                    f"{applied[0].silent:.2f} s, after: {applied[0].silent_after}"
+                )
             figures[f"edit → new version serving ({replicas} replicas)"] = serving
             figures[f"edit → rollout done ({replicas} replicas)"] = done
             figures[f"longest silence: kiln apply ({replicas} replicas)"] = silent
@@ -191,7 +198,8 @@ def first_bakes(work: Path, project: Path, runs: int) -> None:
     base_only: list[float] = []
     for _ in range(runs):
         cache = work / f"base-only-{next(homes)}"
-        shutil.copytree(BASE_CACHE, cache, symlinks=True)
+        # cp -a: the shared trees keep their real owners, which verification checks
+        subprocess.run(["cp", "-a", str(BASE_CACHE), str(cache)], check=True)
         for layer in cache.glob("layer-*"):
             shutil.rmtree(layer)
         base_only.append(fresh_bake({"KILN_BASE_CACHE": str(cache)}))

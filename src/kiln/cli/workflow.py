@@ -167,9 +167,9 @@ def load_plan_file(path: Path) -> dict[str, Any]:
     return data
 
 
-WAIT_NOTE = 2.0
-"""The longest a following command stays silent: after this without an event it says
-what the deployment waits for."""
+WAIT_NOTE = 1.5
+"""After this long without an event a following command says what the deployment waits
+for, so nothing stays silent for 2 s (the status read and the print take a little)."""
 
 
 def _follow(client: AgentClient, started: dict[str, Any], after: int, say: Say) -> dict[str, Any]:

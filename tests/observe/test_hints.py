@@ -45,12 +45,6 @@ def test_a_health_path_the_app_does_not_serve() -> None:
     assert any("answered 404" in h for h in hints), hints
 
 
-def test_binding_a_privileged_port() -> None:
-    logs = ["nginx: [emerg] bind() to 0.0.0.0:80 failed (13: Permission denied)"]
-    hints = instance_hints(8080, 1, "exited with code 1", logs)
-    assert any("below 1024" in h for h in hints), hints
-
-
 def test_a_healthy_looking_log_gets_no_hint() -> None:
     assert instance_hints(8080, 0, "stopped", ["listening on 8080", "GET / 200"]) == []
 

@@ -56,14 +56,6 @@ def instance_hints(
             f"nothing answered on port {port}, the one Kiln gave it in $PORT{where}: make the "
             f'app listen on $PORT (e.g. cmd = ["app", "--port", "${{PORT}}"]) on 0.0.0.0'
         )
-    if any(
-        "permission denied" in line.lower() and re.search(r"\b(?:bind|listen)", line, re.I)
-        for line in log_lines
-    ):
-        hints.append(
-            "binding a port was refused: instances run without privileges, so they cannot "
-            "bind ports below 1024; listen on $PORT"
-        )
     status = re.search(r"HTTP (\d{3})", reason)
     if status and status.group(1) == "404":
         hints.append(

@@ -363,10 +363,6 @@ def test_the_known_patterns_still_get_their_hint() -> None:
 
     missing = instance_hints(8080, 127, "exited with code 127", ["sh: gunicorn: not found"])
     assert any("command was not found" in h for h in missing)
-    privileged = instance_hints(
-        8080, 1, "exited with code 1", ["bind() to 0.0.0.0:80 failed (13: Permission denied)"]
-    )
-    assert any("below 1024" in h for h in privileged)
     step = step_hints(127, ["/bin/sh: 1: make: not found"], network=False)
     assert any("not in the image" in h for h in step)
 

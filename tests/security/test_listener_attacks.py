@@ -722,8 +722,10 @@ def test_twenty_thousand_partial_heads(
         assert problems == []
         assert max(waits.values()) < 0.5, waits
         # While 18,000 connections arrive and are refused within a second, the kernel's
-        # accept queue (4,096) can overflow: a client's SYN then waits one retransmit (1 s).
-        same.check(limit=1.5)
+        # accept queue (4,096) can overflow: a client's SYN then waits a retransmit (1 s),
+        # on two cores now and then two (1 s + 2 s). That is the kernel's SYN queue, not
+        # the proxy: the median below shows the prober is served at once otherwise.
+        same.check(limit=3.5)
         assert statistics.median(same.latencies) < 0.05, same.summary()
         assert [n + failed for n, failed in opened] == [10_000, 10_000]
         for (held_here, _), (count, with_408, _, _) in zip(opened, closed, strict=True):

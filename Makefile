@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 KILN := $(VENV)/bin/kiln
-DEBS := mmdebstrap gpg busybox-static docker.io runc tini nftables skopeo umoci haproxy wrk git iproute2 procps util-linux ca-certificates zsh fish debian-archive-keyring
+DEBS := mmdebstrap gpg busybox-static docker.io runc tini nftables skopeo umoci haproxy wrk git iproute2 procps util-linux ca-certificates zsh fish debian-archive-keyring docker-registry apache2-utils
 STAMP := $(VENV)/.kiln-installed
 SETUP_LOG := build/setup.log
 

@@ -26,9 +26,12 @@ from kiln.spec.loader import describe_errors, key_name
 from kiln.spec.models import MAX_COUNT, Service, shown
 
 if TYPE_CHECKING:
-    from kiln.agent.daemon import Agent
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["MAX_EVENTS", "MAX_ID", "build_app"]
+    from kiln.agent.daemon import Agent
+    from kiln.agent.tokens import TokenStore
+
+__all__ = ["MAX_EVENTS", "MAX_ID", "ROUTE_ROLES", "build_app", "build_remote_app"]
 
 MAX_ID = 2**63 - 1
 """Event ids and revision numbers are SQLite INTEGERs: nothing above fits."""
@@ -160,6 +163,86 @@ def _describe(errors: Any, prefix: tuple[str, ...] = ()) -> str:
     if not says_why and not isinstance(first.get("input"), dict | list | None):
         message += f", not {shown(first['input'])}"
     return f"{key_name((*prefix, *path)) or 'body'}: {message}"
+
+
+ROUTE_ROLES: dict[tuple[str, str], str] = {
+    ("GET", "/v1/health"): "viewer",
+    ("GET", "/v1/status"): "viewer",
+    ("GET", "/v1/deployments/{deployment_id}"): "viewer",
+    ("GET", "/v1/history/{service}"): "viewer",
+    ("GET", "/v1/events"): "viewer",
+    ("POST", "/v1/plan"): "deployer",
+    ("POST", "/v1/apply"): "deployer",
+    ("POST", "/v1/scale"): "deployer",
+    ("POST", "/v1/rollback"): "deployer",
+    ("POST", "/v1/restart"): "deployer",
+    ("POST", "/v1/stop"): "deployer",
+    ("POST", "/v1/start"): "deployer",
+    ("POST", "/v1/exec"): "admin",
+    ("POST", "/v1/down"): "admin",
+}
+"""The role a bearer token needs per route over the network (the Unix socket needs none:
+its 0600 mode is its authentication). A route missing here is refused to every token."""
+
+
+def build_remote_app(agent: Agent, tokens: TokenStore) -> ASGIApp:
+    """The same API for the network listener: every request must carry a bearer token
+    whose role the route allows."""
+    return _RequireToken(build_app(agent), tokens)
+
+
+class _RequireToken:
+    """Checks the bearer token before anything else runs, unknown paths included: no body
+    is parsed and no route is revealed for a request without a valid token."""
+
+    def __init__(self, app: FastAPI, tokens: TokenStore) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        record = self.tokens.check(_bearer(scope))
+        if record is None:
+            await _refuse(scope, receive, send, 401, "a valid bearer token is required")
+            return
+        from starlette.routing import Match
+
+        for route in self.app.router.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                from kiln.agent.tokens import role_allows
+
+                needed = ROUTE_ROLES.get((scope["method"], getattr(route, "path", "")), "")
+                if not role_allows(record.role, needed):
+                    detail = f"token {record.id} ({record.role}) may not use this route"
+                    if needed:
+                        detail += f"; it needs {needed}"
+                    await _refuse(scope, receive, send, 403, detail)
+                    return
+                break
+        await self.app(scope, receive, send)
+
+
+def _bearer(scope: Scope) -> str:
+    """The token of the one ``Authorization: Bearer`` header, or "" (two such headers are
+    ambiguous, so neither counts)."""
+    values: list[bytes] = [v for k, v in scope["headers"] if k == b"authorization"]
+    if len(values) != 1:
+        return ""
+    scheme, _, token = values[0].partition(b" ")
+    if scheme.lower() != b"bearer":
+        return ""
+    try:
+        return token.strip(b" ").decode("ascii")
+    except UnicodeDecodeError:
+        return ""
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, code: int, detail: str) -> None:
+    headers = {"WWW-Authenticate": 'Bearer realm="kiln"'} if code == 401 else None
+    await JSONResponse({"detail": detail}, status_code=code, headers=headers)(scope, receive, send)
 
 
 def build_app(agent: Agent) -> FastAPI:

@@ -1,4 +1,6 @@
-"""The one way the CLI talks to the agent: HTTP+JSON over ``KILN_HOME/agent.sock``.
+"""The one way the CLI talks to the agent: HTTP+JSON over ``KILN_HOME/agent.sock``,
+or over TLS to a remote agent (``KILN_ADDR=https://HOST:PORT`` with ``KILN_TOKEN``, the
+CA in ``KILN_CA`` or the home's own).
 
 httpx is imported on first use so that ``kiln --version`` stays fast.
 """
@@ -47,25 +49,77 @@ def agent_command(home: Path, runtime: RuntimeChoice | None = None) -> list[str]
     return argv
 
 
-class AgentClient:
-    """A method per API endpoint; every failure is a KilnError with the agent's message."""
+def remote_addr() -> str | None:
+    """``KILN_ADDR``: the remote agent the CLI talks to instead of the home's socket."""
+    return os.environ.get("KILN_ADDR") or None
 
-    def __init__(self, home: Path, timeout: float = 30.0) -> None:
+
+class AgentClient:
+    """A method per API endpoint; every failure is a KilnError with the agent's message.
+
+    ``addr`` (default ``KILN_ADDR``) targets a remote agent over HTTPS; ``token`` (default
+    ``KILN_TOKEN``) and ``ca`` (default ``KILN_CA``, else ``KILN_HOME/tls/ca.pem`` when it
+    exists, else the system's CAs) go with it. ``addr=""`` forces the home's socket."""
+
+    def __init__(
+        self,
+        home: Path,
+        timeout: float = 30.0,
+        addr: str | None = None,
+        token: str | None = None,
+        ca: Path | None = None,
+    ) -> None:
         self.home = Path(home)
         self.socket = self.home / SOCKET_NAME
         self.timeout = timeout
+        self.addr = remote_addr() if addr is None else (addr or None)
+        self.token = token if token is not None else os.environ.get("KILN_TOKEN")
+        env_ca = os.environ.get("KILN_CA")
+        self.ca = ca if ca is not None else Path(env_ca) if env_ca else None
+        self.where = self.addr or str(self.socket)
         self._http: httpx.Client | None = None
 
     def _client(self) -> httpx.Client:
         if self._http is None:
             import httpx
 
-            self._http = httpx.Client(
-                transport=httpx.HTTPTransport(uds=str(self.socket)),
-                base_url="http://kiln-agent",
-                timeout=self.timeout,
-            )
+            if self.addr is None:
+                self._http = httpx.Client(
+                    transport=httpx.HTTPTransport(uds=str(self.socket)),
+                    base_url="http://kiln-agent",
+                    timeout=self.timeout,
+                )
+            else:
+                self._http = self._remote_client()
         return self._http
+
+    def _remote_client(self) -> httpx.Client:
+        """HTTPS only, the certificate always verified: a bearer token never travels in
+        clear, nor to an agent that is not the one meant."""
+        import ssl
+
+        import httpx
+
+        addr = str(self.addr)
+        if not addr.startswith("https://"):
+            raise KilnError(f"KILN_ADDR {addr!r}: must be https://HOST:PORT")
+        if not self.token:
+            raise KilnError("KILN_ADDR is set but KILN_TOKEN is not: `kiln token create` makes one")
+        if not self.token.isascii() or not self.token.isprintable():
+            raise KilnError("KILN_TOKEN: not a token (printable ASCII only)")
+        from kiln.agent.tls import home_ca
+
+        ca = self.ca or (home_ca(self.home) if home_ca(self.home).is_file() else None)
+        try:
+            context = ssl.create_default_context(cafile=str(ca) if ca else None)
+        except (OSError, ssl.SSLError) as e:
+            raise KilnError(f"CA file {ca}: unusable ({e})") from None
+        return httpx.Client(
+            base_url=addr.rstrip("/"),
+            verify=context,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=self.timeout,
+        )
 
     def close(self) -> None:
         if self._http is not None:
@@ -103,13 +157,11 @@ class AgentClient:
             FileNotFoundError,
             ConnectionRefusedError,
         ) as e:
-            raise AgentUnavailable(
-                f"no agent answers on {self.socket}; start one with `kiln agent` or `kiln up`"
-            ) from e
+            raise AgentUnavailable(_unavailable(self.where, self.addr, e)) from e
         except httpx.TimeoutException as e:
-            raise KilnError(f"agent at {self.socket}: {method} {path} timed out") from e
+            raise KilnError(f"agent at {self.where}: {method} {path} timed out") from e
         except httpx.HTTPError as e:
-            raise KilnError(f"agent at {self.socket}: {method} {path}: {e}") from e
+            raise KilnError(f"agent at {self.where}: {method} {path}: {e}") from e
         return _decode(resp, method, path)
 
     def running(self) -> bool:
@@ -269,13 +321,26 @@ class AgentClient:
                     if line.strip():
                         yield json.loads(line)
         except httpx.ConnectError as e:
-            raise AgentUnavailable(f"no agent answers on {self.socket}") from e
+            raise AgentUnavailable(_unavailable(self.where, self.addr, e)) from e
         except (httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.ReadError):
             return
 
     def down(self) -> dict[str, Any]:
         """Stop every instance and the proxy; the agent exits after answering."""
         return dict(self._request("POST", "/v1/down", timeout=max(self.timeout, 300.0)))
+
+
+def _unavailable(where: str, addr: str | None, error: Exception) -> str:
+    if addr is None:
+        return f"no agent answers on {where}; start one with `kiln agent` or `kiln up`"
+    import ssl
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLError):
+        return f"agent at {where}: TLS failed ({cause.reason or cause}); check KILN_CA"
+    return f"no agent answers at {where} (KILN_ADDR)"
 
 
 def _decode(resp: httpx.Response, method: str, path: str) -> Any:
@@ -300,6 +365,9 @@ def start_background(
     home = ensure_home(home)
     client = AgentClient(home)
     try:
+        if client.addr is not None:  # a remote agent is started where it runs, not here
+            client.health()
+            return
         if client.running():
             return
         log_path = home / LOG_NAME

@@ -18,7 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.agent._lock import AgentLock
 from kiln.agent.engine import Engine
@@ -26,6 +26,9 @@ from kiln.agent.errors import Conflict
 from kiln.errors import KilnError
 from kiln.paths import ensure_home
 from kiln.runtime.select import RuntimeChoice, read_choice, write_choice
+
+if TYPE_CHECKING:
+    from kiln.agent.tls import Listen
 
 __all__ = ["Agent", "run_agent"]
 
@@ -44,8 +47,10 @@ class Agent:
         runtime: Any | None = None,
         router: Any | None = None,
         choice: RuntimeChoice | None = None,
+        listen: Listen | None = None,
     ) -> None:
         self.home = home
+        self.listen = listen
         self.runtime = runtime
         self.choice = choice or RuntimeChoice()
         self.router = router
@@ -75,16 +80,26 @@ class Agent:
         self.engine = engine
         sock = _bind_socket(self.home / "agent.sock")
         server = None
+        remote: Any = None
+        tcp = _bind_tcp(self.listen) if self.listen is not None else None
         try:
             await engine.start()
             server = _api_server(self)
             api = asyncio.create_task(server.serve(sockets=[sock]))
+            if tcp is not None and self.listen is not None:
+                remote = _api_server(self, self.listen)
+                served = {api, asyncio.create_task(remote.serve(sockets=[tcp]))}
+                log.info("agent API on %s", self.listen.describe())
+            else:
+                served = {api}
             engine.emit("agent.started", f"agent started (pid {os.getpid()})")
             log.info("agent ready home=%s pid=%d", self.home, os.getpid())
             watch = asyncio.create_task(self._watch_home())
             stop = asyncio.create_task(self.stopping.wait())
-            await asyncio.wait({api, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({*served, stop}, return_when=asyncio.FIRST_COMPLETED)
             server.should_exit = True
+            if remote is not None:
+                remote.should_exit = True
             if not watch.done():
                 watch.cancel()
             await engine.stop()
@@ -95,10 +110,14 @@ class Agent:
                 else "agent stopped after kiln down",
             )
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(api, 5.0)
+                await asyncio.wait_for(asyncio.gather(*served), 5.0)
         finally:
             if server is not None:
                 server.should_exit = True
+            if remote is not None:
+                remote.should_exit = True
+            if tcp is not None:
+                tcp.close()
             with contextlib.suppress(FileNotFoundError):
                 (self.home / "agent.sock").unlink()
             sock.close()
@@ -230,10 +249,26 @@ def _bind_socket(path: Path) -> socket.socket:
     return sock
 
 
-def _api_server(agent: Agent) -> Any:
+def _bind_tcp(listen: Listen) -> socket.socket:
+    """The network listener, bound before the engine starts so a taken port fails at once."""
+    try:
+        sock = socket.create_server(
+            (listen.host, listen.port),
+            family=socket.AF_INET6 if ":" in listen.host else socket.AF_INET,
+            backlog=128,
+        )
+    except OSError as e:
+        raise KilnError(f"--listen {listen.host}:{listen.port}: {e.strerror or e}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _api_server(agent: Agent, listen: Listen | None = None) -> Any:
+    """A uvicorn server of the API: without ``listen`` for the Unix socket, with it for
+    the TLS listener, where every request needs a bearer token."""
     import uvicorn
 
-    from kiln.agent.api import build_app
+    from kiln.agent.api import build_app, build_remote_app
 
     class _Server(uvicorn.Server):
         """The agent handles SIGTERM/SIGINT itself; uvicorn must not re-raise them. And
@@ -263,8 +298,26 @@ def _api_server(agent: Agent) -> Any:
             yield
 
     # No Date header: uvicorn refreshes it on the tick this server does without.
+    if listen is None:
+        config = uvicorn.Config(
+            build_app(agent),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            date_header=False,
+        )
+        return _Server(config)
+    from kiln.agent.tokens import TokenStore
+
     config = uvicorn.Config(
-        build_app(agent), log_level="warning", access_log=False, lifespan="off", date_header=False
+        build_remote_app(agent, TokenStore(agent.home)),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        date_header=False,
+        server_header=False,
+        ssl_certfile=str(listen.cert),
+        ssl_keyfile=str(listen.key),
     )
     return _Server(config)
 
@@ -300,9 +353,18 @@ def choose_runtime(home: Path, asked: RuntimeChoice | None) -> RuntimeChoice:
     return chosen
 
 
-def run_agent(home: Path, runtime: RuntimeChoice | None = None) -> None:
-    """Run until SIGTERM/SIGINT (instances and the proxy keep running) or ``POST /v1/down``."""
+def run_agent(
+    home: Path,
+    runtime: RuntimeChoice | None = None,
+    listen: str | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (instances and the proxy keep running) or ``POST /v1/down``;
+    with ``listen`` (``HOST:PORT``) the API is served over TLS there too."""
     home = ensure_home(home)
+    if listen is None and (tls_cert is not None or tls_key is not None):
+        raise KilnError("--tls-cert and --tls-key need --listen")
     lock = AgentLock(home)
     lock.acquire()
     if not logging.getLogger().handlers:
@@ -313,7 +375,18 @@ def run_agent(home: Path, runtime: RuntimeChoice | None = None) -> None:
         )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        remote = _remote_listen(home, listen, tls_cert, tls_key) if listen is not None else None
         choice = choose_runtime(home, runtime)
-        asyncio.run(Agent(home, choice=choice).run())
+        asyncio.run(Agent(home, choice=choice, listen=remote).run())
     finally:
         lock.release()
+
+
+def _remote_listen(home: Path, listen: str, cert: Path | None, key: Path | None) -> Listen:
+    """Where and with which certificate to serve the network API (made under the agent's
+    lock, so two agents starting at once do not write two CAs)."""
+    from kiln.agent.tls import Listen, ensure_server_certificate, parse_listen
+
+    host, port = parse_listen(listen)
+    cert, key = ensure_server_certificate(home, host, cert, key)
+    return Listen(host, port, cert, key)

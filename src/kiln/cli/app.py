@@ -258,7 +258,10 @@ def _by_ctrl_c(exit: BaseException) -> bool:
 def run(args: list[str]) -> int:
     from kiln.cli import deploy as _deploy  # noqa: F401  (registers the deploy commands)
     from kiln.cli import init as _init  # noqa: F401  (registers kiln init)
+    from kiln.cli import registry_cmd as _registry_cmd  # noqa: F401  (registers push, pull)
+    from kiln.cli import render_cmd as _render  # noqa: F401  (registers kiln render)
     from kiln.cli import secret as _secret  # noqa: F401  (registers kiln secret)
+    from kiln.cli import token_cmd as _token_cmd  # noqa: F401  (registers kiln token)
 
     if os.environ.get(COMPLETE_VAR):
         # The shell asks for completions: Typer's own protocol (complete_bash, …).

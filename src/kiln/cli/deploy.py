@@ -307,11 +307,20 @@ def events(
 
 
 @app.command()
-def agent() -> None:
+def agent(
+    listen: Annotated[
+        str | None,
+        typer.Option("--listen", help="Serve the API over TLS on HOST:PORT too (bearer tokens)."),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Certificate (default: Kiln's own CA).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Key of --tls-cert.")] = None,
+) -> None:
     """Run the control-plane daemon in the foreground."""
     from kiln.agent.daemon import run_agent
 
-    run_agent(kiln_home())
+    run_agent(kiln_home(), listen=listen, tls_cert=tls_cert, tls_key=tls_key)
 
 
 @app.command()

@@ -27,6 +27,7 @@ from kiln.errors import KilnError
 from kiln.image import overlay
 from kiln.image.bake import bake
 from kiln.image.basecache import BaseCache
+from kiln.image.command import PID_NAMESPACE
 from kiln.image.debian import (
     DebianBase,
     LockEntry,
@@ -47,19 +48,7 @@ from kiln.image.unpack import unpack_image
 from kiln.paths import kiln_home
 
 BASE = DebianBase("bookworm", "amd64", ("python3-minimal",))
-NAMESPACES = [
-    "setpriv",
-    "--pdeathsig",
-    "KILL",
-    "--",
-    "unshare",
-    "--mount",
-    "--propagation",
-    "private",
-    "--pid",
-    "--kill-child",
-    "--mount-proc",
-]
+NAMESPACES = list(PID_NAMESPACE)
 
 _HOOKS = [
     '--setup-hook=mkdir -p "$1"/var/cache/apt/archives',

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from kiln.errors import KilnError
+from kiln.oci.step import terminal_line
 
 __all__ = [
     "INTERRUPTED",
@@ -71,11 +72,6 @@ class Interrupted(KilnError):
 
     def __init__(self) -> None:
         super().__init__(INTERRUPTED)
-
-
-def _terminal_line(raw: bytes) -> str:
-    """What a terminal would show of one output line (the last ``\\r`` rewrite)."""
-    return raw.decode("utf-8", "replace").rstrip("\r\n").rsplit("\r", 1)[-1]
 
 
 def run_logged(
@@ -127,9 +123,9 @@ def run_logged(
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for raw in lines:
-                _emit(_terminal_line(raw), tail, log, on_line)
+                _emit(terminal_line(raw), tail, log, on_line)
         if pending:
-            _emit(_terminal_line(pending), tail, log, on_line)
+            _emit(terminal_line(pending), tail, log, on_line)
         code = proc.wait()
     except BaseException:
         _kill(proc)

@@ -59,7 +59,8 @@ def stream_command(
     env: Mapping[str, str] | None = None,
     umask: int = -1,
 ) -> tuple[int, tuple[str, ...]]:
-    """The one executor of build commands (runc steps, mmdebstrap): merged output
+    """The executor of runc build steps (mmdebstrap and apt run through
+    :func:`kiln.image.command.run_logged`): merged output
     goes line by line to ``on_line``; returns the exit code and the last lines for
     an error message. Raises OSError when the command cannot start; an interrupt
     kills it."""

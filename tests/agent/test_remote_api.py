@@ -43,6 +43,7 @@ ROUTE_REQUESTS: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {
     ("GET", "/v1/deployments/{deployment_id}"): ("/v1/deployments/nope", None),
     ("GET", "/v1/history/{service}"): ("/v1/history/web", None),
     ("GET", "/v1/events"): ("/v1/events?limit=1", None),
+    ("GET", "/v1/routes"): ("/v1/routes", None),
     ("POST", "/v1/plan"): ("/v1/plan", {"spec_path": "kiln.toml", "services": {}}),
     ("POST", "/v1/apply"): ("/v1/apply", {"plan": {"services": []}}),
     ("POST", "/v1/scale"): ("/v1/scale", {"service": "web", "replicas": 1}),
@@ -65,6 +66,7 @@ class RemoteAgent:
     tokens: dict[str, str]
     """role → a live token of that role"""
     revoked: str
+    expired: str
     process: subprocess.Popen[bytes]
 
     @property
@@ -139,10 +141,13 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteAgent]:
     store = TokenStore(home)
     tokens = {role: store.create(role, f"test {role}")[1] for role in ROLES}
     revoked_record, revoked = store.create("admin", "revoked later")
+    expired = store.create("admin", "expires at once", expires_in=0.5)[1]
     port, process = _start(home)
     try:
         store.revoke(revoked_record.id)  # revoked while the agent runs: no restart needed
-        yield RemoteAgent(home, port, home_ca(home), tokens, revoked, process)
+        while store.check(expired) is not None:  # expires while the agent runs
+            time.sleep(0.05)
+        yield RemoteAgent(home, port, home_ca(home), tokens, revoked, expired, process)
     finally:
         _stop(home, process)
 
@@ -172,10 +177,12 @@ def test_every_route_refuses_missing_wrong_and_revoked_tokens(
 ) -> None:
     forged = "kiln_" + "A" * 43  # the right shape, never issued
     with remote.http() as client:
-        for token in (None, forged, remote.revoked, "not-a-token", forged[:-1]):
+        for token in (None, forged, remote.revoked, remote.expired, "not-a-token", forged[:-1]):
             resp = _call(client, route, token)
             assert resp.status_code == 401, (token, resp.text)
             assert resp.headers["www-authenticate"].startswith("Bearer")
+            expired = token == remote.expired
+            assert ("expired" in resp.json()["detail"]) is expired, resp.text
         # Another scheme, or the right token twice, is no bearer token either.
         path, body = ROUTE_REQUESTS[route]
         for header in ("Basic YWRtaW46YWRtaW4=", "Bearer", remote.tokens["admin"]):
@@ -217,7 +224,7 @@ def test_every_route_serves_its_role_and_those_above(
             assert resp.status_code < 500, resp.text
             # The route itself answered (JSON from the API, not a refusal).
             assert "detail" not in resp.json() or "token" not in resp.json()["detail"]
-    if route[0] == "GET" and route[1] in ("/v1/health", "/v1/status", "/v1/events"):
+    if route[0] == "GET" and route[1] in ("/v1/health", "/v1/status", "/v1/events", "/v1/routes"):
         assert resp.status_code == 200
 
 
@@ -308,11 +315,11 @@ def test_the_home_keeps_only_hashes_and_private_keys_stay_private(remote: Remote
     path = remote.home / "tokens.json"
     assert path.stat().st_mode & 0o777 == 0o600
     text = path.read_text()
-    for token in [*remote.tokens.values(), remote.revoked]:
+    for token in [*remote.tokens.values(), remote.revoked, remote.expired]:
         assert token not in text
         assert token[len("kiln_") :] not in text
     records = json.loads(text)["tokens"]
-    assert len(records) == 4
+    assert len(records) == 5
     assert sum(r["revoked"] is not None for r in records) == 1
     tls = remote.home / "tls"
     assert tls.stat().st_mode & 0o777 == 0o700

@@ -49,6 +49,11 @@ def test_without_a_runtime_table_instances_run_locally() -> None:
             '[runtime]\nkind = "docker"\nhost = "tcp://10.0.0.5:2376"\n',
             ("docker", "tcp://10.0.0.5:2376"),
         ),
+        (
+            '[runtime]\nkind = "swarm"\nhost = "tcp://10.0.0.5:2376"\n'
+            'registry = "10.0.0.5:5000/k"\n',
+            ("swarm", "tcp://10.0.0.5:2376"),
+        ),
     ],
 )
 def test_valid_runtime_tables(table: str, expected: tuple[str, str | None]) -> None:
@@ -63,20 +68,25 @@ LONG = "unix:///" + "a" * 2000
     [
         (
             '[runtime]\nkind = "dockerd"\n',
-            "kiln.toml:10: runtime.kind: must be one of 'local' or 'docker'",
+            "kiln.toml:10: runtime.kind: must be one of 'local', 'docker' or 'swarm'",
         ),
         (
             '[runtime]\nkind = "Docker"\n',
-            "kiln.toml:10: runtime.kind: must be one of 'local' or 'docker'",
+            "kiln.toml:10: runtime.kind: must be one of 'local', 'docker' or 'swarm'",
         ),
-        ("[runtime]\nkind = 1\n", "kiln.toml:10: runtime.kind: must be one of 'local' or 'docker'"),
+        (
+            "[runtime]\nkind = 1\n",
+            "kiln.toml:10: runtime.kind: must be one of 'local', 'docker' or 'swarm'",
+        ),
         (
             '[runtime]\nhost = "unix:///run/docker.sock"\n',
-            'kiln.toml:10: runtime.host: is only used with kind = "docker"; kind is "local"',
+            'kiln.toml:10: runtime.host: is only used with kind = "docker" or '
+            '"swarm"; kind is "local"',
         ),
         (
             '[runtime]\nkind = "local"\nhost = "unix:///run/docker.sock"\n',
-            'kiln.toml:11: runtime.host: is only used with kind = "docker"; kind is "local"',
+            'kiln.toml:11: runtime.host: is only used with kind = "docker" or '
+            '"swarm"; kind is "local"',
         ),
         (
             '[runtime]\nkind = "docker"\nhost = 2375\n',
@@ -121,11 +131,30 @@ LONG = "unix:///" + "a" * 2000
         ),
         (
             '[runtime]\nkind = "docker"\nsocket = "unix:///x"\n',
-            "kiln.toml:11: runtime.socket: unknown key; known keys: host, kind",
+            "kiln.toml:11: runtime.socket: unknown key; known keys: host, kind, registry",
         ),
         (
             '[runtime]\nkinds = "docker"\n',
             "kiln.toml:10: runtime.kinds: unknown key; did you mean 'kind'?",
+        ),
+        (
+            '[runtime]\nkind = "swarm"\n',
+            'kiln.toml:10: runtime.kind: is "swarm", which needs registry = "HOST[:PORT]/PATH" '
+            "in [runtime]: every node pulls the images from there",
+        ),
+        (
+            '[runtime]\nkind = "docker"\nregistry = "10.0.0.5:5000/kiln"\n',
+            'kiln.toml:11: runtime.registry: is only used with kind = "swarm"; kind is "docker"',
+        ),
+        (
+            '[runtime]\nkind = "swarm"\nregistry = "kiln"\n',
+            "kiln.toml:11: runtime.registry: 'kiln' must start with a registry host, e.g. "
+            "10.0.0.5:5000/kiln",
+        ),
+        (
+            '[runtime]\nkind = "swarm"\nregistry = "10.0.0.5:5000/Kiln Images"\n',
+            "kiln.toml:11: runtime.registry: '10.0.0.5:5000/Kiln Images' is not HOST[:PORT][/PATH] "
+            "(path in lower case: a-z 0-9 . _ - /)",
         ),
     ],
 )
@@ -170,7 +199,7 @@ def test_an_environment_switching_to_local_must_not_inherit_a_host() -> None:
     with pytest.raises(SpecError) as caught:
         parse(OVERLAID, env="laptop")
     assert str(caught.value) == (
-        'kiln.toml:12: runtime.host: is only used with kind = "docker"; kind is "local" '
+        'kiln.toml:12: runtime.host: is only used with kind = "docker" or "swarm"; kind is "local" '
         "(environments.laptop.runtime sets kind)"
     )
 
@@ -186,7 +215,8 @@ def test_an_environment_switching_to_docker_runs_there() -> None:
     [
         (
             '[environments.prod.runtime]\nkind = "podman"\n',
-            "kiln.toml:10: environments.prod.runtime.kind: must be one of 'local' or 'docker'",
+            "kiln.toml:10: environments.prod.runtime.kind: must be one of 'local', 'docker' or "
+            "'swarm'",
         ),
         (
             '[environments.prod.runtime]\nkind = "docker"\nhost = 7\n',
@@ -194,8 +224,8 @@ def test_an_environment_switching_to_docker_runs_there() -> None:
         ),
         (
             '[environments.prod.runtime]\nhost = "unix:///run/docker.sock"\n',
-            'kiln.toml:10: environments.prod.runtime.host: is only used with kind = "docker"; '
-            'kind is "local"',
+            'kiln.toml:10: environments.prod.runtime.host: is only used with kind = "docker" or '
+            '"swarm"; kind is "local"',
         ),
         (
             '[environments.prod]\nruntime = ["docker"]\n',
@@ -203,7 +233,8 @@ def test_an_environment_switching_to_docker_runs_there() -> None:
         ),
         (
             '[environments.prod.runtime]\nengine = "docker"\n',
-            "kiln.toml:10: environments.prod.runtime.engine: unknown key; known keys: host, kind",
+            "kiln.toml:10: environments.prod.runtime.engine: unknown key; known keys: host, kind, "
+            "registry",
         ),
     ],
 )
@@ -218,12 +249,12 @@ def test_a_bad_overlay_of_an_environment_not_chosen_is_still_an_error() -> None:
     with pytest.raises(SpecError) as caught:
         parse(overlay)
     assert str(caught.value) == (
-        "kiln.toml:10: environments.prod.runtime.kind: must be one of 'local' or 'docker'"
+        "kiln.toml:10: environments.prod.runtime.kind: must be one of 'local', 'docker' or 'swarm'"
     )
 
 
 def test_the_published_schema_describes_the_runtime_table() -> None:
     schema = json_schema()
     runtime = schema["$defs"]["RuntimeTarget"]["properties"]
-    assert runtime["kind"]["enum"] == ["local", "docker"]
-    assert set(runtime) == {"kind", "host"}
+    assert runtime["kind"]["enum"] == ["local", "docker", "swarm"]
+    assert set(runtime) == {"kind", "host", "registry"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -13,13 +14,19 @@ from kiln.paths import kiln_home
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kiln agent")
     parser.add_argument("--home", type=Path, default=None)
-    parser.add_argument("--runtime", choices=("local", "docker"), default=None)
+    parser.add_argument("--runtime", choices=("local", "docker", "swarm"), default=None)
     parser.add_argument("--runtime-host", default=None)
+    parser.add_argument("--runtime-registry", default=None, help="JSON: path, ca, auth_file")
     args = parser.parse_args(argv)
     from kiln.agent.daemon import run_agent
     from kiln.runtime.select import RuntimeChoice
 
-    choice = RuntimeChoice(args.runtime, args.runtime_host) if args.runtime else None
+    choice = None
+    if args.runtime:
+        registry = json.loads(args.runtime_registry) if args.runtime_registry else None
+        choice = RuntimeChoice.from_json(
+            {"kind": args.runtime, "host": args.runtime_host, "registry": registry}
+        )
     try:
         run_agent(args.home or kiln_home(), choice)
     except KilnError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -20,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from kiln.agent.errors import Conflict, NotFound
+from kiln.agent.errors import Busy, Conflict, NotFound
 from kiln.errors import KilnError
 from kiln.spec.loader import describe_errors, key_name
 from kiln.spec.models import MAX_COUNT, Service, shown
@@ -42,6 +43,9 @@ FOLLOW_BATCH = 500
 QUERY_BOUNDS = {"after": (0, MAX_ID), "limit": (1, MAX_EVENTS), "follow": (0, 1)}
 """``GET /v1/events``: every query parameter is an integer in its range."""
 _DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ROUTES_WAIT_MAX = 60.0
+"""The longest a route watch is held; the watcher asks again after it."""
+_AFTER = re.compile(r"([0-9a-f]{1,64}):([0-9]{1,19})")
 
 Revision = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 
@@ -50,9 +54,17 @@ class BadRequest(KilnError):
     """A request breaking a bound: 400, naming the parameter."""
 
 
+class RegistryRequest(BaseModel):
+    path: str = Field(max_length=1024)
+    ca: str | None = Field(default=None, max_length=4096)
+    auth_file: str | None = Field(default=None, max_length=4096)
+    plain_http: bool = False
+
+
 class RuntimeRequest(BaseModel):
     kind: str = "local"
     host: str | None = None
+    registry: RegistryRequest | None = None
 
 
 class PlanRequest(BaseModel):
@@ -171,6 +183,7 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("GET", "/v1/deployments/{deployment_id}"): "viewer",
     ("GET", "/v1/history/{service}"): "viewer",
     ("GET", "/v1/events"): "viewer",
+    ("GET", "/v1/routes"): "viewer",
     ("POST", "/v1/plan"): "deployer",
     ("POST", "/v1/apply"): "deployer",
     ("POST", "/v1/scale"): "deployer",
@@ -203,9 +216,14 @@ class _RequireToken:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        record = self.tokens.check(_bearer(scope))
-        if record is None:
+        record = self.tokens.lookup(_bearer(scope))
+        if record is None or record.revoked is not None:
             await _refuse(scope, receive, send, 401, "a valid bearer token is required")
+            return
+        if record.expired():
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.expires_at))
+            detail = f"token {record.id} expired at {when}; `kiln token create` makes a new one"
+            await _refuse(scope, receive, send, 401, detail)
             return
         from starlette.routing import Match
 
@@ -250,6 +268,8 @@ def build_app(agent: Agent) -> FastAPI:
 
     @app.exception_handler(KilnError)
     async def _kiln_error(request: Request, exc: KilnError) -> JSONResponse:
+        if isinstance(exc, Busy):
+            return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "1"})
         code = 409 if isinstance(exc, Conflict) else 404 if isinstance(exc, NotFound) else 400
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
@@ -322,11 +342,53 @@ def build_app(agent: Agent) -> FastAPI:
             }
         return StreamingResponse(_follow(agent, after), media_type="application/x-ndjson")
 
+    @app.get("/v1/routes", response_model=None)
+    async def routes(
+        request: Request, after: str | None = None, wait: str = "0"
+    ) -> dict[str, Any] | JSONResponse | None:
+        """The routes this agent serves, for data planes elsewhere (a watch with a version,
+        as Envoy's xDS): held while ``after`` is current, for at most ``wait`` seconds."""
+        since: tuple[str, int] | None = None
+        if after is not None:
+            parts = _AFTER.fullmatch(after)
+            if parts is None:
+                detail = f"after: expected EPOCH:VERSION from a previous answer, not {shown(after)}"
+                return JSONResponse({"detail": detail}, status_code=422)
+            since = (parts.group(1), int(parts.group(2)))
+        seconds = _wait_seconds(wait)
+        answer = asyncio.ensure_future(agent.routes(since, seconds))
+        gone = asyncio.ensure_future(_hung_up(request))
+        try:
+            done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not answer.done():
+                answer.cancel()
+        if answer not in done:
+            return None  # the watcher hung up: nobody to answer
+        return answer.result()
+
     @app.post("/v1/down")
     async def down() -> dict[str, Any]:
         return await agent.down()
 
     return app
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= ROUTES_WAIT_MAX:  # also refuses NaN
+        raise BadRequest(f"wait: must be seconds from 0 to {ROUTES_WAIT_MAX:g}, not {shown(text)}")
+    return seconds
+
+
+async def _hung_up(request: Request) -> None:
+    """Return when the client disconnects: a held watch then frees its place at once."""
+    while (await request.receive())["type"] != "http.disconnect":
+        continue
 
 
 async def _follow(agent: Agent, after: int) -> AsyncIterator[bytes]:

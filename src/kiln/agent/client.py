@@ -1,6 +1,6 @@
 """The one way the CLI talks to the agent: HTTP+JSON over ``KILN_HOME/agent.sock``,
 or over TLS to a remote agent (``KILN_ADDR=https://HOST:PORT`` with ``KILN_TOKEN``, the
-CA in ``KILN_CA`` or the home's own).
+CA in ``KILN_CA`` or the home's own; or a context, :mod:`kiln.agent.contexts`).
 
 httpx is imported on first use so that ``kiln --version`` stays fast.
 """
@@ -46,20 +46,19 @@ def agent_command(home: Path, runtime: RuntimeChoice | None = None) -> list[str]
         argv += ["--runtime", runtime.kind]
         if runtime.host:
             argv += ["--runtime-host", runtime.host]
+        if runtime.registry:
+            argv += ["--runtime-registry", json.dumps(runtime.registry.to_json())]
     return argv
-
-
-def remote_addr() -> str | None:
-    """``KILN_ADDR``: the remote agent the CLI talks to instead of the home's socket."""
-    return os.environ.get("KILN_ADDR") or None
 
 
 class AgentClient:
     """A method per API endpoint; every failure is a KilnError with the agent's message.
 
-    ``addr`` (default ``KILN_ADDR``) targets a remote agent over HTTPS; ``token`` (default
-    ``KILN_TOKEN``) and ``ca`` (default ``KILN_CA``, else ``KILN_HOME/tls/ca.pem`` when it
-    exists, else the system's CAs) go with it. ``addr=""`` forces the home's socket."""
+    ``addr`` (default ``KILN_ADDR``, else the context of ``KILN_CONTEXT`` or the current
+    one) targets a remote agent over HTTPS; ``token`` (default ``KILN_TOKEN``, else the
+    context's) and ``ca`` (default ``KILN_CA``, else the context's, else
+    ``KILN_HOME/tls/ca.pem`` when it exists, else the system's CAs) go with it.
+    ``addr=""`` forces the home's socket."""
 
     def __init__(
         self,
@@ -72,10 +71,19 @@ class AgentClient:
         self.home = Path(home)
         self.socket = self.home / SOCKET_NAME
         self.timeout = timeout
-        self.addr = remote_addr() if addr is None else (addr or None)
-        self.token = token if token is not None else os.environ.get("KILN_TOKEN")
+        from kiln.agent.contexts import resolve_target
+
+        target = resolve_target() if addr is None else None
         env_ca = os.environ.get("KILN_CA")
-        self.ca = ca if ca is not None else Path(env_ca) if env_ca else None
+        self.addr = target.addr if target is not None else (addr or None)
+        self.source = target.source if target is not None else "KILN_ADDR"
+        """Where the address came from, for messages: ``KILN_ADDR`` or ``context NAME``."""
+        if token is None:
+            token = target.token if target is not None else os.environ.get("KILN_TOKEN")
+        self.token = token
+        if ca is None:
+            ca = target.ca if target is not None else Path(env_ca) if env_ca else None
+        self.ca = ca
         self.where = self.addr or str(self.socket)
         self._http: httpx.Client | None = None
 
@@ -102,11 +110,11 @@ class AgentClient:
 
         addr = str(self.addr)
         if not addr.startswith("https://"):
-            raise KilnError(f"KILN_ADDR {addr!r}: must be https://HOST:PORT")
+            raise KilnError(f"{self.source} {addr!r}: must be https://HOST:PORT")
         if not self.token:
             raise KilnError("KILN_ADDR is set but KILN_TOKEN is not: `kiln token create` makes one")
         if not self.token.isascii() or not self.token.isprintable():
-            raise KilnError("KILN_TOKEN: not a token (printable ASCII only)")
+            raise KilnError(f"the token for {self.source}: not a token (printable ASCII only)")
         from kiln.agent.tls import home_ca
 
         ca = self.ca or (home_ca(self.home) if home_ca(self.home).is_file() else None)
@@ -157,7 +165,7 @@ class AgentClient:
             FileNotFoundError,
             ConnectionRefusedError,
         ) as e:
-            raise AgentUnavailable(_unavailable(self.where, self.addr, e)) from e
+            raise AgentUnavailable(_unavailable(self.where, self.addr, self.source, e)) from e
         except httpx.TimeoutException as e:
             raise KilnError(f"agent at {self.where}: {method} {path} timed out") from e
         except httpx.HTTPError as e:
@@ -321,7 +329,7 @@ class AgentClient:
                     if line.strip():
                         yield json.loads(line)
         except httpx.ConnectError as e:
-            raise AgentUnavailable(_unavailable(self.where, self.addr, e)) from e
+            raise AgentUnavailable(_unavailable(self.where, self.addr, self.source, e)) from e
         except (httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.ReadError):
             return
 
@@ -330,7 +338,7 @@ class AgentClient:
         return dict(self._request("POST", "/v1/down", timeout=max(self.timeout, 300.0)))
 
 
-def _unavailable(where: str, addr: str | None, error: Exception) -> str:
+def _unavailable(where: str, addr: str | None, source: str, error: Exception) -> str:
     if addr is None:
         return f"no agent answers on {where}; start one with `kiln agent` or `kiln up`"
     import ssl
@@ -339,8 +347,9 @@ def _unavailable(where: str, addr: str | None, error: Exception) -> str:
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, ssl.SSLError):
-        return f"agent at {where}: TLS failed ({cause.reason or cause}); check KILN_CA"
-    return f"no agent answers at {where} (KILN_ADDR)"
+        check = "KILN_CA" if source == "KILN_ADDR" else f"the CA of {source}"
+        return f"agent at {where}: TLS failed ({cause.reason or cause}); check {check}"
+    return f"no agent answers at {where} ({source})"
 
 
 def _decode(resp: httpx.Response, method: str, path: str) -> Any:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.agent._lock import AgentLock
 from kiln.agent.engine import Engine
-from kiln.agent.errors import Conflict
+from kiln.agent.errors import Busy, Conflict
 from kiln.errors import KilnError
 from kiln.paths import ensure_home
 from kiln.runtime.select import RuntimeChoice, read_choice, write_choice
@@ -36,6 +36,8 @@ log = logging.getLogger("kiln.agent")
 
 HOME_WATCH_INTERVAL = 1.0
 """One stat of the home per second: the cost of noticing it was deleted."""
+ROUTE_WATCHERS_MAX = 64
+"""Held ``GET /v1/routes`` requests at once (one per data-plane node, with room)."""
 
 
 class Agent:
@@ -59,6 +61,7 @@ class Agent:
         self.engine: Engine | None = None
         self._new_event = asyncio.Event()
         self._down = False
+        self._route_watchers = 0
 
     # lifecycle
 
@@ -90,10 +93,16 @@ class Agent:
                 remote = _api_server(self, self.listen)
                 served = {api, asyncio.create_task(remote.serve(sockets=[tcp]))}
                 log.info("agent API on %s", self.listen.describe())
+                if self.listen.ca is not None:
+                    log.info(
+                        "clients trust the CA %s (KILN_CA, or --ca of kiln context add)",
+                        self.listen.ca,
+                    )
             else:
                 served = {api}
             engine.emit("agent.started", f"agent started (pid {os.getpid()})")
             log.info("agent ready home=%s pid=%d", self.home, os.getpid())
+            edges = self._deploy_edges(engine)
             watch = asyncio.create_task(self._watch_home())
             stop = asyncio.create_task(self.stopping.wait())
             await asyncio.wait({*served, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -102,6 +111,8 @@ class Agent:
                 remote.should_exit = True
             if not watch.done():
                 watch.cancel()
+            if edges is not None and not edges.done():
+                edges.cancel()
             await engine.stop()
             engine.emit(
                 "agent.stopped",
@@ -123,6 +134,17 @@ class Agent:
             sock.close()
             state.close()
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _deploy_edges(self, engine: Engine) -> asyncio.Task[None] | None:
+        """On a runtime of several nodes, Kiln's proxy runs on each, fed by this agent."""
+        from kiln.runtime import EdgeHost
+
+        if not isinstance(self.runtime, EdgeHost):
+            return None
+        from kiln.agent.edge import EdgeDeployment
+
+        deployment = EdgeDeployment(engine, self.runtime, self.listen)
+        return engine.supervise(deployment.run, "edge deployment")
 
     # API surface (called by kiln.agent.api)
 
@@ -149,9 +171,7 @@ class Agent:
     async def plan(self, body: dict[str, Any]) -> dict[str, Any]:
         wanted = body.get("runtime")
         if wanted is not None:
-            check_choice(
-                self.choice, RuntimeChoice(wanted.get("kind") or "local", wanted.get("host"))
-            )
+            check_choice(self.choice, RuntimeChoice.from_json(wanted))
         return await self._engine().plan(body)
 
     async def apply(self, plan: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +208,25 @@ class Agent:
     async def last_event_id(self) -> int:
         engine = self._engine()
         return await engine.db(engine.state.last_event_id)
+
+    async def routes(self, after: tuple[str, int] | None, wait: float) -> dict[str, Any]:
+        """The served routes under their ``epoch``/``version``; when ``after`` is the
+        current pair, held until they change, ``wait`` passes or the agent stops."""
+        routing = self._engine().routing
+        current = (routing.epoch, routing.version)
+        if after == current and wait > 0:
+            if self._route_watchers >= ROUTE_WATCHERS_MAX:
+                raise Busy(f"{ROUTE_WATCHERS_MAX} route watchers already wait; retry later")
+            self._route_watchers += 1
+            change = asyncio.create_task(routing.wait_for_change(*current, wait))
+            stop = asyncio.create_task(self.stopping.wait())
+            try:
+                await asyncio.wait({change, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the watcher hung up and its request was cancelled
+                change.cancel()
+                stop.cancel()
+                self._route_watchers -= 1
+        return routing.snapshot()
 
     async def wait_for_event(self, timeout: float) -> None:
         self._new_event.clear()
@@ -363,6 +402,8 @@ def run_agent(
     """Run until SIGTERM/SIGINT (instances and the proxy keep running) or ``POST /v1/down``;
     with ``listen`` (``HOST:PORT``) the API is served over TLS there too."""
     home = ensure_home(home)
+    # This process is the home's agent: what it bakes (the Swarm edge image) uses its caches.
+    os.environ["KILN_HOME"] = str(home)
     if listen is None and (tls_cert is not None or tls_key is not None):
         raise KilnError("--tls-cert and --tls-key need --listen")
     lock = AgentLock(home)
@@ -385,8 +426,9 @@ def run_agent(
 def _remote_listen(home: Path, listen: str, cert: Path | None, key: Path | None) -> Listen:
     """Where and with which certificate to serve the network API (made under the agent's
     lock, so two agents starting at once do not write two CAs)."""
-    from kiln.agent.tls import Listen, ensure_server_certificate, parse_listen
+    from kiln.agent.tls import Listen, ensure_server_certificate, home_ca, parse_listen
 
     host, port = parse_listen(listen)
+    own = cert is None and key is None
     cert, key = ensure_server_certificate(home, host, cert, key)
-    return Listen(host, port, cert, key)
+    return Listen(host, port, cert, key, home_ca(home) if own else None)

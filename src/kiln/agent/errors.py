@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kiln.errors import KilnError
 
-__all__ = ["Conflict", "NotFound"]
+__all__ = ["Busy", "Conflict", "NotFound"]
 
 
 class Conflict(KilnError):
@@ -13,3 +13,7 @@ class Conflict(KilnError):
 
 class NotFound(KilnError):
     """An unknown service, revision or deployment."""
+
+
+class Busy(KilnError):
+    """A bounded resource is full (route watchers): retry later."""

@@ -10,7 +10,9 @@ once, and a router that stops answering on a listener is restarted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from kiln.agent.lifecycle import handle_of
@@ -35,13 +37,62 @@ _BACKEND_STATE: dict[str, BackendState] = {"ready": "ready", "draining": "draini
 
 
 class Routing:
+    """What the router serves (``pushed``), under a version that data planes elsewhere
+    watch: ``epoch`` is new per agent process, ``version`` grows by one per change."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.pushed: dict[str, Route] = {}
+        self._pushed: dict[str, Route] = {}
+        self.epoch = secrets.token_hex(8)
+        self.version = 0
+        self._changed = asyncio.Event()
+        """Set (and replaced) on every change: a watcher waits on the one it saw."""
         self._published: set[int] | None = None
         self._lock = asyncio.Lock()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._pushers: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def pushed(self) -> dict[str, Route]:
+        """The routes served now (read-only for callers: changes go through the setter,
+        ``_serve`` and ``_unserve``, so each one moves the version)."""
+        return self._pushed
+
+    @pushed.setter
+    def pushed(self, routes: dict[str, Route]) -> None:
+        if routes != self._pushed:
+            self._pushed = dict(routes)
+            self._bump()
+
+    def _serve(self, route: Route) -> None:
+        if self._pushed.get(route.name) != route:
+            self._pushed[route.name] = route
+            self._bump()
+
+    def _unserve(self, name: str) -> None:
+        if self._pushed.pop(name, None) is not None:
+            self._bump()
+
+    def _bump(self) -> None:
+        self.version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The watch answer: epoch, version and every served route, by name."""
+        return {
+            "epoch": self.epoch,
+            "version": self.version,
+            "routes": [self._pushed[name].to_json() for name in sorted(self._pushed)],
+        }
+
+    async def wait_for_change(self, epoch: str, version: int, timeout: float) -> None:
+        """Return when the served routes are no longer ``epoch:version`` (at once if they
+        are not now) or after ``timeout`` seconds; woken by ``_bump``, never by polling."""
+        if epoch != self.epoch or version != self.version or timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
 
     async def route_for(self, service: str) -> Route | None:
         e = self.engine
@@ -126,7 +177,7 @@ class Routing:
             if name in self.pushed:
                 try:
                     await e.io(e.router.remove, name)
-                    self.pushed.pop(name, None)
+                    self._unserve(name)
                 except KilnError as err:
                     log.warning("removing the route of %s failed: %s", name, err)
             return
@@ -135,10 +186,10 @@ class Routing:
         try:
             await e.io(e.router.apply, route)
         except KilnError as err:
-            self.pushed.pop(name, None)
+            self._unserve(name)
             log.warning("route push for %s failed: %s", name, err)
             return
-        self.pushed[name] = route
+        self._serve(route)
 
     async def _publish_ports(self) -> None:
         """Instances may reach the host only on the proxy's listen ports."""

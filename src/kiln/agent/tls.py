@@ -37,6 +37,8 @@ class Listen:
     port: int
     cert: Path
     key: Path
+    ca: Path | None = None
+    """Kiln's own CA, which clients must trust; None for the operator's certificate."""
 
     def describe(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

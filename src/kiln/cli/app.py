@@ -92,7 +92,17 @@ def _private_home(
             is_eager=True,
         ),
     ] = False,
+    context: Annotated[
+        str | None,
+        typer.Option(
+            "--context",
+            help="Target the agent of this context (kiln context list).",
+            metavar="NAME",
+        ),
+    ] = None,
 ) -> None:
+    if context is not None:
+        os.environ["KILN_CONTEXT"] = context
     # Every command but `schema`, `completion` and `init` reads or writes KILN_HOME: make it
     # owner-only first.
     if ctx.invoked_subcommand not in ("schema", "completion", "init") and not ctx.resilient_parsing:
@@ -121,7 +131,12 @@ def bake(
         bool, typer.Option("--no-cache", help="Ignore the layer cache.", metavar="")
     ] = False,
     update_lock: Annotated[
-        bool, typer.Option("--update-lock", help="Re-resolve Debian package versions.", metavar="")
+        bool,
+        typer.Option(
+            "--update-lock",
+            help="Re-resolve Debian package versions and registry base tags.",
+            metavar="",
+        ),
     ] = False,
     env: EnvOption = None,
 ) -> None:
@@ -256,6 +271,7 @@ def _by_ctrl_c(exit: BaseException) -> bool:
 
 
 def run(args: list[str]) -> int:
+    from kiln.cli import context_cmd as _context_cmd  # noqa: F401  (registers kiln context)
     from kiln.cli import deploy as _deploy  # noqa: F401  (registers the deploy commands)
     from kiln.cli import init as _init  # noqa: F401  (registers kiln init)
     from kiln.cli import registry_cmd as _registry_cmd  # noqa: F401  (registers push, pull)

@@ -316,11 +316,18 @@ def agent(
         Path | None, typer.Option("--tls-cert", help="Certificate (default: Kiln's own CA).")
     ] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Key of --tls-cert.")] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", "-f", help="Run on the [runtime] of this kiln.toml (a Swarm…)."),
+    ] = None,
+    env: Annotated[str | None, typer.Option("--env", help="Environment overlay of --file.")] = None,
 ) -> None:
     """Run the control-plane daemon in the foreground."""
     from kiln.agent.daemon import run_agent
+    from kiln.cli.workflow import runtime_of
 
-    run_agent(kiln_home(), listen=listen, tls_cert=tls_cert, tls_key=tls_key)
+    runtime = runtime_of(file, env) if file is not None else None
+    run_agent(kiln_home(), runtime, listen=listen, tls_cert=tls_cert, tls_key=tls_key)
 
 
 @app.command()

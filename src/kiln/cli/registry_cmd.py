@@ -1,7 +1,7 @@
 """``kiln push`` and ``kiln pull``: thin commands over :mod:`kiln.image.registry`.
 
-Credentials come from ``--auth-file`` or Docker's ``config.json``, never from an
-argument, so a password never lands in shell history or ``ps``.
+Credentials come from ``--auth-file``, ``[registries."HOST"]`` of ./kiln.toml or Docker's
+``config.json``, never from an argument, so a password never lands in shell history or ``ps``.
 """
 
 from __future__ import annotations
@@ -32,10 +32,26 @@ PlainHttpOption = Annotated[
 ]
 
 
-def _options(ca: Path | None, auth_file: Path | None, plain_http: bool) -> RegistryOptions:
-    from kiln.image.registry import RegistryOptions
+def _options(
+    ref: str, ca: Path | None, auth_file: Path | None, plain_http: bool
+) -> RegistryOptions:
+    """The flags given, over ``[registries."HOST"]`` of ./kiln.toml when there is one."""
+    import dataclasses
 
-    return RegistryOptions(ca_file=ca, auth_file=auth_file, plain_http=plain_http)
+    from kiln.image.registry import RegistryOptions, options_for, parse_ref
+
+    options = RegistryOptions()
+    spec_file = Path.cwd() / "kiln.toml"
+    if spec_file.is_file():
+        from kiln.spec.loader import load_spec
+
+        options = options_for(load_spec(spec_file), parse_ref(ref).host)
+    return dataclasses.replace(
+        options,
+        ca_file=ca or options.ca_file,
+        auth_file=auth_file or options.auth_file,
+        plain_http=plain_http or options.plain_http,
+    )
 
 
 @app.command("push")
@@ -54,7 +70,8 @@ def push_cmd(
     """Push image REF to DEST (HOST[:PORT]/REPO[:TAG]); blobs the registry has are skipped."""
     from kiln.image.registry import push
 
-    result = push(_store(), ref, dest, _options(ca, auth_file, plain_http), mount_from=mount_from)
+    options = _options(dest, ca, auth_file, plain_http)
+    result = push(_store(), ref, dest, options, mount_from=mount_from)
     if as_json:
         emit_json(vars(result))
         return
@@ -76,7 +93,7 @@ def pull_cmd(
     """Pull SRC (HOST[:PORT]/REPO[:TAG|@sha256:…]) into the store, every blob verified."""
     from kiln.image.registry import pull
 
-    result = pull(_store(), src, _options(ca, auth_file, plain_http))
+    result = pull(_store(), src, _options(src, ca, auth_file, plain_http))
     if as_json:
         emit_json(vars(result))
         return

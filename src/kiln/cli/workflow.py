@@ -12,11 +12,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.agent.client import AgentClient, start_background
 from kiln.errors import KilnError
 from kiln.runtime.select import RuntimeChoice, read_choice
+
+if TYPE_CHECKING:
+    from kiln.spec.models import Spec
 
 Say = Callable[[str], None]
 
@@ -51,6 +54,32 @@ def git_commit(root: Path) -> str | None:
         return None
 
 
+def runtime_request(spec: Spec) -> dict[str, Any]:
+    """``[runtime]`` as the agent takes it: a Swarm's registry with the CA and credentials
+    of its ``[registries."HOST"]`` table, as absolute paths (the agent has no kiln.toml)."""
+    runtime = spec.runtime
+    registry = None
+    if runtime.kind == "swarm" and runtime.registry:
+        from kiln.image.registry import options_for, parse_ref
+        from kiln.runtime.select import Registry
+
+        options = options_for(spec, parse_ref(runtime.registry + "/probe").host)
+        registry = Registry(
+            runtime.registry,
+            str(options.ca_file.absolute()) if options.ca_file else None,
+            str(options.auth_file.absolute()) if options.auth_file else None,
+            options.plain_http,
+        )
+    return RuntimeChoice(runtime.kind, runtime.host, registry).to_json()
+
+
+def runtime_of(target: Path, env: str | None) -> RuntimeChoice:
+    """The runtime a kiln.toml's ``[runtime]`` names (``kiln agent --file``)."""
+    from kiln.spec import load_spec
+
+    return RuntimeChoice.from_json(runtime_request(load_spec(target, env=env)))
+
+
 def desired_request(
     target: Path, env: str | None, say: Say = _stderr, home: Path | None = None
 ) -> dict[str, Any]:
@@ -77,7 +106,7 @@ def desired_request(
         "spec_text": spec.text,
         "git_commit": git_commit(spec.root),
         "project": spec.project.name,
-        "runtime": {"kind": spec.runtime.kind, "host": spec.runtime.host},
+        "runtime": runtime_request(spec),
         "digests": digests,
         "services": {name: d.to_json() for name, d in desired.items()},
     }
@@ -126,7 +155,7 @@ def _choice(request: dict[str, Any] | None) -> RuntimeChoice | None:
     wanted = (request or {}).get("runtime")
     if not wanted:
         return None
-    return RuntimeChoice(str(wanted.get("kind") or "local"), wanted.get("host"))
+    return RuntimeChoice.from_json(wanted)
 
 
 def ensure_agent(home: Path, outcome: PlanOutcome) -> dict[str, Any]:

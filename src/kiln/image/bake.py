@@ -50,6 +50,8 @@ from kiln.image.base import (
     kiln_image_base,
     oci_architecture,
     oci_layout_base,
+    registry_base,
+    registry_pin_key,
 )
 from kiln.image.cache import CachedLayer, FileHashCache, LayerCache, normalized_mode, step_key
 from kiln.image.command import INTERRUPTED, Interrupted
@@ -482,6 +484,8 @@ class _ImageBake:
                 base = oci_layout_base(self.shared.store, source, self.shared.spec.root)
             except KilnError as e:
                 raise KilnError(f"{where}: {e}") from e
+        elif kind == "registry":
+            base = self._registry(source, where)
         elif kind == "debian":
             from kiln.image.sandbox import DEFAULT_PATH
 
@@ -495,7 +499,8 @@ class _ImageBake:
         else:
             raise KilnError(
                 f"{where}: base {source!r} is not supported: "
-                "use scratch, debian:SUITE, image:NAME or oci:PATH[:REF]"
+                "use scratch, debian:SUITE, image:NAME, oci:PATH[:REF] "
+                "or registry:HOST/REPO[:TAG|@sha256:…]"
             )
         self._adopt(base)
         size = sum(layer.size for layer in base.layers) if base.layers else None
@@ -516,6 +521,43 @@ class _ImageBake:
                 for i in range(1, len(base.layers) + 1)
             ]
         self.history = history
+
+    def _registry(self, source: str, where: str) -> BaseImage:
+        """A registry base at the digest ``kiln.lock`` pins its tag to; a tag without a pin
+        (or ``--update-lock``) is resolved now, and pinned once the base is pulled."""
+        from kiln.image import debian
+        from kiln.image.registry import options_for, parse_ref, resolve
+
+        shared = self.shared
+        try:
+            ref = parse_ref(source)
+        except KilnError as e:
+            raise KilnError(f"{where}: {e}") from e
+        options = options_for(shared.spec, ref.host)
+        lock_path = shared.spec.root / debian.LOCK_NAME
+        key = registry_pin_key(source)
+        digest = ref.digest
+        try:
+            if key is not None and not shared.update_lock:
+                with shared.lock:
+                    digest = debian.read_registry_pins(lock_path).get(key)
+            if digest is None:
+                digest = resolve(source, options)
+            base = registry_base(shared.store, source, digest, options)
+        except KilnError as e:
+            raise KilnError(f"{where}: {e}") from e
+        if key is not None:
+            with shared.lock:
+                pins = debian.read_registry_pins(lock_path)
+                if pins.get(key) != digest:
+                    pins[key] = digest
+                    live = _registry_pin_keys(shared.spec)
+                    debian.write_lock(
+                        lock_path,
+                        debian.read_lock(lock_path),
+                        {k: v for k, v in pins.items() if k in live},
+                    )
+        return base
 
     def _debian(self, source: str, started: float) -> list[tuple[CachedLayer, str]]:
         """The base's layers: the machine's shared minimal tree, then the recipe's
@@ -828,6 +870,18 @@ def _lock_keys(spec: Spec, architecture: str) -> set[str]:
                         recipe.from_, recipe.packages, where, architecture
                     ).lock_key
                 )
+    return keys
+
+
+def _registry_pin_keys(spec: Spec) -> set[str]:
+    """The registry pins some recipe still asks for; the others are dropped on the next write."""
+    keys: set[str] = set()
+    for recipe in spec.images.values():
+        if base_kind(recipe.from_) == "registry":
+            with contextlib.suppress(KilnError):
+                key = registry_pin_key(recipe.from_)
+                if key is not None:
+                    keys.add(key)
     return keys
 
 

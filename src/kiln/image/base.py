@@ -1,4 +1,5 @@
-"""Where a recipe starts: ``scratch``, ``image:NAME``, ``oci:PATH[:REF]`` (Debian: debian.py).
+"""Where a recipe starts: ``scratch``, ``image:NAME``, ``oci:PATH[:REF]``, ``registry:HOST/REPO``
+(Debian: debian.py).
 
 A base is reduced to the same two things whatever its source: the layers
 (descriptors already in the image store, with their diff_ids) and the
@@ -16,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.errors import KilnError
 from kiln.image.digest import (
@@ -27,6 +28,9 @@ from kiln.image.digest import (
 )
 from kiln.image.store import ImageStore
 from kiln.image.unpack import apply_layer
+
+if TYPE_CHECKING:
+    from kiln.image.registry import RegistryOptions
 
 _CHUNK = 1 << 20
 _OCI_ARCH = {
@@ -73,10 +77,10 @@ class BaseImage:
 def base_kind(source: str) -> str:
     if source == "scratch":
         return "scratch"
-    for kind in ("debian", "image", "oci"):
+    for kind in ("debian", "image", "oci", "registry"):
         if source.startswith(kind + ":"):
             return kind
-    return "registry"
+    return "unknown"
 
 
 def image_dependency(source: str) -> str | None:
@@ -256,3 +260,65 @@ def _refuse_hostile_layers(
                 apply_layer(blob, scratch, source=f"{source}: layer {layer.digest}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def registry_pin_key(source: str) -> str | None:
+    """The ``kiln.lock`` table that pins a registry base's tag; None when ``from`` is a digest."""
+    from kiln.image.registry import parse_ref
+
+    ref = parse_ref(source)
+    if ref.digest:
+        return None
+    return f"registry:{ref.host}/{ref.repository}:{ref.tag or 'latest'}"
+
+
+def registry_base(
+    store: ImageStore, source: str, digest: str, options: RegistryOptions
+) -> BaseImage:
+    """``registry:HOST/REPO`` at ``digest``: taken from the store when an earlier bake pulled
+    it, else pulled with every blob verified and every layer through the safe extractor
+    before anything is stored."""
+    from kiln.image.registry import parse_ref, pull
+
+    ref = parse_ref(source)
+    local = f"{ref.repository}:sha256-{check_digest(digest).removeprefix('sha256:')[:16]}"
+    stored = _stored_base(store, source, local)
+    if stored is not None:
+        return stored
+    scratch = Path(tempfile.mkdtemp(dir=store.tmp_dir, prefix="registry-check-"))
+    try:
+
+        def check(layer: Descriptor, path: Path) -> None:
+            with open(path, "rb") as blob:
+                apply_layer(blob, scratch, source=f"{source}: layer {layer.digest}")
+
+        result = pull(
+            store,
+            f"{ref.host}/{ref.repository}@{digest}",
+            options,
+            local_name=local,
+            check_layer=check,
+        )
+        manifest = store.read_json(result.digest)
+        for item in manifest.get("layers") or []:
+            layer = Descriptor.from_json(item)
+            if layer.digest in result.present:
+                with store.open_blob(layer.digest) as blob:
+                    apply_layer(blob, scratch, source=f"{source}: layer {layer.digest}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return _from_manifest(store, source, manifest, store.read_json(manifest["config"]["digest"]))
+
+
+def _stored_base(store: ImageStore, source: str, local: str) -> BaseImage | None:
+    """The base an earlier bake pulled (its tag is written only once all of it was checked)."""
+    try:
+        entry = store.resolve(local)
+        manifest = store.read_json(entry.digest)
+        config = store.read_json(str(manifest["config"]["digest"]))
+        layers = [Descriptor.from_json(item) for item in manifest.get("layers") or []]
+    except (KilnError, KeyError, TypeError):
+        return None
+    if not all(store.has(layer.digest) for layer in layers):
+        return None
+    return _from_manifest(store, source, manifest, config)

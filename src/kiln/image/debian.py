@@ -33,6 +33,7 @@ from pathlib import Path
 
 from kiln.errors import KilnError
 from kiln.image.command import isolated
+from kiln.image.digest import is_digest
 
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -138,6 +139,29 @@ class LockEntry:
         return {name: v for name, v in self.packages.items() if base.get(name) != v}
 
 
+REGISTRY_PIN_PREFIX = "registry:"
+"""kiln.lock tables named ``registry:HOST/REPO:TAG`` pin a registry base's tag to a digest."""
+
+
+def read_registry_pins(path: Path) -> dict[str, str]:
+    """``registry:HOST/REPO:TAG`` → the manifest digest a bake resolved the tag to."""
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise KilnError(f"{path}: cannot read the lock file: {e}") from e
+    pins: dict[str, str] = {}
+    for key, table in data.items():
+        if not key.startswith(REGISTRY_PIN_PREFIX):
+            continue
+        digest = table.get("digest") if isinstance(table, dict) else None
+        if not isinstance(digest, str) or not is_digest(digest):
+            raise KilnError(f'{path}: ["{key}"] needs digest = "sha256:<64 hex digits>"')
+        pins[key] = digest
+    return pins
+
+
 def read_lock(path: Path) -> dict[str, LockEntry]:
     if not path.exists():
         return {}
@@ -147,6 +171,8 @@ def read_lock(path: Path) -> dict[str, LockEntry]:
         raise KilnError(f"{path}: cannot read the lock file: {e}") from e
     entries: dict[str, LockEntry] = {}
     for key, table in data.items():
+        if key.startswith(REGISTRY_PIN_PREFIX):
+            continue
         if not isinstance(table, dict) or not isinstance(table.get("packages"), dict):
             raise KilnError(f"{path}: [{key}] needs suite, architecture and packages")
         packages = {str(k): str(v) for k, v in table["packages"].items()}
@@ -180,11 +206,12 @@ def _toml_table(name: str, versions: Mapping[str, str]) -> list[str]:
     ]
 
 
-def render_lock(entries: Mapping[str, LockEntry]) -> str:
+def render_lock(entries: Mapping[str, LockEntry], pins: Mapping[str, str] | None = None) -> str:
     lines = [
         "# kiln.lock: exact Debian package versions of each base, written by `kiln bake`.",
-        "# [KEY.base] is the shared minimal base, [KEY.packages] the whole image.",
-        "# Commit it. `kiln bake --update-lock` re-resolves to the mirror's newest versions.",
+        "# [KEY.base] is the shared minimal base, [KEY.packages] the whole image;",
+        '# ["registry:HOST/REPO:TAG"] the manifest digest a registry base\'s tag resolved to.',
+        "# Commit it. `kiln bake --update-lock` re-resolves (newest versions, current tags).",
     ]
     for key in sorted(entries):
         entry = entries[key]
@@ -200,12 +227,19 @@ def render_lock(entries: Mapping[str, LockEntry]) -> str:
         if entry.requested and entry.base is not None:
             lines += _toml_table(f"{name}.base", entry.base)
         lines += _toml_table(f"{name}.packages", entry.packages)
+    for key in sorted(pins or {}):
+        lines += ["", f"[{_toml_string(key)}]", f"digest = {_toml_string((pins or {})[key])}"]
     return "\n".join(lines) + "\n"
 
 
-def write_lock(path: Path, entries: Mapping[str, LockEntry]) -> None:
+def write_lock(
+    path: Path, entries: Mapping[str, LockEntry], pins: Mapping[str, str] | None = None
+) -> None:
+    """Write the whole lock; ``pins`` None keeps the registry pins the file holds."""
+    if pins is None:
+        pins = read_registry_pins(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(render_lock(entries))
+    tmp.write_text(render_lock(entries, pins))
     os.replace(tmp, path)
 
 

@@ -22,7 +22,7 @@ import json
 import os
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,8 @@ from kiln.image.store import ImageStore, split_ref_name
 
 if TYPE_CHECKING:
     import httpx
+
+    from kiln.spec.models import Spec
 
 MAX_MANIFEST_BYTES = 4 << 20
 """What distribution itself accepts; anything larger is hostile."""
@@ -434,6 +436,29 @@ def _error_detail(response: httpx.Response) -> str:
     return f": {message[:200]}" if message else ""
 
 
+def options_for(spec: Spec, host: str) -> RegistryOptions:
+    """What ``[registries."HOST"]`` of ``kiln.toml`` says about ``host`` (its paths are
+    relative to the file); no table: the defaults (system CAs, Docker's config)."""
+    access = spec.registries.get(host)
+    if access is None:
+        return RegistryOptions()
+    where = f'{spec.path.name}: registries."{host}"'
+
+    def existing(key: str, value: str | None) -> Path | None:
+        if value is None:
+            return None
+        path = spec.root / value
+        if not path.is_file():
+            raise KilnError(f"{where}.{key}: {path} is not a file")
+        return path
+
+    return RegistryOptions(
+        ca_file=existing("ca", access.ca),
+        auth_file=existing("auth_file", access.auth_file),
+        plain_http=access.plain_http,
+    )
+
+
 # -- push --------------------------------------------------------------------
 
 
@@ -597,6 +622,21 @@ def _range_end(response: httpx.Response, default: int) -> int:
 # -- pull --------------------------------------------------------------------
 
 
+LayerCheck = Callable[[Descriptor, Path], None]
+"""Called with each fetched layer's descriptor and verified temp file before anything is
+stored; raising refuses the whole pull."""
+
+
+def resolve(src: str, options: RegistryOptions | None = None) -> str:
+    """The digest of the manifest (or index) ``src`` names now: what a tag is pinned to."""
+    source = parse_ref(src)
+    with RegistryClient(source.host, options or RegistryOptions()) as client:
+        scope = f"repository:{source.repository}:pull"
+        data, media_type, digest = _fetch_manifest(client, source, source.reference, scope)
+    _decode_manifest(data, media_type, source)
+    return digest
+
+
 def pull(
     store: ImageStore,
     src: str,
@@ -604,6 +644,7 @@ def pull(
     *,
     local_name: str | None = None,
     client: RegistryClient | None = None,
+    check_layer: LayerCheck | None = None,
 ) -> PullResult:
     """Fetch an image, verify every blob, then publish blobs, manifest and tag in that order."""
     options = options or RegistryOptions()
@@ -620,7 +661,7 @@ def pull(
             manifest = _decode_manifest(manifest_bytes, media_type, source)
             if media_type not in _IMAGE_TYPES:
                 raise KilnError(f"{source}: the index points at another index; refused")
-        local_ref = local_name or _local_ref(source, digest)
+        local_ref = local_name or local_ref_name(source, digest)
         split_ref_name(local_ref)
         result = PullResult(str(source), local_ref, digest)
         try:
@@ -640,6 +681,10 @@ def pull(
             verified.append((tmp, blob))
             result.fetched.append(blob.digest)
             result.fetched_bytes += blob.size
+        if check_layer is not None:
+            for tmp, blob in verified:
+                if blob.digest != blobs[0].digest:
+                    check_layer(blob, tmp)
         for tmp, blob in verified:
             stored = store.put_file(tmp, blob.media_type, move=True)
             if stored.digest != blob.digest:
@@ -654,7 +699,8 @@ def pull(
             own.close()
 
 
-def _local_ref(source: RegistryRef, digest: str) -> str:
+def local_ref_name(source: RegistryRef, digest: str) -> str:
+    """The store tag of a pull: a pull by digest is tagged by (a prefix of) that digest."""
     if source.digest:
         return f"{source.repository}:sha256-{digest.removeprefix('sha256:')[:16]}"
     return f"{source.repository}:{source.tag or 'latest'}"

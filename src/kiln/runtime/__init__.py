@@ -27,6 +27,7 @@ __all__ = [
     "HANDLE_VERSION",
     "OUTPUT_CUT",
     "Capabilities",
+    "EdgeHost",
     "Execer",
     "ExitNotifier",
     "HostResources",
@@ -350,3 +351,16 @@ class ExitNotifier(Protocol):
         """A new fd, owned by the caller, that becomes readable once the instance no
         longer runs; None when it already does not (or cannot be watched this way)."""
         ...
+
+
+@runtime_checkable
+class EdgeHost(Protocol):
+    """Optional: a runtime of several nodes that runs Kiln's edge proxy on each of them,
+    fed routes by the agent's route watch (the local and docker runtimes have one
+    machine, where the agent's own proxy is the data plane)."""
+
+    def ensure_edge(self, image_digest: str, agent_url: str, token: bytes, ca_pem: bytes) -> bool:
+        """Run the edge everywhere with these settings; True when something changed."""
+        ...
+
+    def remove_edge(self) -> None: ...

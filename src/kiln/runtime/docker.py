@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import docker
 import docker.errors
@@ -72,6 +72,8 @@ __all__ = [
     "LABEL_HOME",
     "LABEL_INSTANCE",
     "DockerRuntime",
+    "LogCopier",
+    "LogSource",
 ]
 
 DEFAULT_HOST = "unix:///run/docker.sock"
@@ -267,18 +269,34 @@ class _LineAssembler:
         return out
 
 
-class _LogCopier:
-    """Copies one container's output from the engine into the home's log store.
+class LogSource(Protocol):
+    """What a log copier needs of its runtime: where logs go, and a connection of its own."""
+
+    logs_dir: Path
+
+    def new_api(self, timeout: float = 60.0) -> Any: ...
+
+
+class LogCopier:
+    """Copies one container's (or Swarm service's) output from the engine into the
+    home's log store.
 
     ``follow``: keep reading until the container stops (or :meth:`cancel`);
     otherwise copy what the engine holds and return. Either way it starts
-    after the last line the log file already has.
+    after the last line the log file already has. ``source`` is the Engine API
+    path of the log stream: a container's, or a Swarm service's (the same frames).
     """
 
     def __init__(
-        self, runtime: DockerRuntime, container_id: str, meta: LogMeta, follow: bool
+        self,
+        runtime: LogSource,
+        container_id: str,
+        meta: LogMeta,
+        follow: bool,
+        source: str = "/containers/{0}/logs",
     ) -> None:
         self.runtime = runtime
+        self.source = source
         self.container_id = container_id
         self.meta = meta
         self.follow = follow
@@ -327,9 +345,7 @@ class _LogCopier:
     ) -> None:
         # The SDK's own log stream drops which stream a frame came from; read the
         # multiplexed frames ourselves, with its helpers for the request and socket.
-        response = api._get(
-            api._url("/containers/{0}/logs", self.container_id), params=params, stream=True
-        )
+        response = api._get(api._url(self.source, self.container_id), params=params, stream=True)
         api._raise_for_status(response)
         raw = api._get_raw_response_socket(response)
         api._disable_socket_timeout(raw)
@@ -367,7 +383,7 @@ class _LogCopier:
 
 @dataclass
 class _Follower:
-    copier: _LogCopier
+    copier: LogCopier
     thread: threading.Thread
 
 
@@ -918,7 +934,7 @@ class DockerRuntime:
             current = self._followers.get(container_id)
             if current is not None and current.thread.is_alive():
                 return
-            copier = _LogCopier(self, container_id, meta, follow=True)
+            copier = LogCopier(self, container_id, meta, follow=True)
             thread = threading.Thread(
                 target=copier.run, name=f"kiln-logs-{meta.instance}", daemon=True
             )
@@ -952,7 +968,7 @@ class DockerRuntime:
         been cut off, or the agent was down when the container stopped)."""
         container_id = str(attrs["Id"])
         self._end_follower(container_id, LOG_DRAIN_TIMEOUT)
-        copier = _LogCopier(self, container_id, self._meta(attrs), follow=False)
+        copier = LogCopier(self, container_id, self._meta(attrs), follow=False)
         copier.run()
 
     # -- state

@@ -9,23 +9,34 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kiln.errors import KilnError
 from kiln.runtime import Runtime
 
-__all__ = ["RUNTIME_KINDS", "RuntimeChoice", "open_runtime", "read_choice", "write_choice"]
+__all__ = [
+    "RUNTIME_KINDS",
+    "Registry",
+    "RuntimeChoice",
+    "open_runtime",
+    "read_choice",
+    "write_choice",
+]
 
 CHOICE_FILE = "runtime.json"
 
-RUNTIME_KINDS = ("local", "docker")
+RUNTIME_KINDS = ("local", "docker", "swarm")
 
 
-def open_runtime(home: Path, kind: str = "local", host: str | None = None) -> Runtime:
-    """A runtime for ``home``: ``local`` (runc on this machine) or ``docker`` (the
-    engine at ``host``, default ``DOCKER_HOST`` or /run/docker.sock)."""
+def open_runtime(
+    home: Path, kind: str = "local", host: str | None = None, registry: Registry | None = None
+) -> Runtime:
+    """A runtime for ``home``: ``local`` (runc on this machine), ``docker`` (the engine at
+    ``host``, default ``DOCKER_HOST`` or /run/docker.sock) or ``swarm`` (the manager at
+    ``host``, images pushed to ``registry``)."""
     if kind == "local":
         if host is not None:
-            raise KilnError(f'runtime host {host!r} is only used with kind = "docker", not "local"')
+            raise KilnError(f'runtime host {host!r} is only used with kind = "docker" or "swarm"')
         from kiln.runtime.local import LocalRuntime
 
         return LocalRuntime(home)
@@ -33,7 +44,49 @@ def open_runtime(home: Path, kind: str = "local", host: str | None = None) -> Ru
         from kiln.runtime.docker import DockerRuntime
 
         return DockerRuntime(home, host)
+    if kind == "swarm":
+        from kiln.image.registry import RegistryOptions
+        from kiln.runtime.swarm import SwarmRuntime
+
+        if registry is None:
+            raise KilnError('the swarm runtime needs [runtime] registry = "HOST[:PORT]/PATH"')
+        options = RegistryOptions(
+            ca_file=Path(registry.ca) if registry.ca else None,
+            auth_file=Path(registry.auth_file) if registry.auth_file else None,
+            plain_http=registry.plain_http,
+        )
+        return SwarmRuntime(home, host, registry.path, options)
     raise KilnError(f"unknown runtime kind {kind!r}: use one of {', '.join(RUNTIME_KINDS)}")
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Where a Swarm's images go, and how to reach it (absolute paths; from ``[runtime]
+    registry`` and ``[registries."HOST"]``)."""
+
+    path: str
+    ca: str | None = None
+    auth_file: str | None = None
+    plain_http: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ca": self.ca,
+            "auth_file": self.auth_file,
+            "plain_http": self.plain_http,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Registry | None:
+        if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+            return None
+        return cls(
+            str(data["path"]),
+            str(data["ca"]) if data.get("ca") else None,
+            str(data["auth_file"]) if data.get("auth_file") else None,
+            bool(data.get("plain_http")),
+        )
 
 
 @dataclass(frozen=True)
@@ -43,15 +96,34 @@ class RuntimeChoice:
 
     kind: str = "local"
     host: str | None = None
+    registry: Registry | None = None
 
     def open(self, home: Path) -> Runtime:
-        return open_runtime(home, self.kind, self.host)
+        return open_runtime(home, self.kind, self.host, self.registry)
 
     def describe(self) -> str:
-        return self.kind + (f" at {self.host}" if self.host else "")
+        where = f" at {self.host}" if self.host else ""
+        via = f" (images via {self.registry.path})" if self.registry else ""
+        return self.kind + where + via
 
-    def to_json(self) -> dict[str, str | None]:
-        return {"kind": self.kind, "host": self.host}
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "host": self.host,
+            "registry": self.registry.to_json() if self.registry else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> RuntimeChoice:
+        """From a request's or ``runtime.json``'s ``runtime`` object."""
+        if not isinstance(data, dict):
+            return cls()
+        host = data.get("host")
+        return cls(
+            str(data.get("kind") or "local"),
+            str(host) if host else None,
+            Registry.from_json(data.get("registry")),
+        )
 
 
 def read_choice(home: Path) -> RuntimeChoice | None:
@@ -63,8 +135,7 @@ def read_choice(home: Path) -> RuntimeChoice | None:
         raise KilnError(f"{home / CHOICE_FILE}: unreadable ({e}); remove it to choose again") from e
     if not isinstance(data, dict) or data.get("kind") not in RUNTIME_KINDS:
         raise KilnError(f"{home / CHOICE_FILE}: not a runtime choice; remove it to choose again")
-    host = data.get("host")
-    return RuntimeChoice(str(data["kind"]), str(host) if host else None)
+    return RuntimeChoice.from_json(data)
 
 
 def write_choice(home: Path, choice: RuntimeChoice) -> None:

@@ -269,6 +269,7 @@ def check_spec(
         return None, found.in_file_order()
     _check_references(spec, found)
     _check_runtime(spec, found)
+    _check_registries(spec, found)
     spec._path = path
     spec._text = text
     spec._environment = env
@@ -474,10 +475,9 @@ def _check_references(spec: Spec, found: _Found) -> None:
 
 
 def _check_runtime(spec: Spec, found: _Found) -> None:
-    """``host`` names a Docker Engine: it means nothing to the local runtime."""
+    """``host`` names a Docker Engine (or a Swarm manager): it means nothing to the local
+    runtime; ``registry`` is where a Swarm's nodes pull from, and a Swarm needs one."""
     runtime = spec.runtime
-    if runtime.kind == "docker" or runtime.host is None:
-        return
     env = found.env
 
     def where(key: str) -> KeyPath:
@@ -486,7 +486,33 @@ def _check_runtime(spec: Spec, found: _Found) -> None:
 
     kind_from = where("kind")
     origin = f" ({key_name(kind_from[:-1])} sets kind)" if kind_from[0] == "environments" else ""
-    found.add(where("host"), f'is only used with kind = "docker"; kind is "{runtime.kind}"{origin}')
+    if runtime.host is not None and runtime.kind == "local":
+        found.add(
+            where("host"),
+            f'is only used with kind = "docker" or "swarm"; kind is "{runtime.kind}"{origin}',
+        )
+    if runtime.registry is not None and runtime.kind != "swarm":
+        found.add(
+            where("registry"), f'is only used with kind = "swarm"; kind is "{runtime.kind}"{origin}'
+        )
+    if runtime.kind == "swarm" and runtime.registry is None:
+        found.add(
+            kind_from,
+            'is "swarm", which needs registry = "HOST[:PORT]/PATH" in [runtime]: every node '
+            "pulls the images from there",
+        )
+
+
+def _check_registries(spec: Spec, found: _Found) -> None:
+    """Plain HTTP sends layers and credentials in the clear: loopback only."""
+    from kiln.image.registry import RegistryRef, is_loopback
+
+    for host, access in spec.registries.items():
+        if access.plain_http and not is_loopback(RegistryRef(host, "x").hostname):
+            found.add(
+                ("registries", host, "plain_http"),
+                f"is only allowed for a registry on loopback; {host} is not (give its ca)",
+            )
 
 
 def _check_recipe(recipe: Recipe, name: str, fail: Any, suggest: Any, recipes: list[str]) -> None:
@@ -499,6 +525,13 @@ def _check_recipe(recipe: Recipe, name: str, fail: Any, suggest: Any, recipes: l
             )
         if other == name:
             fail(("images", name, "from"), "an image cannot be its own base")
+    elif base.startswith("registry:"):
+        from kiln.image.registry import parse_ref
+
+        try:
+            parse_ref(base)
+        except KilnError as e:
+            fail(("images", name, "from"), str(e))
     elif base != "scratch" and not base.startswith(("debian:", "oci:")):
         fail(
             ("images", name, "from"),

@@ -441,20 +441,58 @@ def _engine_host(value: object) -> object:
 EngineHost = Annotated[str, BeforeValidator(_engine_host)]
 
 
+def _registry_path(value: Any) -> Any:
+    from kiln.errors import KilnError
+    from kiln.image.registry import parse_ref
+
+    if not isinstance(value, str):
+        return value
+    text = value.rstrip("/")
+    try:
+        ref = parse_ref(text + "/probe")
+    except KilnError as e:
+        raise ValueError(
+            f"{shown(value)} is not HOST[:PORT][/PATH] (path in lower case: a-z 0-9 . _ - /)"
+        ) from e
+    if "." not in ref.host and ":" not in ref.host and ref.host != "localhost":
+        raise ValueError(f"{shown(value)} must start with a registry host, e.g. 10.0.0.5:5000/kiln")
+    return text
+
+
+RegistryPath = Annotated[str, BeforeValidator(_registry_path)]
+
+
 class RuntimeTarget(_Model):
     """``[runtime]``: where the project's instances run. ``local`` is runc on this
     machine; ``docker`` a Docker Engine at ``host`` (default ``DOCKER_HOST`` or
-    ``unix:///run/docker.sock``)."""
+    ``unix:///run/docker.sock``); ``swarm`` a Docker Swarm whose manager is ``host``,
+    with images pushed to ``registry`` for every node to pull."""
 
-    kind: Literal["local", "docker"] = "local"
+    kind: Literal["local", "docker", "swarm"] = "local"
     host: EngineHost | None = None
+    registry: RegistryPath | None = None
 
 
 class RuntimeTargetOverlay(_Model):
     """``[environments.NAME.runtime]``: the keys it sets replace the base table's."""
 
-    kind: Literal["local", "docker"] | None = None
+    kind: Literal["local", "docker", "swarm"] | None = None
     host: EngineHost | None = None
+    registry: RegistryPath | None = None
+
+
+_REGISTRY_HOST = r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$"
+RegistryHost = Annotated[str, Field(pattern=_REGISTRY_HOST, max_length=255)]
+"""``HOST[:PORT]`` exactly as it starts a registry reference (``127.0.0.1:5000``)."""
+
+
+class RegistryAccess(_Model):
+    """``[registries."HOST:PORT"]``: how to reach one registry, for ``registry:`` bases and
+    ``kiln push``/``kiln pull``; paths are relative to ``kiln.toml`` so the file travels."""
+
+    ca: str | None = Field(default=None, min_length=1)
+    auth_file: str | None = Field(default=None, min_length=1)
+    plain_http: bool = False
 
 
 class Environment(_Model):
@@ -473,6 +511,7 @@ class Spec(_Model):
     images: dict[str, Recipe] = {}
     services: dict[str, Service] = {}
     environments: dict[str, Environment] = {}
+    registries: dict[RegistryHost, RegistryAccess] = {}
 
     _path: Path = PrivateAttr(default=Path("kiln.toml"))
     _text: str = PrivateAttr(default="")

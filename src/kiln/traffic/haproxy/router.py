@@ -953,7 +953,10 @@ def _fd_budget(maxconn: int) -> int:
 
 
 def _haproxy_user() -> tuple[str, int] | None:
-    """Debian's haproxy package makes a ``haproxy`` user; the worker drops to it."""
+    """Debian's haproxy package makes a ``haproxy`` user; the worker drops to it. Only
+    root can drop to another user: an unprivileged router (the Swarm edge) runs as itself."""
+    if os.geteuid() != 0:
+        return None
     try:
         entry = pwd.getpwnam("haproxy")
     except KeyError:

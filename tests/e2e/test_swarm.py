@@ -1,0 +1,218 @@
+"""The main job on a real three-node Docker Swarm through the real CLI: the same
+kiln.toml plus a ``[runtime]`` table; instances spread over the nodes, a rolling update
+under load with no failed request, a SIGKILLed instance replaced, a lost node's
+instances replaced on the others, its old instance removed (not adopted) when it
+comes back, a rollback, the logs of an instance that ran on the lost node, and a
+down that leaves nothing of the home in the swarm."""
+
+# ruff: noqa: F811 - the swarm_cluster fixture is imported by name and used as a parameter
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_story import KILN, fetch, free_port, kiln, make_project, status, wait_for
+
+from kiln.observe.load import LoadGenerator
+from kiln.oci.runc import home_tag
+from kiln.runtime.docker import LABEL_HOME, LABEL_INSTANCE
+from swarm_cluster import SwarmCluster, swarm_cluster  # noqa: F401
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.docker,
+    pytest.mark.skipif(os.geteuid() != 0, reason="a swarm of engines needs root"),
+]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    home = tmp_path / "home"
+    yield home
+    kiln(home, "down")
+
+
+def swarm_project(root: Path, listen: int, cluster: SwarmCluster) -> Path:
+    project = make_project(root, listen, "v1")
+    toml = project / "kiln.toml"
+    toml.write_text(
+        toml.read_text().replace(
+            "[images.web]",
+            "[runtime]\n"
+            'kind = "swarm"\n'
+            f'host = "{cluster.manager.host}"\n'
+            f'registry = "{cluster.registry}/story"\n\n'
+            f'[registries."{cluster.registry}"]\n'
+            f'ca = "{cluster.registry_ca}"\n\n'
+            "[images.web]",
+        )
+    )
+    return project
+
+
+def ready(home: Path) -> list[dict]:  # type: ignore[type-arg]
+    return [i for i in status(home)["instances"] if i["state"] == "ready"]
+
+
+def start_agent(home: Path, project: Path, address: str) -> subprocess.Popen[bytes]:
+    """``kiln agent --listen`` on the bridge, where every node (and its edge) reaches it."""
+    home.mkdir(mode=0o700, exist_ok=True)
+    log = open(home / "agent-fg.log", "wb")  # noqa: SIM115 - the agent outlives this call
+    agent = subprocess.Popen(
+        [KILN, "agent", "--listen", address, "--file", str(project)],
+        env=dict(os.environ, KILN_HOME=str(home)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for(lambda: (home / "agent.sock").exists() or agent.poll() is not None, timeout=30)
+    assert agent.poll() is None, (home / "agent-fg.log").read_text()
+    return agent
+
+
+def edge_serves(address: str, port: int, body: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{address}:{port}/", timeout=2) as response:
+            return bool(response.read().decode().strip() == body)
+    except OSError:
+        return False
+
+
+def test_the_main_job_on_a_three_node_swarm(
+    home: Path, tmp_path: Path, swarm_cluster: SwarmCluster
+) -> None:
+    listen = free_port()
+    project = swarm_project(tmp_path / "p", listen, swarm_cluster)
+    nodes = {n.address: n for n in swarm_cluster.nodes}
+    agent = start_agent(home, project, f"{swarm_cluster.gateway}:{free_port()}")
+    try:
+        up = kiln(home, "up", str(project))
+        assert up.returncode == 0, up.stderr
+        assert fetch(listen) == "v1"
+
+        # The edges: baked by Kiln, one per node, each serving the routes it watches.
+        started = time.monotonic()
+        for node in swarm_cluster.nodes:
+            wait_for(lambda n=node: edge_serves(n.address, listen, "v1"), timeout=240)
+        print(f"swarm: edges serving on every node after {time.monotonic() - started:.1f}s")
+        edge = swarm_cluster.nodes[1].address
+        first = ready(home)
+        assert len(first) == 3
+        hosts = {i["address"].rpartition(":")[0] for i in first}
+        assert hosts <= set(nodes), hosts
+        assert len(hosts) >= 2, f"Swarm spread nothing: {hosts}"
+
+        (project / "rootfs" / "www" / "index.html").write_text("v2\n")
+        with (
+            LoadGenerator("127.0.0.1", listen, workers=2) as load,
+            LoadGenerator(edge, listen, workers=2) as through_edge,
+        ):
+            time.sleep(0.3)
+            applied = kiln(home, "apply", "--file", str(project), "--yes")
+            time.sleep(1.0)
+        assert applied.returncode == 0, applied.stderr
+        print(f"swarm rollout under load, agent's proxy: {load.report.summary()}")
+        print(f"swarm rollout under load, edge of node 2: {through_edge.report.summary()}")
+        for report in (load.report, through_edge.report):
+            assert report.sent > 100
+            assert report.failed == 0, report.errors
+        assert fetch(listen) == "v2"
+        wait_for(lambda: edge_serves(edge, listen, "v2"), timeout=10)
+        assert not {i["id"] for i in first} & {i["id"] for i in ready(home)}
+
+        # A SIGKILLed instance: its task ends, Kiln replaces it with a new instance.
+        victim = ready(home)[0]
+        node = nodes[victim["address"].rpartition(":")[0]]
+        container = swarm_cluster.containers(node, f"{LABEL_INSTANCE}={victim['id']}")[0]
+        killed = time.monotonic()
+        node.docker("kill", "-s", "KILL", container["Id"])
+
+        def replaced(gone: str) -> bool:
+            now = ready(home)
+            return len(now) == 3 and gone not in {i["id"] for i in now}
+
+        wait_for(lambda: replaced(victim["id"]), timeout=60)
+        print(f"swarm: SIGKILLed instance replaced in {time.monotonic() - killed:.1f}s")
+
+        # A lost node: its instances are replaced on the others, full strength again.
+        worker_instances = [
+            i
+            for i in ready(home)
+            if i["address"].rpartition(":")[0] != swarm_cluster.manager.address
+        ]
+        assert worker_instances, "no instance on a worker"
+        lost = nodes[worker_instances[0]["address"].rpartition(":")[0]]
+        on_lost = {i["id"] for i in ready(home) if i["address"].rpartition(":")[0] == lost.address}
+        with LoadGenerator(swarm_cluster.manager.address, listen, workers=2) as load:
+            swarm_cluster.cut(lost)
+            cut_at = time.monotonic()
+
+            def recovered() -> bool:
+                now = ready(home)
+                return len(now) == 3 and not ({i["id"] for i in now} & on_lost)
+
+            wait_for(recovered, timeout=90)
+            print(
+                f"swarm: node lost, full strength again in {time.monotonic() - cut_at:.1f}s; "
+                f"{load.report.summary()}"
+            )
+        assert all(i["address"].rpartition(":")[0] != lost.address for i in ready(home))
+
+        logs = kiln(home, "logs", "web", "--instance", sorted(on_lost)[0])
+        assert logs.returncode == 0, logs.stderr
+        assert "started v2" in logs.stdout
+
+        # The node comes back: its old instance is removed, never adopted a second time.
+        swarm_cluster.restore(lost)
+        swarm_cluster.wait_node_state(lost, "ready")
+
+        def old_removed() -> bool:
+            left = swarm_cluster.containers(lost, f"{LABEL_HOME}={home_tag(home)}")
+            return not [c for c in left if c["Labels"].get(LABEL_INSTANCE) in on_lost]
+
+        wait_for(old_removed, timeout=60)
+        assert len(ready(home)) == 3
+        assert not ({i["id"] for i in status(home)["instances"]} & on_lost)
+
+        back = kiln(home, "rollback", "web")
+        assert back.returncode == 0, back.stderr
+        assert fetch(listen) == "v1"
+
+        down = kiln(home, "down")
+        assert down.returncode == 0, down.stderr
+        assert agent.wait(timeout=30) == 0
+        api = swarm_cluster.manager.api()
+        try:
+            left = api.services(filters={"label": f"{LABEL_HOME}={home_tag(home)}"})
+            assert left == [], [s["Spec"]["Name"] for s in left]
+        finally:
+            api.close()
+    finally:
+        for node in swarm_cluster.nodes:
+            if node.index in swarm_cluster.cut_nodes:
+                swarm_cluster.restore(node)
+        kiln(home, "down")
+        if agent.poll() is None:
+            agent.terminate()
+            agent.wait(timeout=30)
+
+
+def test_an_unreachable_manager_fails_the_plan_and_changes_nothing(
+    home: Path, tmp_path: Path, swarm_cluster: SwarmCluster
+) -> None:
+    listen = free_port()
+    project = swarm_project(tmp_path / "p", listen, swarm_cluster)
+    toml = project / "kiln.toml"
+    toml.write_text(
+        toml.read_text().replace(swarm_cluster.manager.host, f"unix://{tmp_path}/gone.sock")
+    )
+    up = kiln(home, "up", str(project))
+    assert up.returncode != 0
+    assert "unreachable" in up.stderr, up.stderr
+    assert up.stderr.strip().splitlines()[-1].startswith("error: swarm runtime: the swarm manager")
+    with pytest.raises(OSError):
+        fetch(listen)

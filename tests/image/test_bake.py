@@ -528,7 +528,7 @@ cmd = ["/bin/sh", "main.sh"]
 expose = [8080]
 labels = { team = "core" }
 """
-KNOWN_DIGEST = "sha256:f0505781e3334bf840b761cce91f0cbf0ae4e5168ac3c6e8f00ca9784e26f06d"
+KNOWN_DIGEST = "sha256:9c9e24705778e7762324b5798beddb027eec7968fe4e136662529ad061f457b5"
 WITH_A_RUN_STEP = """
 [images.stepped]
 from = "image:known"

@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import io
 import os
 import random
@@ -347,3 +348,34 @@ def test_a_settled_tree_is_exactly_what_its_layer_unpacks_to(
     assert _full_tree(unpacked) == settled
     settle_tree(root, EPOCH)
     assert layer_from_dir(root, store, EPOCH).descriptor == layer.descriptor
+
+
+def _known_tree(root: Path) -> Path:
+    """A fixed small tree: text that compresses, bytes that do not, a link, a directory."""
+    (root / "srv" / "app").mkdir(parents=True)
+    (root / "srv" / "app" / "main.py").write_text("print('hello')\n" * 2000)
+    noise = random.Random(7)
+    (root / "srv" / "app" / "blob.bin").write_bytes(noise.randbytes(300_000))
+    (root / "srv" / "app" / "current").symlink_to("main.py")
+    for path in (root / "srv", root / "srv" / "app"):
+        path.chmod(0o755)
+    for path in (root / "srv" / "app" / "main.py", root / "srv" / "app" / "blob.bin"):
+        path.chmod(0o644)
+    return root
+
+
+KNOWN_LAYER_DIFF_ID = "sha256:8784dd39d9867954a6d9aa963759e9601e91a710a5dd8d9ff4246c64913a9a1e"
+KNOWN_LAYER_DIGEST = "sha256:acc7ef8bdcebb5a42f13356357e3e874b230e6e34f8f2d95beb0730dbc32b08b"
+
+
+def test_a_fixed_tree_gives_the_digest_written_here_on_any_host(tmp_path: Path) -> None:
+    """The known answer: the tar is Kiln's own normalised stream and the gzip is zlib-ng from
+    a pinned wheel, so neither depends on the host's zlib build, thread count or clock."""
+    layer = layer_from_dir(
+        _known_tree(tmp_path / "tree"), ImageStore(tmp_path / "s"), 1_700_000_000
+    )
+    assert layer.diff_id == KNOWN_LAYER_DIFF_ID
+    assert layer.descriptor.digest == KNOWN_LAYER_DIGEST
+    # Any gzip reader reads it back: the stdlib's, to the very tar the diff_id names.
+    blob = ImageStore(tmp_path / "s").blob_path(layer.descriptor.digest).read_bytes()
+    assert "sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest() == KNOWN_LAYER_DIFF_ID

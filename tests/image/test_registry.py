@@ -5,11 +5,9 @@ read back by skopeo, and pulls from a hostile registry that must leave the store
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import http.server
 import io
-import ipaddress
 import json
 import os
 import shutil
@@ -45,6 +43,7 @@ from kiln.image.registry import (
     push,
 )
 from kiln.image.store import ImageStore
+from tls_certs import make_ca, make_server_cert
 
 REGISTRY_BIN = Path("/usr/bin/docker-registry")
 USER, PASSWORD = "kiln", "s3cret-pass"
@@ -104,67 +103,6 @@ class Registry:
         return RegistryOptions(
             ca_file=self.ca_file, auth_file=self.auth_file, chunk_bytes=CHUNK, **kw
         )
-
-
-def make_ca(dest: Path, name: str) -> tuple[Path, Any, Any]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    path = dest / f"{name}.crt"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path, key, cert
-
-
-def make_server_cert(dest: Path, ca_key: Any, ca_cert: Any) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = dest / "server.crt", dest / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")
@@ -292,9 +230,16 @@ class BreakingProxy:
     connection closes); ``break_before`` ones never reach it.
     """
 
-    def __init__(self, registry: Registry, break_after: set[int], break_before: set[int]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        break_after: set[int],
+        break_before: set[int],
+        body_limit: int | None = None,
+    ) -> None:
         import httpx
 
+        self.body_limit = body_limit
         self.upstream = httpx.Client(
             base_url=f"https://{registry.host}",
             verify=ssl.create_default_context(cafile=str(registry.ca_file)),
@@ -327,6 +272,15 @@ class BreakingProxy:
 
     def forward(self, h: http.server.BaseHTTPRequestHandler) -> None:
         body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        if self.body_limit is not None and len(body) > self.body_limit:
+            # What nginx in front of a registry does with client_max_body_size.
+            refusal = b'{"errors":[{"code":"SIZE_INVALID","message":"request body too large"}]}'
+            h.send_response(413)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(refusal)))
+            h.end_headers()
+            h.wfile.write(refusal)
+            return
         if h.command == "PATCH":
             self.patches += 1
             if self.patches in self.break_before:
@@ -349,6 +303,30 @@ class BreakingProxy:
         h.end_headers()
         if h.command != "HEAD":
             h.wfile.write(answer.content)
+
+
+@needs_registry
+def test_an_image_too_big_for_the_registry_is_one_clear_error_and_no_manifest(
+    registry: Registry, tmp_path: Path
+) -> None:
+    store = ImageStore(tmp_path / "s")
+    make_image(store, tmp_path, "big:1", payload_bytes=3 * CHUNK)
+    proxy = BreakingProxy(registry, set(), set(), body_limit=CHUNK // 2)
+    try:
+        options = RegistryOptions(plain_http=True, auth_file=registry.auth_file, chunk_bytes=CHUNK)
+        with (
+            RegistryClient(proxy.host, options) as client,
+            pytest.raises(KilnError) as refused,
+        ):
+            push(store, "big:1", f"{proxy.host}/team/big:1", client=client)
+    finally:
+        proxy.close()
+    message = str(refused.value)
+    assert "too large (413)" in message and "request body too large" in message, message
+    assert "\n" not in message
+    with RegistryClient(registry.host, registry.options()) as client:
+        answer = client.send("HEAD", "/v2/team/big/manifests/1", scope="repository:team/big:pull")
+        assert answer.status_code == 404  # nothing half-pushed is tagged
 
 
 @needs_registry

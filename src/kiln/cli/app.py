@@ -276,6 +276,8 @@ def run(args: list[str]) -> int:
     from kiln.cli import init as _init  # noqa: F401  (registers kiln init)
     from kiln.cli import registry_cmd as _registry_cmd  # noqa: F401  (registers push, pull)
     from kiln.cli import render_cmd as _render  # noqa: F401  (registers kiln render)
+    from kiln.cli import sbom_cmd as _sbom_cmd  # noqa: F401  (registers sbom, image referrers)
+    from kiln.cli import scan_cmd as _scan_cmd  # noqa: F401  (registers kiln scan)
     from kiln.cli import secret as _secret  # noqa: F401  (registers kiln secret)
     from kiln.cli import token_cmd as _token_cmd  # noqa: F401  (registers kiln token)
 

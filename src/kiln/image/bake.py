@@ -809,6 +809,16 @@ class _ImageBake:
             config["Labels"] = labels
         return config
 
+    def _evidence(self, digest: str) -> None:
+        """The image's SBOM as a referrer, before it is tagged (a failure tags nothing);
+        a cached re-bake finds it already attached and does nothing."""
+        from kiln.supply.sbom import ensure_sbom
+
+        try:
+            ensure_sbom(self.shared.store, digest)
+        except KilnError as e:
+            raise KilnError(f"{self.file}: {self.where}: SBOM: {e}") from e
+
     def _assemble(self, started: float) -> BakeResult:
         shared = self.shared
         store = shared.store
@@ -837,6 +847,7 @@ class _ImageBake:
             "annotations": annotations,
         }
         manifest_desc = store.put_bytes(canonical_json(manifest), MEDIA_TYPE_MANIFEST)
+        self._evidence(manifest_desc.digest)
         refs = [f"{self.name}:{manifest_desc.digest.removeprefix('sha256:')[:12]}"]
         if self.recipe.tag:
             refs.append(f"{self.name}:{self.recipe.tag}")

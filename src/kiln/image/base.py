@@ -194,7 +194,8 @@ def _pick_manifest(layout: _Layout, ref: str | None) -> Descriptor:
     except (OSError, ValueError, AttributeError) as e:
         raise KilnError(f"{layout.label}: cannot read {layout.root}/index.json: {e}") from e
     if ref is None:
-        chosen = entries
+        # An export's referrers (SBOM, provenance) are entries too, but not images.
+        chosen = [e for e in entries if not e.artifact_type]
     elif ref.startswith("sha256:"):
         chosen = [e for e in entries if e.digest == ref]
     else:

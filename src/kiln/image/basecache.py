@@ -55,6 +55,7 @@ from typing import Any
 from kiln.errors import KilnError
 from kiln.image.command import Interrupted
 from kiln.image.digest import MEDIA_TYPE_LAYER_GZIP, Descriptor, canonical_json, sha256_hex
+from kiln.image.layer import GZIP_IMPLEMENTATION
 from kiln.process import pid_alive
 
 __all__ = [
@@ -171,6 +172,7 @@ class BaseCache:
                 {
                     "kind": "debian-base",
                     "format": FORMAT,
+                    "gzip": GZIP_IMPLEMENTATION,
                     "suite": suite,
                     "architecture": architecture,
                     "variant": variant,
@@ -190,6 +192,7 @@ class BaseCache:
                 {
                     "kind": "debian-packages",
                     "format": FORMAT,
+                    "gzip": GZIP_IMPLEMENTATION,
                     "base": base_diff_id,
                     "install": dict(sorted(install.items())),
                     "requested": list(requested),

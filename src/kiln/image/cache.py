@@ -60,7 +60,13 @@ class CachedLayer:
 
 
 def step_key(parent_diff_ids: Sequence[str], step: Mapping[str, Any]) -> str:
-    return sha256_hex(canonical_json({"parents": list(parent_diff_ids), "step": dict(step)}))
+    from kiln.image.layer import GZIP_IMPLEMENTATION
+
+    return sha256_hex(
+        canonical_json(
+            {"parents": list(parent_diff_ids), "step": dict(step), "gzip": GZIP_IMPLEMENTATION}
+        )
+    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

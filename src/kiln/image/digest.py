@@ -20,6 +20,8 @@ MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_TYPE_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_TYPE_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MEDIA_TYPE_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_TYPE_EMPTY = "application/vnd.oci.empty.v1+json"
+"""The ``{}`` config of an OCI 1.1 artifact manifest (a referrer's)."""
 DOCKER_MEDIA_TYPE_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MEDIA_TYPE_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
@@ -61,6 +63,8 @@ class Descriptor:
     digest: str
     size: int
     annotations: dict[str, str] | None = None
+    artifact_type: str | None = None
+    """``artifactType`` of an OCI 1.1 artifact (a referrer), as the referrers API lists it."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -68,6 +72,8 @@ class Descriptor:
             "digest": self.digest,
             "size": self.size,
         }
+        if self.artifact_type:
+            out["artifactType"] = self.artifact_type
         if self.annotations:
             out["annotations"] = dict(self.annotations)
         return out
@@ -82,9 +88,16 @@ class Descriptor:
             raise KilnError(f"malformed OCI descriptor {data!r}: {e}") from e
         raw = data.get("annotations")
         annotations = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else None
-        return cls(media_type, digest, size, annotations or None)
+        artifact_type = data.get("artifactType")
+        return cls(
+            media_type,
+            digest,
+            size,
+            annotations or None,
+            str(artifact_type) if isinstance(artifact_type, str) and artifact_type else None,
+        )
 
     def with_annotations(self, extra: dict[str, str]) -> Descriptor:
         merged = dict(self.annotations or {})
         merged.update(extra)
-        return Descriptor(self.media_type, self.digest, self.size, merged)
+        return Descriptor(self.media_type, self.digest, self.size, merged, self.artifact_type)

@@ -4,6 +4,11 @@ Both archives are deterministic (sorted entries, mtime 0, owner 0:0), so
 exporting the same image twice gives the same file. Layers stay gzipped in
 the docker format: ``docker load`` decompresses them and checks each against
 the config's ``diff_ids``.
+
+The OCI archive carries the image's referrers (SBOM, provenance, signatures) too, as
+``oras`` and ``regctl`` lay them out: each artifact manifest is an untagged
+``index.json`` entry with its ``artifactType``, and its ``subject`` field names the
+image. ``ANNOTATION_SUBJECT`` on the entry saves a reader opening every manifest.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from kiln.image.digest import (
 from kiln.image.store import ImageStore
 
 ExportFormat = Literal["oci", "docker"]
+ANNOTATION_SUBJECT = "dev.kiln.referrer.subject"
+"""On an exported referrer's ``index.json`` entry: the digest of the manifest it is about."""
 
 
 def export_image(store: ImageStore, ref: str, fmt: ExportFormat, out: Path) -> None:
@@ -41,6 +48,17 @@ def export_image(store: ImageStore, ref: str, fmt: ExportFormat, out: Path) -> N
         raise KilnError(f"manifest of {ref} is malformed: {e}") from e
     ref_name = (descriptor.annotations or {}).get(ANNOTATION_REF_NAME)
     blobs = sorted({descriptor.digest, config.digest, *(layer.digest for layer in layers)})
+    referrers = store.referrer_closure([descriptor.digest]) if fmt == "oci" else []
+    referrer_entries: list[Descriptor] = []
+    for referrer in referrers:
+        try:
+            subject = str(store.read_json(referrer.digest)["subject"]["digest"])
+        except (KeyError, TypeError) as e:
+            raise KilnError(
+                f"cannot export {ref}: referrer {referrer.digest} has no subject"
+            ) from e
+        referrer_entries.append(referrer.with_annotations({ANNOTATION_SUBJECT: subject}))
+        blobs = sorted({*blobs, *store.reachable([referrer.digest])})
     for digest in blobs:
         if not store.has(digest):
             raise KilnError(f"cannot export {ref}: blob {digest} is missing from {store.root}")
@@ -51,8 +69,9 @@ def export_image(store: ImageStore, ref: str, fmt: ExportFormat, out: Path) -> N
         entry = Descriptor(descriptor.media_type, descriptor.digest, descriptor.size)
         if ref_name:
             entry = entry.with_annotations({ANNOTATION_REF_NAME: ref_name})
+        manifests = [entry.to_json(), *(e.to_json() for e in referrer_entries)]
         files["index.json"] = canonical_json(
-            {"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": [entry.to_json()]}
+            {"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": manifests}
         )
     else:
         blobs = sorted({config.digest, *(layer.digest for layer in layers)})

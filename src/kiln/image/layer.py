@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
 
+from zlib_ng import zlib_ng
+
 from kiln.errors import KilnError
 from kiln.image.command import Interrupted
 from kiln.image.digest import MEDIA_TYPE_LAYER_GZIP, Descriptor
@@ -38,6 +40,12 @@ from kiln.image.store import ImageStore
 from kiln.oci.idmap import IdRange
 
 GZIP_LEVEL = 6
+GZIP_IMPLEMENTATION = f"zlib-ng {zlib_ng.ZLIBNG_VERSION} level {GZIP_LEVEL}"
+"""What compresses every layer: zlib-ng from the ``zlib-ng`` wheel at an exact version
+(pyproject.toml), not whatever zlib the host's Python links, whose builds compress the
+same bytes differently, so the same recipe gives the same digests on any host. It is
+part of every layer-cache and shared-base key: a cached blob made by another
+compressor is never reused as if it were this one's."""
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 _CHUNK = 1 << 20
@@ -464,10 +472,10 @@ class _GzipTarSink:
 
 def _deflate_block(block: bytes, primer: bytes, final: bool) -> bytes:
     if primer:
-        z = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS, zdict=primer)
+        z = zlib_ng.compressobj(GZIP_LEVEL, zlib_ng.DEFLATED, -zlib_ng.MAX_WBITS, zdict=primer)
     else:
-        z = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return z.compress(block) + z.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
+        z = zlib_ng.compressobj(GZIP_LEVEL, zlib_ng.DEFLATED, -zlib_ng.MAX_WBITS)
+    return z.compress(block) + z.flush(zlib_ng.Z_FINISH if final else zlib_ng.Z_SYNC_FLUSH)
 
 
 def _header(entry: _Entry) -> bytes:

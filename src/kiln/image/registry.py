@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import ipaddress
 import json
 import os
 import re
 import ssl
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,12 @@ if TYPE_CHECKING:
 MAX_MANIFEST_BYTES = 4 << 20
 """What distribution itself accepts; anything larger is hostile."""
 MAX_BLOB_BYTES = 64 << 30
+MAX_LAYERS = 1000
+"""Far beyond what an overlay mount stacks (Docker stops at 128); more is a hostile
+manifest making the pull fetch and store blob after blob."""
+MAX_AUTH_FILE_BYTES = 1 << 20
+MAX_CA_FILE_BYTES = 16 << 20
+"""A system CA bundle is ~200 KiB; a bigger file is a wrong path."""
 DEFAULT_CHUNK_BYTES = 8 << 20
 DOCKER_MEDIA_TYPE_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 _SCHEMA1_TYPES = {
@@ -152,7 +160,7 @@ def load_credentials(host: str, auth_file: Path | None) -> Credentials | None:
             return None
         return _from_docker_config(path, host, required=False)
     try:
-        text = auth_file.read_text()
+        text = read_small_file(auth_file, MAX_AUTH_FILE_BYTES).decode()
     except (OSError, UnicodeDecodeError) as e:
         raise KilnError(f"cannot read credentials from {auth_file}: {e}") from None
     if text.lstrip().startswith("{"):
@@ -164,9 +172,25 @@ def load_credentials(host: str, auth_file: Path | None) -> Credentials | None:
     return Credentials(user, password, str(auth_file))
 
 
+def read_small_file(path: Path, limit: int) -> bytes:
+    """A regular file of at most ``limit`` bytes: a FIFO would block the read forever and
+    /dev/zero or a huge file would fill memory. Opened without blocking, then checked."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+    return data
+
+
 def _from_docker_config(path: Path, host: str, *, required: bool) -> Credentials | None:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_small_file(path, MAX_AUTH_FILE_BYTES))
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise KilnError(f"cannot read credentials from {path}: {e}") from None
     auths = data.get("auths") if isinstance(data, dict) else None
@@ -251,7 +275,10 @@ class RegistryClient:
         verify: ssl.SSLContext | bool = True
         if options.ca_file is not None:
             try:
-                verify = ssl.create_default_context(cafile=str(options.ca_file))
+                pem = read_small_file(options.ca_file, MAX_CA_FILE_BYTES).decode("ascii")
+                verify = ssl.create_default_context(cadata=pem)
+            except UnicodeDecodeError:
+                raise KilnError(f"--ca {options.ca_file}: not a PEM file") from None
             except (OSError, ssl.SSLError) as e:
                 raise KilnError(f"--ca {options.ca_file}: cannot load it: {e}") from None
         self._http = httpx.Client(verify=verify, timeout=options.timeout, trust_env=False)
@@ -289,8 +316,11 @@ class RegistryClient:
 
         url = self.url(path_or_url)
         for attempt in range(2):
+            # Credentials go to this registry only: an upload Location on another host
+            # (a hostile or confused registry) gets the request without them.
+            auth = self._auth_header if self._same_origin(url) else {}
             request = self._http.build_request(
-                method, url, headers={**(headers or {}), **self._auth_header}, content=content
+                method, url, headers={**(headers or {}), **auth}, content=content
             )
             self.requests.append((method, request.url.path))
             try:
@@ -306,6 +336,12 @@ class RegistryClient:
                 return response
             return self._bounded_copy(response)
         raise AssertionError("unreachable")
+
+    def _same_origin(self, url: str) -> bool:
+        import httpx
+
+        ours, theirs = httpx.URL(self.base), httpx.URL(url)
+        return (ours.scheme, ours.host, ours.port) == (theirs.scheme, theirs.host, theirs.port)
 
     def _bounded_copy(self, response: httpx.Response) -> httpx.Response:
         """The response with at most 64 KiB of its body read: answers we only need headers of."""
@@ -419,6 +455,11 @@ class RegistryClient:
         if status == 404:
             raise KilnError(f"{what}: not found at {self.host}")
         detail = _error_detail(response)
+        if status == 413:
+            raise KilnError(
+                f"registry {self.host} refused {what} as too large (413){detail}: raise its "
+                "upload limit (a proxy's body size, the registry's own), or make the image smaller"
+            )
         if status >= 500:
             raise KilnError(f"registry {self.host} failed ({status}) on {what}{detail}")
         raise KilnError(f"registry {self.host} answered {status} on {what}{detail}")
@@ -664,9 +705,12 @@ def pull(
         local_ref = local_name or local_ref_name(source, digest)
         split_ref_name(local_ref)
         result = PullResult(str(source), local_ref, digest)
+        layers = manifest.get("layers") or []
+        if isinstance(layers, list) and len(layers) > MAX_LAYERS:
+            raise KilnError(f"{source} has {len(layers)} layers; refused (limit {MAX_LAYERS})")
         try:
             blobs = [Descriptor.from_json(manifest["config"])]
-            blobs += [Descriptor.from_json(layer) for layer in manifest.get("layers") or []]
+            blobs += [Descriptor.from_json(layer) for layer in layers]
         except (KeyError, TypeError) as e:
             raise KilnError(f"manifest of {source} is malformed: {e}") from None
         verified: list[tuple[Path, Descriptor]] = []

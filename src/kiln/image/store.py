@@ -6,6 +6,12 @@ hashed, fsynced and renamed into place, so a crash leaves at worst a stray temp
 file that :meth:`ImageStore.gc` sweeps. ``index.json`` is replaced the same
 way, under an ``fcntl`` lock on ``.lock``, so two processes tagging at once
 both keep their entries and a reader never sees half a file.
+
+Referrers (OCI 1.1 artifacts whose manifest has a ``subject``: SBOMs, provenance,
+signatures) are blobs like any other; what lists them is one small image index per
+subject, ``referrers/sha256/<subject hex>.json``, shaped as the registry referrers API
+answers and replaced under the same lock. Listing an image's evidence reads one file;
+``gc`` keeps a referrer exactly as long as its subject is kept.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from kiln.errors import KilnError
 from kiln.image.digest import (
     ANNOTATION_REF_NAME,
     ANNOTATION_TITLE,
+    MEDIA_TYPE_EMPTY,
     MEDIA_TYPE_INDEX,
     MEDIA_TYPE_MANIFEST,
     Descriptor,
@@ -44,6 +51,11 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _HEX_PREFIX_RE = re.compile(r"^[0-9a-f]{6,64}$")
 _MIN_PREFIX = 6
 _STALE_TEMP_SECONDS = 3600.0
+_EMPTY_JSON = b"{}"
+_ARTIFACT_TYPE_RE = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
+)
+_MAX_REFERRER_INDEX = 4 << 20
 ANNOTATION_STORED = "dev.kiln.stored"
 """On an ``index.json`` entry: when the tag was recorded (RFC 3339, UTC), i.e. when the
 image was baked. Kept out of the image, whose config holds the reproducible time."""
@@ -103,6 +115,7 @@ class ImageStore:
         self.tmp_dir = self.root / ".tmp"
         self._lock_path = self.root / ".lock"
         self._index_path = self.root / "index.json"
+        self.referrer_dir = self.root / "referrers" / "sha256"
         try:
             private_dirs(self.blobs)
             private_dirs(self.tmp_dir)
@@ -328,6 +341,145 @@ class ImageStore:
             self._write_index([e for e in entries if id(e) not in doomed_ids])
             return [_ref_name(e) for e in doomed]
 
+    # -- referrers ---------------------------------------------------------
+
+    def put_referrer(
+        self,
+        subject: str,
+        artifact_type: str,
+        payload: bytes,
+        payload_media_type: str,
+        annotations: dict[str, str] | None = None,
+    ) -> Descriptor:
+        """Attach ``payload`` to the manifest ``subject`` (a ref or digest) as an OCI 1.1
+        artifact; returns the artifact manifest's descriptor, as :meth:`referrers` lists it.
+
+        The same payload and annotations give the same manifest, recorded once. Blobs are
+        written under the index lock, so a concurrent ``gc`` cannot sweep them before the
+        referrer index names them.
+        """
+        _check_media_type(artifact_type, "artifact type")
+        _check_media_type(payload_media_type, "payload media type")
+        with self._locked():
+            target = self._subject(subject)
+            config = self.put_bytes(_EMPTY_JSON, MEDIA_TYPE_EMPTY)
+            layer = self.put_bytes(payload, payload_media_type)
+            manifest: dict[str, Any] = {
+                "schemaVersion": 2,
+                "mediaType": MEDIA_TYPE_MANIFEST,
+                "artifactType": artifact_type,
+                "config": config.to_json(),
+                "layers": [layer.to_json()],
+                "subject": Descriptor(target.media_type, target.digest, target.size).to_json(),
+            }
+            if annotations:
+                manifest["annotations"] = dict(annotations)
+            stored = self.put_bytes(canonical_json(manifest), MEDIA_TYPE_MANIFEST)
+            entry = Descriptor(
+                MEDIA_TYPE_MANIFEST, stored.digest, stored.size, annotations or None, artifact_type
+            )
+            listed = self._read_referrers(target.digest)
+            if all(d.digest != entry.digest for d in listed):
+                self._write_referrers(target.digest, [*listed, entry])
+            return entry
+
+    def referrers(self, subject: str, artifact_type: str | None = None) -> list[Descriptor]:
+        """The artifacts attached to ``subject`` (oldest first), optionally of one type."""
+        target = self._subject(subject)
+        listed = self._read_referrers(target.digest)
+        if artifact_type is not None:
+            listed = [d for d in listed if d.artifact_type == artifact_type]
+        return listed
+
+    def read_referrer(self, referrer: str) -> tuple[dict[str, Any], bytes]:
+        """An artifact's manifest and its payload, the payload re-hashed against its digest."""
+        manifest = self.read_json(check_digest(referrer))
+        try:
+            layers = manifest["layers"]
+            payload = Descriptor.from_json(layers[0])
+        except (KeyError, IndexError, TypeError) as e:
+            raise KilnError(f"referrer {referrer} in {self.root} has no payload layer") from e
+        data = self.read_bytes(payload.digest)
+        if hashlib.sha256(data).hexdigest() != payload.digest.removeprefix("sha256:"):
+            raise KilnError(
+                f"referrer {referrer} in {self.root}: payload blob {payload.digest} is corrupt"
+            )
+        return manifest, data
+
+    def remove_referrer(self, subject: str, referrer: str) -> bool:
+        """Detach one artifact from ``subject``; its blobs go at the next gc."""
+        with self._locked():
+            target = self._subject(subject)
+            listed = self._read_referrers(target.digest)
+            kept = [d for d in listed if d.digest != referrer]
+            if len(kept) == len(listed):
+                return False
+            self._write_referrers(target.digest, kept)
+            return True
+
+    def referrer_subjects(self) -> list[str]:
+        """Every manifest digest that has a referrer index."""
+        if not self.referrer_dir.is_dir():
+            return []
+        return sorted(
+            "sha256:" + p.name.removesuffix(".json")
+            for p in self.referrer_dir.iterdir()
+            if p.name.endswith(".json") and is_digest("sha256:" + p.name.removesuffix(".json"))
+        )
+
+    def referrer_closure(self, subjects: Iterable[str]) -> list[Descriptor]:
+        """The referrers of ``subjects``, and theirs in turn (a signature on an SBOM)."""
+        out: list[Descriptor] = []
+        seen: set[str] = set()
+        stack = list(subjects)
+        while stack:
+            subject = stack.pop(0)
+            for entry in self._read_referrers(subject):
+                if entry.digest not in seen:
+                    seen.add(entry.digest)
+                    out.append(entry)
+                    stack.append(entry.digest)
+        return out
+
+    def _subject(self, subject: str) -> Descriptor:
+        if is_digest(subject) and self.has(subject):
+            media_type = str(self.read_json(subject).get("mediaType", MEDIA_TYPE_MANIFEST))
+            return Descriptor(media_type, subject, self.blob_path(subject).stat().st_size)
+        return self.resolve(subject)
+
+    def _referrer_index(self, subject: str) -> Path:
+        return self.referrer_dir / (check_digest(subject).removeprefix("sha256:") + ".json")
+
+    def _read_referrers(self, subject: str) -> list[Descriptor]:
+        path = self._referrer_index(subject)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(_MAX_REFERRER_INDEX + 1)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise KilnError(f"cannot read {path}: {e}") from e
+        if len(raw) > _MAX_REFERRER_INDEX:
+            raise KilnError(f"{path} is larger than {_MAX_REFERRER_INDEX} bytes")
+        try:
+            data = json.loads(raw)
+            return [Descriptor.from_json(m) for m in data["manifests"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise KilnError(f"{path} is not a referrer index: {e}") from e
+
+    def _write_referrers(self, subject: str, entries: list[Descriptor]) -> None:
+        path = self._referrer_index(subject)
+        if not entries:
+            path.unlink(missing_ok=True)
+            return
+        private_dirs(self.referrer_dir)
+        index = {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_TYPE_INDEX,
+            "manifests": [e.to_json() for e in entries],
+        }
+        self._write_atomic(path, json.dumps(index, indent=2).encode() + b"\n")
+
     # -- maintenance -------------------------------------------------------
 
     def reachable(self, roots: Iterable[str]) -> set[str]:
@@ -348,13 +500,19 @@ class ImageStore:
         """Delete blobs unreachable from ``index.json`` and from ``keep`` (e.g. layer-cache roots).
 
         Runs under the index lock, so a concurrent ``tag`` cannot race the mark
-        phase; a bake should tag (or keep) what it wrote before calling gc.
+        phase; a bake should tag (or keep) what it wrote before calling gc. A referrer
+        lives while its subject does; the referrer index of a swept subject goes with it.
         """
         removed = 0
         freed = 0
         with self._locked():
             roots = [e.digest for e in self.index_entries()]
             live = self.reachable([*roots, *keep])
+            attached = self.referrer_closure(s for s in self.referrer_subjects() if s in live)
+            live |= self.reachable(entry.digest for entry in attached)
+            for subject in self.referrer_subjects():
+                if subject not in live:
+                    self._referrer_index(subject).unlink(missing_ok=True)
             for path in self.blobs.iterdir():
                 if "sha256:" + path.name in live:
                     continue
@@ -502,6 +660,11 @@ class ImageStore:
             yield
         finally:
             os.close(fd)
+
+
+def _check_media_type(value: str, what: str) -> None:
+    if not _ARTIFACT_TYPE_RE.match(value):
+        raise KilnError(f"bad {what} {value!r}: expected TYPE/SUBTYPE (RFC 6838)")
 
 
 def _ref_name(entry: Descriptor) -> str:

@@ -100,7 +100,14 @@ POOL_SIZE = 64
 _TERMINAL = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
 _STARTING = {"new", "allocated", "pending", "assigned", "accepted", "ready", "preparing"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_REGISTRY = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_REGISTRY = re.compile(
+    rf"^{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
+)
+"""A host of DNS labels (no ``..``, no leading ``-``), a port, and repository components
+as the distribution spec spells them."""
+_REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_NOT_REPOSITORY = re.compile(r"[^a-z0-9]+")
 
 
 @dataclass
@@ -136,7 +143,8 @@ class SwarmRuntime:
                 "swarm runtime: [runtime] registry is required (for example registry = "
                 '"10.0.0.5:5000/kiln"): every node pulls the images from there'
             )
-        if not _REGISTRY.fullmatch(registry.rstrip("/")):
+        port = re.search(r":([0-9]+)", registry.partition("/")[0])
+        if not _REGISTRY.fullmatch(registry.rstrip("/")) or (port and int(port[1]) > 65535):
             raise RuntimeFailure(
                 f"swarm runtime: registry {registry!r} is not HOST[:PORT][/PATH] "
                 "(lower-case path components)"
@@ -193,7 +201,13 @@ class SwarmRuntime:
         return f"kiln-{self.tag}"
 
     def image_reference(self, service: str, digest: str) -> str:
-        return f"{self.registry}/{service.lower()}@{digest}"
+        """A service name may end in ``.`` or hold ``..``, which no repository name may: runs
+        of other characters become one ``-`` (two services sharing a repository share
+        nothing else, as images are pulled by digest)."""
+        repository = service.lower()
+        if not _REPOSITORY.fullmatch(repository):
+            repository = _NOT_REPOSITORY.sub("-", repository).strip("-") or "service"
+        return f"{self.registry}/{repository}@{digest}"
 
     def _secret_name(self, instance_id: str, name: str) -> str:
         # Swarm allows 64 characters: a digest of the pair keeps it short and unique.

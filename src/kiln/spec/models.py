@@ -199,6 +199,24 @@ def _exposed_port(value: object) -> object:
 ExposedPort = Annotated[int | str, BeforeValidator(_exposed_port)]
 
 
+def _environment(value: object) -> object:
+    """Every runtime writes ``NAME=VALUE``: a name holding ``=`` would set another variable
+    than the one written (``"PORT=1" = "x"`` sets PORT), and a NUL ends the string early."""
+    if not isinstance(value, dict):
+        return value
+    for name, text in value.items():
+        if not isinstance(name, str) or not isinstance(text, str):
+            continue
+        if not name or "=" in name or "\0" in name:
+            raise ValueError(f"variable name {shown(name)} must be non-empty, without = or NUL")
+        if "\0" in text:
+            raise ValueError(f"value of {name} contains a NUL byte")
+    return value
+
+
+EnvVars = Annotated[dict[str, str], BeforeValidator(_environment)]
+
+
 class _Model(BaseModel):
     """Strict: TOML has real booleans and numbers, so ``"3"`` or ``1`` for ``true`` is a mistake."""
 
@@ -236,7 +254,7 @@ class RunStep(_Model):
 
 
 class EnvStep(_Model):
-    env: dict[str, str]
+    env: EnvVars
 
 
 class WorkdirStep(_Model):
@@ -282,7 +300,7 @@ class Recipe(_Model):
     from_: str = Field(alias="from", min_length=1)
     packages: list[str] = []
     steps: list[Step] = []
-    env: dict[str, str] = {}
+    env: EnvVars = {}
     user: str | None = None
     workdir: str | None = None
     cmd: list[str] | None = None
@@ -395,7 +413,7 @@ class Service(_Model):
     listen: Port | None = None
     protocol: Literal["http", "tcp"] = "http"
     health: Health = Health()
-    env: dict[str, str] = {}
+    env: EnvVars = {}
     secrets: list[str] = []
     volumes: list[Volume] = []
     writable: list[str] = []

@@ -22,6 +22,7 @@ import re
 import select
 import signal
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -147,7 +148,12 @@ def _number(env: Mapping[str, str], key: str, default: float, low: float, high: 
 def read_token(path: Path) -> str:
     """The token goes into a header: anything but a plain token would be a new line."""
     try:
-        token = path.read_text().strip()
+        # Non-blocking and bounded: a FIFO or /dev/zero in its place must not hang the
+        # watch or fill memory (a token is at most 4 KiB, as _TOKEN says).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as file:
+            raw = file.read(8192) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        token = raw.decode().strip()
     except (OSError, UnicodeDecodeError) as e:
         raise AgentError("token", f"token file {path}: unreadable ({e})") from None
     if not _TOKEN.fullmatch(token):

@@ -10,9 +10,19 @@ Run: ``.venv/bin/python bench/distributed.py [--only registry] [--runs 3] [--mb 
   has a registry of its own and pulls into an empty store or layout, so no blob is
   skipped or mounted on either side.
 
-Later sections (a Swarm rollout, recovery times) are functions beside
-``registry_section``, added to ``SECTIONS``. On a shared 2-core machine the client,
-the registry and TLS compete for CPU: the ratios matter more than the absolute figures.
+* ``swarm``: a real three-node swarm on this machine (tests/swarm_cluster.py:
+  network namespaces, nsenter'd engines, a TLS registry). Kiln deploys the shop
+  example (``--replicas`` instances) with ``[runtime] kind = "swarm"`` and its edges,
+  then times a rollout under load through the edge of node 2, SIGKILL recoveries
+  and a lost node (failed requests counted through an edge). Then Swarm's own
+  service of the same image, configured as Kiln is: parallelism = ``max_surge``,
+  ``--update-order start-first`` = ``max_unavailable = 0``, ``--update-monitor 1s`` =
+  ``min_healthy_time``, health every 1 s with a 1 s timeout and 3 retries = Kiln's
+  ``health`` (Swarm can only check by exec in the task: bash's /dev/tcp, the
+  cheapest probe the image has), ``--stop-grace-period 5s``, restart delay 0.
+
+On a shared 2-core machine the client, the registry and TLS compete for CPU: the
+ratios matter more than the absolute figures.
 """
 
 from __future__ import annotations

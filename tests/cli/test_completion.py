@@ -60,7 +60,7 @@ def test_bash_completes_commands_subcommands_and_options(tmp_path: Path) -> None
     answers = {q: a.split() for q, _, a in (line.partition("=> ") for line in lines[1:])}
     assert answers == {
         "kiln sta": ["status", "start"],
-        "kiln image ": ["inspect", "rm", "gc", "verify", "export", "unpack"],
+        "kiln image ": ["inspect", "rm", "gc", "verify", "export", "unpack", "referrers"],
         "kiln secret l": ["list"],
         "kiln up --": ["--env", "--yes", "--help"],
     }
@@ -81,7 +81,7 @@ def test_zsh_completes_commands_and_subcommands(tmp_path: Path) -> None:
     registered, commands, image = in_shell(["zsh", "-f", "-c"], ZSH, tmp_path)
     assert registered == "kiln: _kiln_completion"
     assert '"status":' in commands and '"start":' in commands and '"stop"' not in commands
-    for sub in ("inspect", "rm", "gc", "verify", "export", "unpack"):
+    for sub in ("inspect", "rm", "gc", "verify", "export", "unpack", "referrers"):
         assert f'"{sub}":' in image, image
 
 
@@ -99,7 +99,15 @@ def test_fish_completes_commands_and_subcommands(tmp_path: Path) -> None:
     split = lines.index("==")
     names = [[line.split("\t")[0] for line in part] for part in (lines[:split], lines[split + 1 :])]
     assert sorted(names[0]) == ["start", "status"]
-    assert sorted(names[1]) == ["export", "gc", "inspect", "rm", "unpack", "verify"]
+    assert sorted(names[1]) == [
+        "export",
+        "gc",
+        "inspect",
+        "referrers",
+        "rm",
+        "unpack",
+        "verify",
+    ]
 
 
 def test_a_completion_request_stays_light(tmp_path: Path) -> None:

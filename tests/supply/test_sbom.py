@@ -97,7 +97,7 @@ def test_a_debian_bake_attaches_a_valid_sbom_with_what_dpkg_reports(
     debian_bake: Baked, tmp_path: Path
 ) -> None:
     store = debian_bake.store
-    [referrer] = store.referrers(debian_bake.digest)
+    [referrer] = store.referrers(debian_bake.digest, SBOM_ARTIFACT_TYPE)
     assert referrer.artifact_type == SBOM_ARTIFACT_TYPE
     document = stored_sbom(store, debian_bake.digest)
     assert document is not None

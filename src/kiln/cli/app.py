@@ -279,6 +279,7 @@ def run(args: list[str]) -> int:
     from kiln.cli import sbom_cmd as _sbom_cmd  # noqa: F401  (registers sbom, image referrers)
     from kiln.cli import scan_cmd as _scan_cmd  # noqa: F401  (registers kiln scan)
     from kiln.cli import secret as _secret  # noqa: F401  (registers kiln secret)
+    from kiln.cli import sign_cmd as _sign_cmd  # noqa: F401  (registers key, sign, verify)
     from kiln.cli import token_cmd as _token_cmd  # noqa: F401  (registers kiln token)
 
     if os.environ.get(COMPLETE_VAR):

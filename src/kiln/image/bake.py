@@ -819,6 +819,46 @@ class _ImageBake:
         except KilnError as e:
             raise KilnError(f"{self.file}: {self.where}: SBOM: {e}") from e
 
+    def _provenance(self, digest: str, started: float) -> None:
+        """Unsigned SLSA provenance as a referrer, before tagging; a cached re-bake finds it
+        attached and gathers nothing (:mod:`kiln.supply.provenance`)."""
+        from kiln.supply.provenance import BakeFacts, base_layers, ensure_provenance
+
+        shared = self.shared
+        wall_start = time.time() - (time.monotonic() - started)
+
+        def facts() -> BakeFacts:
+            from kiln.image import debian
+
+            source = self.recipe.from_
+            base_digest: str | None = None
+            if base_kind(source) == "image":
+                done = shared.results.get(source.removeprefix("image:"))
+                base_digest = done.digest if done else None
+            elif base_kind(source) == "registry":
+                key = registry_pin_key(source)
+                pins = debian.read_registry_pins(shared.spec.root / debian.LOCK_NAME)
+                base_digest = pins.get(key) if key else source.rpartition("@")[2]
+            return BakeFacts(
+                image=self.name,
+                recipe=self.recipe.model_dump(mode="json", by_alias=True, exclude_none=True),
+                environment=shared.spec.environment,
+                base=source,
+                base_digest=base_digest,
+                base_layers=base_layers(source, [(b.source, b.descriptor) for b in self.layers]),
+                lock_file=shared.spec.root / debian.LOCK_NAME,
+                commit=shared.facts.commit,
+                clean=shared.facts.clean,
+                remote=shared.facts.remote,
+                epoch=shared.epoch,
+                started=wall_start,
+            )
+
+        try:
+            ensure_provenance(shared.store, digest, facts)
+        except KilnError as e:
+            raise KilnError(f"{self.file}: {self.where}: provenance: {e}") from e
+
     def _assemble(self, started: float) -> BakeResult:
         shared = self.shared
         store = shared.store
@@ -848,6 +888,7 @@ class _ImageBake:
         }
         manifest_desc = store.put_bytes(canonical_json(manifest), MEDIA_TYPE_MANIFEST)
         self._evidence(manifest_desc.digest)
+        self._provenance(manifest_desc.digest, started)
         refs = [f"{self.name}:{manifest_desc.digest.removeprefix('sha256:')[:12]}"]
         if self.recipe.tag:
             refs.append(f"{self.name}:{self.recipe.tag}")

@@ -261,9 +261,11 @@ class ProcessSampler:
         if self.prefix is None:
             return 0
         most = 0
-        for path in Path("/sys/fs/cgroup/pids").glob(f"**/{self.prefix}*/pids.current"):
-            with contextlib.suppress(OSError, ValueError):
-                most = max(most, int(path.read_text()))
+        # A cgroup that goes away in the middle of the walk ends the walk, not the sampler.
+        with contextlib.suppress(OSError):
+            for path in Path("/sys/fs/cgroup/pids").glob(f"**/{self.prefix}*/pids.current"):
+                with contextlib.suppress(OSError, ValueError):
+                    most = max(most, int(path.read_text()))
         return most
 
     def _run(self) -> None:

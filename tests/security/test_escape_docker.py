@@ -25,14 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import http.client
-import json
 import os
 import re
 import shutil
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +37,22 @@ from typing import Any
 import docker
 import hostside
 import pytest
+from container_lab import (
+    APP_PORT,
+    DEDICATED,
+    HTTP,
+    Probe,
+    assert_log_lines_cut_at,
+    attack_id,
+    log_path,
+    logging_flows,
+    probe_spec,
+    run_attack,
+    shared_attacks,
+    skip_if_differs,
+    status_fields,
+    uid,
+)
 from probe import (
     AFTER_IMAGE_TRICK,
     IMAGE_TRICKS,
@@ -49,7 +61,6 @@ from probe import (
     WORKDIR_ESCAPE,
     Attack,
     Host,
-    Outcome,
     attack_named,
     build_probe_tree,
     build_trick_layer,
@@ -58,7 +69,6 @@ from probe import (
     finish_probe_tree,
     foreign_entries,
     iter_attacks,
-    parse_cgi,
     tree_fingerprint,
 )
 
@@ -66,7 +76,7 @@ from busybox_tree import BUSYBOX
 from dockerd import Dockerd, docker_engine, image_from_trees, tear_down  # noqa: F401
 from kiln.image.store import ImageStore
 from kiln.observe.logs import LogStore
-from kiln.runtime import InstanceHandle, InstanceSpec, InstanceStatus, RuntimeFailure, VolumeMount
+from kiln.runtime import InstanceSpec, InstanceStatus, RuntimeFailure, VolumeMount
 from kiln.runtime.docker import MAX_LINE, DockerRuntime
 from kiln.runtime.shim import memory_cgroup_dir
 from leftovers import assert_nothing_left
@@ -78,7 +88,6 @@ pytestmark = [
 ]
 
 USERS = {"image-user": "65534:65534", "root-inside": None}
-APP_PORT = 8080
 PIDS_LIMIT = 64
 MEMORY_LIMIT_MB = 64
 RACE_SECONDS = 3
@@ -123,83 +132,15 @@ NOT_APPLICABLE = {
 }
 
 
-# -- the probe instance
+# -- the probe instance and the module's lab: engine, home, image, runtime, host targets,
+# another instance
 
 
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-@dataclass
-class Probe:
-    runtime: DockerRuntime
-    handle: InstanceHandle
-    user: str | None
-
-    @property
-    def address(self) -> str:
-        return self.handle.host
-
-    def url(self, path: str) -> str:
-        return f"http://{self.address}:{APP_PORT}{path}"
-
-    def send(self, command: str, timeout: float = 30.0) -> Outcome:
-        request = urllib.request.Request(
-            self.url("/cgi-bin/run"), data=command.encode(), method="POST"
-        )
-        try:
-            with _HTTP.open(request, timeout=timeout) as response:
-                body = response.read().decode("utf-8", errors="replace")
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            return Outcome(-1, f"no answer from the probe: {e!r}")
-        return parse_cgi(body)
-
-    def wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with _HTTP.open(self.url("/index.html"), timeout=2) as response:
-                    response.read()
-                    return
-            except (urllib.error.URLError, OSError, http.client.HTTPException):
-                if time.monotonic() > deadline:
-                    state = self.runtime.inspect(self.handle)
-                    raise AssertionError(f"probe not ready: {state}") from None
-                time.sleep(0.05)
-
-    def alive(self) -> bool:
-        return self.runtime.inspect(self.handle).status is InstanceStatus.RUNNING
-
-    def host_pid(self) -> int:
-        attrs = self.runtime.api.inspect_container(self.handle.data["container_id"])
-        return int(attrs["State"]["Pid"])
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.runtime.stop(self.handle, 0.0)
-        self.runtime.destroy(self.handle)
-
-
-# -- the module's lab: engine, home, image, runtime, host targets, another instance
-
-
-def probe_spec(image: str, name: str, user: str | None, **overrides: Any) -> InstanceSpec:
-    """The probe app (or ``command``) of ``image`` as instance ``name``."""
-    command = overrides.pop("command", ["httpd", "-f", "-p", str(APP_PORT), "-h", "/www"])
-    env = {"PATH": "/bin", "PORT": str(APP_PORT), **overrides.pop("env", {})}
-    fields: dict[str, Any] = {
-        "instance_id": name,
-        "service": overrides.pop("service", "probe"),
-        "revision": 1,
-        "image_digest": image,
-        "command": command,
-        "user": user,
-        "workdir": "/",
-        "env": env,
-        "port": APP_PORT,
-        "stop_grace": 1.0,
-    }
-    fields.update(overrides)
-    return InstanceSpec(**fields)
+def _host_pid(probe: Probe) -> int:
+    """The probe app's pid on this machine (the engine's view of its container)."""
+    assert isinstance(probe.runtime, DockerRuntime)
+    attrs = probe.runtime.api.inspect_container(probe.handle.data["container_id"])
+    return int(attrs["State"]["Pid"])
 
 
 @dataclass
@@ -318,10 +259,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory, docker_engine: Dockerd) -> Ite
         shutil.rmtree(home / "logs", ignore_errors=True)
 
 
-def _uid(user: str | None) -> int:
-    return int(user.split(":")[0]) if user else 0
-
-
 @pytest.fixture(scope="module", params=list(USERS))
 def probe(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Probe]:
     """The module's probe instance for one user, with a volume holding a host-root file."""
@@ -351,22 +288,7 @@ def _key(probe: Probe) -> str:
 
 def _log_path(lab: Lab, probe: Probe) -> Path:
     service = probe.handle.instance_id
-    return lab.home / "logs" / service / f"{service}.log"
-
-
-def _logging_flows(lab: Lab, probe: Probe) -> bool:
-    """A line written to the probe's log reaches the log store (its follower works)."""
-    mark = hostside.token("still-logging")
-    if probe.send(f"echo {mark} >&9").exit_code != 0:
-        return False
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), _log_path(lab, probe).open("rb") as log:
-            log.seek(max(0, log.seek(0, os.SEEK_END) - 1_000_000))
-            if mark.encode() in log.read():
-                return True
-        time.sleep(0.1)
-    return False
+    return log_path(lab.home, service, service)
 
 
 def _layer_dirs(lab: Lab, probe: Probe) -> list[Path]:
@@ -380,7 +302,7 @@ def host_for(lab: Lab, probe: Probe, key: str, volume_name: str) -> Host:
     """Variables and host observations for attacks from ``probe`` (whose volume at
     /data is the home's ``volume_name``)."""
     runtime = lab.runtime
-    user_id = _uid(probe.user)
+    user_id = uid(probe.user)
     volume = lab.volume_dir(volume_name)
     variables = {
         "home": str(lab.home),
@@ -402,7 +324,7 @@ def host_for(lab: Lab, probe: Probe, key: str, volume_name: str) -> Host:
         "abstract_socket": lab.abstract_name,
         "bind_port": str(hostside.free_port()),
         "other_address": lab.other.address,
-        "other_port": str(APP_PORT),
+        "other_port": str(lab.other.port),
         "other_banner": lab.other_banner,
         "other_secret": lab.other_secret,
         "other_secret_name": lab.other_secret_name,
@@ -448,7 +370,7 @@ def host_for(lab: Lab, probe: Probe, key: str, volume_name: str) -> Host:
         "any_accepts": lambda: lab.anywhere.accepted,
         "udp_datagrams": lambda: lab.udp.received,
         "host_listener_on_bind_port": lambda: hostside.host_listener_on(bind_port),
-        "shim_alive": lambda: probe.alive() and _logging_flows(lab, probe),
+        "shim_alive": lambda: probe.alive() and logging_flows(probe, _log_path(lab, probe)),
     }
 
     def follower_peak() -> Callable[[], float]:
@@ -471,18 +393,7 @@ def host_for(lab: Lab, probe: Probe, key: str, volume_name: str) -> Host:
     )
 
 
-def _id(attack: Attack) -> str:
-    return attack.name
-
-
-SHARED = [a for a in iter_attacks(INSTANCE) if a.sandbox is None and a.name not in NOT_APPLICABLE]
-DEDICATED = [a for a in iter_attacks(INSTANCE) if a.sandbox is not None]
-
-
-def _differs(attack: Attack, key: str) -> None:
-    users, test = DOCKER_DIFFERENCES.get(attack.name, (frozenset(), ""))
-    if key in users:
-        pytest.skip(f"succeeds by Docker's design for {key}: see {test}")
+SHARED = shared_attacks(NOT_APPLICABLE)
 
 
 def test_the_attacks_that_do_not_apply_are_exactly_those_carried_by_image_devices() -> None:
@@ -497,11 +408,11 @@ def test_the_attacks_that_do_not_apply_are_exactly_those_carried_by_image_device
 def test_control_the_probe_runs_commands_as_its_user(probe: Probe) -> None:
     outcome = probe.send("id -u; echo hi > /tmp/ok && cat /tmp/ok; touch /data/mine && echo vol")
     assert outcome.exit_code == 0, outcome
-    assert outcome.output.split() == [str(_uid(probe.user)), "hi", "vol"]
+    assert outcome.output.split() == [str(uid(probe.user)), "hi", "vol"]
 
 
 def test_control_the_host_reaches_the_other_instance_and_its_secret_is_there(lab: Lab) -> None:
-    with _HTTP.open(lab.other.url("/index.html"), timeout=5) as response:
+    with HTTP.open(lab.other.url("/index.html"), timeout=5) as response:
         assert response.read().decode().strip() == lab.other_banner
     code, out = lab.runtime.exec(
         lab.other.handle, ["cat", f"/run/secrets/{lab.other_secret_name}"], 10
@@ -511,42 +422,21 @@ def test_control_the_host_reaches_the_other_instance_and_its_secret_is_there(lab
 
 
 def test_log_lines_are_cut_at_exactly_64_kib(probe: Probe, lab: Lab) -> None:
-    mark = hostside.token("cut")
-    command = (
-        f"echo {mark} >&9; head -c 65535 /dev/zero | tr '\\0' C >&9; sleep 0.3; "
-        "printf 'CCCCCCCCCC\\n' >&9"
-    )
-    assert probe.send(command).exit_code == 0
-    log = _log_path(lab, probe)
-    deadline = time.monotonic() + 5
-    while True:
-        text = log.read_text()
-        complete = text[: text.rfind("\n") + 1]
-        lines = [json.loads(x)["line"] for x in complete.splitlines() if x]
-        after = lines[lines.index(mark) + 1 :] if mark in lines else []
-        if sum(len(x) for x in after) >= 65545:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert [len(x) for x in after] == [MAX_LINE, 65545 - MAX_LINE]
+    assert_log_lines_cut_at(probe, _log_path(lab, probe), MAX_LINE)
 
 
 # -- the attacks
 
 
-@pytest.mark.parametrize("attack", SHARED, ids=_id)
+@pytest.mark.parametrize("attack", SHARED, ids=attack_id)
 def test_escape(attack: Attack, probe: Probe, lab: Lab) -> None:
     key = _key(probe)
-    _differs(attack, key)
-    host = host_for(lab, probe, key, f"data-{key}")
-    assert not host.missing(attack), f"the docker runner lacks {host.missing(attack)}"
-    outcome = execute(attack, host, probe.send)
-    print(f"{attack.name}: blocked, exit {outcome.exit_code}, measured {outcome.measured}")
-    print(outcome.output[-1500:])
+    skip_if_differs(DOCKER_DIFFERENCES, attack, key, "Docker")
+    run_attack(attack, host_for(lab, probe, key, f"data-{key}"), probe.send)
     assert probe.alive(), "the probe died under the attack"
 
 
-@pytest.mark.parametrize("attack", DEDICATED, ids=_id)
+@pytest.mark.parametrize("attack", DEDICATED, ids=attack_id)
 def test_escape_in_its_own_sandbox(attack: Attack, probe: Probe, lab: Lab) -> None:
     key = _key(probe)
     host = host_for(lab, probe, key, f"data-{key}")
@@ -566,7 +456,7 @@ def test_escape_in_its_own_sandbox(attack: Attack, probe: Probe, lab: Lab) -> No
             monitors["host_process_rise"] = lambda: hostside.ProcessSampler().rise
             monitors["sandbox_pids_peak"] = lambda: hostside.ProcessSampler(container).sandbox_peak
         if attack.sandbox == "memory":
-            memory_dir = memory_cgroup_dir(own.host_pid())
+            memory_dir = memory_cgroup_dir(_host_pid(own))
             assert memory_dir is not None
 
             def memory_peak() -> Callable[[], float]:
@@ -576,10 +466,7 @@ def test_escape_in_its_own_sandbox(attack: Attack, probe: Probe, lab: Lab) -> No
         observations = dict(host.observations)
         observations["other_sandbox_alive"] = lambda: lab.other.alive() and probe.alive()
         own_host = dataclasses.replace(host, monitors=monitors, observations=observations)
-        assert not own_host.missing(attack), f"the docker runner lacks {own_host.missing(attack)}"
-        outcome = execute(attack, own_host, own.send)
-        print(f"{attack.name}: blocked, exit {outcome.exit_code}, measured {outcome.measured}")
-        print(outcome.output[-1500:])
+        run_attack(attack, own_host, own.send)
         if attack.sandbox == "memory":
             state = own.runtime.stop(own.handle, 0.0)
             assert state.oom_killed, f"the OOM kill was not recorded: {state}"
@@ -601,13 +488,13 @@ def test_docker_difference_root_inside_is_root_outside_but_holds_no_privilege(
     if probe.user is not None:
         pytest.skip("about root inside")
     assert lab.runtime.capabilities.user_namespace is False
-    outside = _status(probe.host_pid())
+    outside = _status(_host_pid(probe))
     assert outside["Uid"].split() == ["0", "0", "0", "0"]  # the difference: no remapping
     inside = probe.send(
         "grep -E '^(Uid|Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status; "
         "touch /root-was-here 2>&1"
     )
-    fields = dict(line.split(":\t", 1) for line in inside.output.splitlines() if ":\t" in line)
+    fields = status_fields(inside.output)
     assert fields["Uid"].split() == ["0", "0", "0", "0"]
     for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert fields[name] == "0000000000000000", (name, fields[name])

@@ -525,6 +525,8 @@ class HostileRegistry:
             return self.send(h, 401, b"{}", {"WWW-Authenticate": challenge})
         if kind == "manifests":
             return self.manifest(h, served)
+        if ref not in served.blobs:  # e.g. the referrers API a pull asks for: none here
+            return self.send(h, 404, b'{"errors":[{"message":"unknown"}]}')
         data = served.blobs[ref]
         if (
             served.behaviour == "bad-digest"

@@ -30,6 +30,14 @@ PlainHttpOption = Annotated[
     bool,
     typer.Option("--plain-http", help="No TLS (only for a registry on loopback).", metavar=""),
 ]
+NoReferrersOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-referrers",
+        help="Leave the image's evidence (SBOM, provenance, signatures) behind.",
+        metavar="",
+    ),
+]
 
 
 def _options(
@@ -65,20 +73,24 @@ def push_cmd(
         str | None,
         typer.Option("--mount-from", help="Mount blobs from this repository on the same registry."),
     ] = None,
+    no_referrers: NoReferrersOption = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Push image REF to DEST (HOST[:PORT]/REPO[:TAG]); blobs the registry has are skipped."""
+    """Push image REF to DEST (HOST[:PORT]/REPO[:TAG]) and its referrers; blobs the registry
+    has are skipped."""
     from kiln.image.registry import push
 
     options = _options(dest, ca, auth_file, plain_http)
-    result = push(_store(), ref, dest, options, mount_from=mount_from)
+    result = push(_store(), ref, dest, options, mount_from=mount_from, referrers=not no_referrers)
     if as_json:
         emit_json(vars(result))
         return
+    moved = len(result.referrers) + len(result.referrers_present)
     print(
         f"pushed {result.ref} {result.digest}: {len(result.uploaded)} uploaded "
         f"({result.uploaded_bytes} bytes), {len(result.mounted)} mounted, "
-        f"{len(result.skipped)} already there"
+        f"{len(result.skipped)} already there, "
+        f"{moved} referrer{'' if moved == 1 else 's'} ({len(result.referrers)} new)"
     )
 
 
@@ -88,17 +100,30 @@ def pull_cmd(
     ca: CaOption = None,
     auth_file: AuthFileOption = None,
     plain_http: PlainHttpOption = False,
+    no_referrers: NoReferrersOption = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Pull SRC (HOST[:PORT]/REPO[:TAG|@sha256:…]) into the store, every blob verified."""
+    """Pull SRC (HOST[:PORT]/REPO[:TAG|@sha256:…]) and its referrers into the store, every
+    blob verified; a referrer that fails a check is a warning and is not stored."""
+    import sys
+
     from kiln.image.registry import pull
 
-    result = pull(_store(), src, _options(src, ca, auth_file, plain_http))
+    result = pull(
+        _store(),
+        src,
+        _options(src, ca, auth_file, plain_http),
+        referrers=not no_referrers,
+        warn=lambda line: print(line, file=sys.stderr),
+    )
     if as_json:
         emit_json(vars(result))
         return
+    moved = len(result.referrers) + len(result.referrers_present)
+    refused = f", {len(result.referrers_refused)} refused" if result.referrers_refused else ""
     print(
         f"pulled {result.ref} as {result.local_ref} {result.digest}: "
         f"{len(result.fetched)} fetched ({result.fetched_bytes} bytes), "
-        f"{len(result.present)} already here"
+        f"{len(result.present)} already here, "
+        f"{moved} referrer{'' if moved == 1 else 's'} ({len(result.referrers)} new{refused})"
     )

@@ -244,6 +244,11 @@ class PushResult:
     """Uploads continued from the offset the registry reported after a broken PATCH."""
     restarted: int = 0
     """Uploads begun again because the registry had dropped them."""
+    referrers: list[str] = field(default_factory=list)
+    """Artifact manifests (SBOM, provenance, signatures) uploaded with the image."""
+    referrers_present: list[str] = field(default_factory=list)
+    fallback_tags: list[str] = field(default_factory=list)
+    """``sha256-<hex>`` referrers-tag indexes written (registries without the API)."""
 
 
 @dataclass
@@ -254,6 +259,11 @@ class PullResult:
     fetched: list[str] = field(default_factory=list)
     present: list[str] = field(default_factory=list)
     fetched_bytes: int = 0
+    referrers: list[str] = field(default_factory=list)
+    """Artifact manifests fetched, verified and stored with the image."""
+    referrers_present: list[str] = field(default_factory=list)
+    referrers_refused: list[str] = field(default_factory=list)
+    """One line per referrer (or listing) refused; none of it was stored."""
 
 
 class RegistryClient:
@@ -511,8 +521,12 @@ def push(
     *,
     mount_from: str | None = None,
     client: RegistryClient | None = None,
+    referrers: bool = False,
 ) -> PushResult:
-    """Upload an image's blobs the registry lacks, then its manifest; returns what moved."""
+    """Upload an image's blobs the registry lacks, then its manifest; returns what moved.
+
+    With ``referrers`` its evidence follows, by :mod:`kiln.image.referrer_transfer`.
+    """
     options = options or RegistryOptions()
     target = parse_ref(dest)
     entry = store.resolve(ref)
@@ -549,6 +563,10 @@ def push(
             raise KilnError(
                 f"registry {target.host} stored the manifest as {answered}, not {entry.digest}"
             )
+        if referrers:
+            from kiln.image.referrer_transfer import push_referrers
+
+            push_referrers(own, store, target.repository, entry.digest, scope, result)
     finally:
         if client is None:
             own.close()
@@ -686,8 +704,14 @@ def pull(
     local_name: str | None = None,
     client: RegistryClient | None = None,
     check_layer: LayerCheck | None = None,
+    referrers: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> PullResult:
-    """Fetch an image, verify every blob, then publish blobs, manifest and tag in that order."""
+    """Fetch an image, verify every blob, then publish blobs, manifest and tag in that order.
+
+    With ``referrers`` its evidence follows once the image is stored; a referrer refused
+    goes to ``warn`` (one line) and into the result, and is not stored.
+    """
     options = options or RegistryOptions()
     source = parse_ref(src)
     own = client or RegistryClient(source.host, options)
@@ -735,6 +759,10 @@ def pull(
                 raise KilnError(f"blob {blob.digest} changed on disk while it was stored")
         stored_manifest = store.put_bytes(manifest_bytes, media_type)
         store.tag(local_ref, stored_manifest)
+        if referrers:
+            from kiln.image.referrer_transfer import pull_referrers
+
+            pull_referrers(own, store, source, digest, scope, result, warn or (lambda _: None))
         return result
     finally:
         for tmp in temps:

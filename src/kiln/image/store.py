@@ -383,6 +383,49 @@ class ImageStore:
                 self._write_referrers(target.digest, [*listed, entry])
             return entry
 
+    def add_referrer_manifest(self, manifest_bytes: bytes) -> Descriptor:
+        """Record an artifact manifest made elsewhere (pulled from a registry) by its exact
+        bytes, so a signature over them stays valid; its blobs must already be stored.
+
+        Refused unless it is an OCI image manifest whose ``subject`` is a manifest in this
+        store (same digest and size) and whose config and layers are all here.
+        """
+        try:
+            manifest = json.loads(manifest_bytes)
+            subject = Descriptor.from_json(manifest["subject"])
+            blobs = [Descriptor.from_json(manifest["config"])]
+            blobs += [Descriptor.from_json(layer) for layer in manifest["layers"]]
+            annotations = manifest.get("annotations") or None
+            artifact_type = str(manifest.get("artifactType") or blobs[0].media_type)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise KilnError(f"not an artifact manifest: {e}") from None
+        digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+        if manifest.get("mediaType", MEDIA_TYPE_MANIFEST) != MEDIA_TYPE_MANIFEST:
+            raise KilnError(f"artifact {digest} is not an OCI image manifest")
+        if annotations is not None and not (
+            isinstance(annotations, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items())
+        ):
+            raise KilnError(f"artifact {digest}: annotations are not a string map")
+        _check_media_type(artifact_type, f"artifact type of {digest}")
+        check_digest(subject.digest)
+        with self._locked():
+            if not self.has(subject.digest):
+                raise KilnError(f"artifact {digest}: its subject {subject.digest} is not here")
+            if self.blob_path(subject.digest).stat().st_size != subject.size:
+                raise KilnError(f"artifact {digest}: its subject's size is not {subject.size}")
+            for blob in blobs:
+                if not self.has(blob.digest):
+                    raise KilnError(f"artifact {digest}: blob {blob.digest} is not here")
+            stored = self.put_bytes(manifest_bytes, MEDIA_TYPE_MANIFEST)
+            entry = Descriptor(
+                MEDIA_TYPE_MANIFEST, stored.digest, stored.size, annotations, artifact_type
+            )
+            listed = self._read_referrers(subject.digest)
+            if all(d.digest != entry.digest for d in listed):
+                self._write_referrers(subject.digest, [*listed, entry])
+            return entry
+
     def referrers(self, subject: str, artifact_type: str | None = None) -> list[Descriptor]:
         """The artifacts attached to ``subject`` (oldest first), optionally of one type."""
         target = self._subject(subject)

@@ -376,8 +376,8 @@ def test_overlay_of_a_service_that_is_not_a_table() -> None:
         parse_spec(text, Path("kiln.toml"), env="production")
     assert [str(e) for e in err.value.errors] == [
         "kiln.toml:14: services.web: must be a table",
-        "kiln.toml:15: x: unknown key; known keys: environments, images, project, registries, "
-        "runtime, services",
+        "kiln.toml:15: x: unknown key; known keys: environments, images, policy, project, "
+        "registries, runtime, services",
     ]
 
 

@@ -358,6 +358,7 @@ class Engine:
             raise Conflict("the state changed since this plan was made; run kiln plan again")
         await self.routing.check_listeners(plan)
         await self._check_projects(plan, source)
+        await self._check_policy(plan, source)
         # Every service is in the deployment from the start: one that ends quickly (a
         # removal, a settings-only revision) cannot finish it while the others are added.
         record = await self.deployments.create(
@@ -442,6 +443,14 @@ class Engine:
                 reason="service removed",
             )
         await self.rollouts.begin(Rollout(service, target, deployment, "remove", time.time()))
+
+    async def _check_policy(self, plan: Plan, source: dict[str, Any]) -> None:
+        """Issue 11: the policy gate again, here, on evidence re-read from this agent's own
+        image store by digest; what the client's gate said is not trusted."""
+        from kiln.policy.gate import gate_request
+
+        request = {"desired": {n: d.to_json() for n, d in plan.desired.items()}, "source": source}
+        await self.io(lambda: gate_request(request, self.home))
 
     async def _check_projects(self, plan: Plan, source: dict[str, Any]) -> None:
         """A plan (a saved file, a request) touches only its own project's services, as

@@ -274,6 +274,7 @@ def run(args: list[str]) -> int:
     from kiln.cli import context_cmd as _context_cmd  # noqa: F401  (registers kiln context)
     from kiln.cli import deploy as _deploy  # noqa: F401  (registers the deploy commands)
     from kiln.cli import init as _init  # noqa: F401  (registers kiln init)
+    from kiln.cli import policy_cmd as _policy_cmd  # noqa: F401  (registers kiln policy)
     from kiln.cli import registry_cmd as _registry_cmd  # noqa: F401  (registers push, pull)
     from kiln.cli import render_cmd as _render  # noqa: F401  (registers kiln render)
     from kiln.cli import sbom_cmd as _sbom_cmd  # noqa: F401  (registers sbom, image referrers)

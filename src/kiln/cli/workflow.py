@@ -119,6 +119,9 @@ def make_plan(
     read command never starts an agent (one would bring back what ``kiln down``
     stopped). Only ``start_agent`` (``kiln up``) starts one."""
     request = desired_request(target, env, say, home)
+    from kiln.policy.gate import gate_request  # issue 11: the gate, before any plan is shown
+
+    gate_request(request, home, say)
     with AgentClient(home) as client:
         if client.running():
             answer = client.plan(**request)

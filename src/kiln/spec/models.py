@@ -513,6 +513,38 @@ class RegistryAccess(_Model):
     plain_http: bool = False
 
 
+_AGE = re.compile(r"^(\d{1,6})([smhdw])$")
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class PolicySettings(_Model):
+    """``[policy]``: the gate every plan and apply passes (docs/policy.md). Without
+    ``enforce`` the default bundle only warns, so a project that predates it still deploys."""
+
+    enforce: bool = False
+    keys: list[Annotated[str, Field(min_length=1)]] = []
+    """Public keys (PEM) whose signature makes an image trusted; relative to kiln.toml."""
+    sources: list[Annotated[str, Field(min_length=1)]] = []
+    """Globs an image's base (its recipe's ``from``) must match; empty allows any."""
+    max_image_age: str | None = None
+    files: list[Annotated[str, Field(min_length=1)]] = []
+    """The project's own Rego files (globs relative to kiln.toml)."""
+    suppressions: str | None = Field(default=None, min_length=1)
+    """Accepted scan findings (the file ``kiln scan --suppressions`` reads)."""
+
+    @field_validator("max_image_age")
+    @classmethod
+    def _age(cls, value: str | None) -> str | None:
+        if value is not None and not _AGE.match(value):
+            raise ValueError(f'{shown(value)} is not an age such as "30d", "12h" or "2w"')
+        return value
+
+    @property
+    def max_image_age_seconds(self) -> float | None:
+        m = _AGE.match(self.max_image_age or "")
+        return float(int(m.group(1)) * _AGE_UNITS[m.group(2)]) if m else None
+
+
 class Environment(_Model):
     """``[environments.NAME]``: overlays merged over the base file with ``--env NAME``."""
 
@@ -530,6 +562,7 @@ class Spec(_Model):
     services: dict[str, Service] = {}
     environments: dict[str, Environment] = {}
     registries: dict[RegistryHost, RegistryAccess] = {}
+    policy: PolicySettings = PolicySettings()
 
     _path: Path = PrivateAttr(default=Path("kiln.toml"))
     _text: str = PrivateAttr(default="")

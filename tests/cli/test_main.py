@@ -38,8 +38,8 @@ def test_bad_spec_is_one_line_and_exit_1(tmp_path: Path) -> None:
         out.stderr.strip()
         == f"error: {tmp_path}/kiln.toml:5: images.a.bogus: unknown key; known keys: "
         + (
-            "cmd, entrypoint, env, expose, from, healthcheck, labels, packages, steps, tag, "
-            "user, workdir"
+            "cmd, entrypoint, env, expose, from, healthcheck, labels, packages, secrets_allow, "
+            "steps, tag, user, workdir"
         )
     )
 

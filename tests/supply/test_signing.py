@@ -150,6 +150,7 @@ def test_a_bake_attaches_unsigned_slsa_provenance_about_the_image(baked: Baked) 
             "env": {},
             "expose": [],
             "labels": {"role": "web"},
+            "secrets_allow": [],
         },
     }
     assert definition["internalParameters"] == {"sourceDateEpoch": 1_600_000_000}

@@ -859,6 +859,30 @@ class _ImageBake:
         except KilnError as e:
             raise KilnError(f"{self.file}: {self.where}: provenance: {e}") from e
 
+    def _secret_scan(self, digest: str) -> None:
+        """Fail on a secret in the layers the recipe's own steps made (each step appends
+        one history entry; the base's layers are not the recipe's); the clean result is a
+        referrer for the policy gate (:mod:`kiln.supply.secrets_scan`)."""
+        from kiln.supply.secrets_scan import AllowEntry, ensure_secret_scan
+
+        steps = self.history[len(self.history) - len(self.recipe.steps) :]
+        made = sum(1 for entry in steps if not entry.get("empty_layer"))
+        layers = [layer.descriptor for layer in self.layers[len(self.layers) - made :]]
+        allow = [AllowEntry(a.path, a.rule, a.reason) for a in self.recipe.secrets_allow]
+        where = f"{self.file}: {self.where}"
+        try:
+            result = ensure_secret_scan(self.shared.store, digest, layers, allow, where)
+        except KilnError as e:
+            message = str(e)
+            raise KilnError(message if message.startswith(where) else f"{where}: {e}") from e
+        for entry in result.stale if result is not None else []:
+            self.shared.progress.step_output(
+                self.name,
+                len(self.recipe.steps),
+                f"warning: {where}.secrets_allow: {entry.path} ({entry.rule or 'any rule'}) "
+                "matches nothing; remove it",
+            )
+
     def _assemble(self, started: float) -> BakeResult:
         shared = self.shared
         store = shared.store
@@ -887,6 +911,7 @@ class _ImageBake:
             "annotations": annotations,
         }
         manifest_desc = store.put_bytes(canonical_json(manifest), MEDIA_TYPE_MANIFEST)
+        self._secret_scan(manifest_desc.digest)
         self._evidence(manifest_desc.digest)
         self._provenance(manifest_desc.digest, started)
         refs = [f"{self.name}:{manifest_desc.digest.removeprefix('sha256:')[:12]}"]

@@ -90,7 +90,29 @@ def service_evidence(
     out["image"].update(_base_and_age(out["provenance"], out["image"], sources.now))
     out["sbom"] = _sbom(store, digest)
     out["scan"] = _scan(store, digest, sources)
+    out["secrets"] = _secrets(store, digest)
     return out
+
+
+def _secrets(store: ImageStore, digest: str) -> dict[str, Any]:
+    """The bake's secret scan, from its referrer: a bake that found a secret failed and
+    tagged nothing, so a referrer means "scanned, none found" (minus the allowed ones);
+    no referrer means the image was never scanned (baked before the scan, or pulled)."""
+    from kiln.supply.secrets_scan import stored_scan
+
+    try:
+        scan = stored_scan(store, digest)
+    except KilnError:
+        return {"scanned": False, "found": False, "error": "unreadable secret-scan referrer"}
+    if scan is None:
+        return {"scanned": False, "found": False}
+    findings = scan.get("findings")
+    allowed = scan.get("allowed")
+    return {
+        "scanned": True,
+        "found": bool(findings) if isinstance(findings, int) else True,
+        "allowed": len(allowed) if isinstance(allowed, list) else 0,
+    }
 
 
 def _image(store: ImageStore, ref: str, digest: str, stored: bool) -> dict[str, Any]:

@@ -294,6 +294,15 @@ class ImageHealthcheck(_Model):
     timeout: Duration = 1.0
 
 
+class SecretAllow(_Model):
+    """An accepted secret-scan finding (a test fixture key): the reason is required so
+    the list says why each entry is there."""
+
+    path: str = Field(min_length=2, pattern=r"^/")
+    rule: str | None = Field(default=None, pattern=r"^[a-z0-9-]{1,64}$")
+    reason: str = Field(min_length=1)
+
+
 class Recipe(_Model):
     """``[images.NAME]``: how to bake one image."""
 
@@ -309,6 +318,7 @@ class Recipe(_Model):
     labels: dict[str, str] = {}
     healthcheck: ImageHealthcheck | None = None
     tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    secrets_allow: list[SecretAllow] = []
 
 
 class Health(_Model):

@@ -29,13 +29,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import ipaddress
-import json
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -81,67 +77,32 @@ class LocalRegistry:
     """A directory with ``ca.crt``: what skopeo's ``--*-cert-dir`` wants."""
 
 
-def _certificates(root: Path) -> tuple[Path, Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kiln-bench-ca")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_dir = root / "certs.d"
-    cert_dir.mkdir(parents=True)
-    ca_file = cert_dir / "ca.crt"
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (root / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (root / "server.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return ca_file, root / "server.crt", root / "server.key"
+def _tests_on_path() -> None:
+    """The tests' helpers (certificates, a free port, the registry, the swarm) serve here too."""
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    _tests_on_path()
+    from busybox_tree import free_port
+
+    return free_port()
 
 
 @contextlib.contextmanager
 def local_registry(root: Path) -> Iterator[LocalRegistry]:
     """docker-registry with TLS on 127.0.0.1, its storage under ``root``; stopped after."""
-    ca_file, cert, key = _certificates(root)
+    _tests_on_path()
+    from registry_server import serve_registry
+    from tls_certs import make_ca, make_server_cert
+
+    ca_path, ca_key, ca_cert = make_ca(root, "kiln-bench-ca")
+    cert, key = make_server_cert(root, ca_key, ca_cert)
+    cert_dir = root / "certs.d"
+    cert_dir.mkdir(parents=True)
+    ca_file = cert_dir / "ca.crt"
+    shutil.copy(ca_path, ca_file)
     port = _free_port()
     config = {
         "version": 0.1,
@@ -153,39 +114,8 @@ def local_registry(root: Path) -> Iterator[LocalRegistry]:
             "tls": {"certificate": str(cert), "key": str(key)},
         },
     }
-    (root / "config.yml").write_text(json.dumps(config))
-    log = open(root / "registry.log", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [str(REGISTRY_BIN), "serve", str(root / "config.yml")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
-    )
-    try:
-        context = ssl.create_default_context(cafile=str(ca_file))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with (
-                    socket.create_connection(("127.0.0.1", port), timeout=1) as raw,
-                    context.wrap_socket(raw, server_hostname="127.0.0.1"),
-                ):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(
-                        f"docker-registry did not start: {(root / 'registry.log').read_text()}"
-                    ) from None
-                time.sleep(0.1)
-        yield LocalRegistry(f"127.0.0.1:{port}", ca_file, ca_file.parent)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with serve_registry(root, config, port, ca_file):
+        yield LocalRegistry(f"127.0.0.1:{port}", ca_file, cert_dir)
 
 
 # -- the image ---------------------------------------------------------------------
@@ -581,14 +511,19 @@ def swarm_peer(cluster: Any, image: str, replicas: int, surge: int, kills: int) 
             flush=True,
         )
         for n in range(kills):
-            wait_until(lambda: len(_healthy(cluster, name)) >= replicas, 120, "swarm: healthy")
+            # Exactly full strength: just after an update, old tasks still healthy are
+            # being stopped, and one of them would be no victim at all.
+            wait_until(lambda: len(_healthy(cluster, name)) == replicas, 120, "swarm: healthy")
             victim = _healthy(cluster, name)[n % replicas]
             node = next(
                 nd
                 for nd in cluster.nodes
                 if nd.index not in cluster.cut_nodes and victim in nd.docker("ps", "-q").split()
             )
-            node.docker("kill", "-s", "KILL", victim)
+            try:
+                node.docker("kill", "-s", "KILL", victim)
+            except RuntimeError:
+                continue  # it stopped between the listing and the kill: pick again
             took = wait_until(
                 lambda v=victim: _replaced_task(_healthy(cluster, name), replicas, v),
                 120,
@@ -611,7 +546,7 @@ def swarm_peer(cluster: Any, image: str, replicas: int, surge: int, kills: int) 
 
 def swarm_section(replicas: int, surge: int, kills: int) -> None:
     """One swarm for both: Kiln first (then kiln down), then Swarm's own service."""
-    sys.path.insert(0, str(REPO / "tests"))
+    _tests_on_path()
     from swarm_cluster import start_cluster
 
     work = Path(tempfile.mkdtemp(prefix="kiln-dist-"))

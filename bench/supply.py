@@ -24,13 +24,14 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import median_p95, timed
 
+from kiln.image.digest import Descriptor
 from kiln.supply.osv import OsvDatabase, import_advisories
+from kiln.supply.sbom import Component
 from kiln.supply.scan import match_components
 
 DEBIAN_SOURCES = 3000
@@ -42,16 +43,6 @@ def row(label: str, samples: list[float], note: str = "") -> None:
     print(
         f"{label:<44} median {med:7.3f} s  p95 {p95:7.3f} s  (n={len(samples)}) {note}", flush=True
     )
-
-
-@dataclass(frozen=True)
-class Part:
-    ecosystem: str
-    name: str
-    version: str
-    source_name: str
-    source_version: str
-    purl: str
 
 
 def _debian_advisory(rng: random.Random, number: int) -> dict[str, object]:
@@ -107,7 +98,7 @@ def generated_zip(path: Path, count: int, seed: int = 11) -> None:
             zf.writestr(f"{item['id']}.json", json.dumps(item))
 
 
-def generated_image(seed: int = 5) -> list[Part]:
+def generated_image(seed: int = 5) -> list[Component]:
     rng = random.Random(seed)
     parts = []
     for index in range(350):
@@ -115,12 +106,12 @@ def generated_image(seed: int = 5) -> list[Part]:
         version = f"{rng.randrange(1, 5)}.{rng.randrange(10)}.{rng.randrange(10)}-1~deb12u1"
         name = f"lib{source}-{index}"
         purl = f"pkg:deb/debian/{name}@{version}?arch=amd64&distro=bookworm"
-        parts.append(Part("debian", name, version, source, version, purl))
+        parts.append(Component("debian", name, version, source, version, purl))
     for _ in range(50):
         project = f"project-{rng.randrange(PYPI_PROJECTS)}"
         version = f"{rng.randrange(0, 5)}.{rng.randrange(10)}.0"
         parts.append(
-            Part("pypi", project, version, project, version, f"pkg:pypi/{project}@{version}")
+            Component("pypi", project, version, project, version, f"pkg:pypi/{project}@{version}")
         )
     return parts
 
@@ -147,8 +138,146 @@ def scan_section(runs: int, advisories: int) -> None:
         row(f"scan {len(parts)} packages", timed(scan_once, runs), f"{findings[-1]} findings")
 
 
+def policy_section(runs: int, services: int = 100) -> None:
+    """The gate's Rego evaluation for a plan of ``services`` services (the default bundle
+    and one user file, in the bounded child process); evidence is given, not collected."""
+    from kiln.policy.gate import Module, default_modules, evaluate
+
+    user = Module(
+        "policy/team.rego",
+        "package team\n\ndeny contains msg if {\n  input.spec.replicas > 50\n"
+        '  msg := sprintf("%s: too many replicas", [input.service])\n}\n',
+        "team",
+        False,
+    )
+    finding = {"id": "CVE-1", "package": "openssl", "installed": "3.0.1", "fixed": "3.0.2"}
+    inputs = {
+        f"svc{n}": {
+            "service": f"svc{n}",
+            "image": {
+                "ref": "app",
+                "digest": "sha256:" + "a" * 64,
+                "pinned": True,
+                "base": "debian:bookworm",
+                "age_seconds": 3600.0,
+                "user": "1000",
+            },
+            "signature": {"signed": True, "signers": ["k"], "errors": []},
+            "scan": {"status": "ok", "findings": [{**finding, "severity": "HIGH"}] * 20},
+            "secrets": {"found": False},
+            "spec": {"replicas": 3, "health": {"http": "/healthz"}},
+            "settings": {
+                "keys": ["k.pub"],
+                "sources": ["debian:*"],
+                "max_image_age": "30d",
+                "max_image_age_seconds": 2592000.0,
+            },
+        }
+        for n in range(services)
+    }
+    modules = [*default_modules(), user]
+    outcome: list[int] = []
+
+    def gate_once() -> None:
+        outcome.append(len(evaluate(modules, inputs, enforce=True).verdicts))
+
+    row(
+        f"policy gate, plan of {services} services",
+        timed(gate_once, runs),
+        f"{outcome[-1] if outcome else 0} verdicts",
+    )
+
+
+def evidence_section(runs: int) -> None:
+    """What the evidence costs a bake of examples/shop: a bake in a fresh home (the
+    machine's shared Debian base warm) with and without the SBOM, provenance and secret
+    scan it now writes, a cached re-bake, then key generation, sign and verify."""
+    import os
+    import shutil
+    import subprocess
+
+    from kiln.image.store import ImageStore
+    from kiln.supply.signing import generate_key, sign_image, verify_image
+
+    repo = Path(__file__).resolve().parents[1]
+    kiln = str(Path(sys.executable).parent / "kiln")
+    work = Path(tempfile.mkdtemp(prefix="kiln-evidence-"))
+    shutil.copytree(
+        repo / "examples" / "shop", work / "shop", ignore=shutil.ignore_patterns("kiln.lock")
+    )
+
+    def bake(home: Path) -> tuple[float, str]:
+        env = dict(os.environ, KILN_HOME=str(home))
+        start = time.perf_counter()
+        out = subprocess.run(
+            [kiln, "bake", str(work / "shop")], env=env, text=True, capture_output=True
+        )
+        took = time.perf_counter() - start
+        if out.returncode != 0:
+            raise SystemExit(f"kiln bake failed: {out.stderr[-2000:]}")
+        return took, out.stdout.strip().rpartition("@")[2]
+
+    try:
+        bake(work / "warm")  # the shared base and apt cache, and kiln.lock, once
+        fresh, cached, digests = [], [], []
+        for run in range(runs):
+            home = work / f"home-{run}"
+            took, digest = bake(home)
+            fresh.append(took)
+            digests.append(digest)
+            cached.append(bake(home)[0])
+        row("bake, fresh home, with evidence", fresh)
+        row("re-bake, nothing changed", cached)
+        home = work / "home-0"
+        store = ImageStore(home / "images")
+        referrers = store.referrers(digests[0])
+        print(f"  referrers attached by the bake: {sorted(d.artifact_type for d in referrers)}")
+        from kiln.supply.sbom import build_sbom, read_contents
+        from kiln.supply.secrets_scan import scan_layers
+
+        manifest = store.read_json(digests[0])
+        layers = [Descriptor.from_json(d) for d in manifest["layers"]]
+        caches = work / "caches"
+
+        def cold(action: Callable[[Path], object]) -> list[float]:
+            out = []
+            for _ in range(runs):
+                shutil.rmtree(caches, ignore_errors=True)
+                start = time.perf_counter()
+                action(caches)
+                out.append(time.perf_counter() - start)
+            return out
+
+        row(
+            "SBOM, every layer read (cold cache)",
+            cold(lambda c: read_contents(store, digests[0], c)),
+        )
+        row(
+            "SBOM document from warm layer results",
+            timed(lambda: build_sbom(store, digests[0]), runs),
+        )
+        added = layers[-1:]
+        row(
+            "secret scan of the recipe's own layer (cold)",
+            cold(lambda c: scan_layers(store, added, [], c)),
+        )
+        key, pub = generate_key(work / "release")
+        row(
+            "sign (ECDSA P-256: digest + provenance)",
+            timed(lambda: sign_image(store, digests[0], key), 1),
+        )
+        row(
+            "verify (signature, provenance, every blob)",
+            timed(lambda: verify_image(store, digests[0], [pub]), runs),
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "evidence": lambda args: evidence_section(args.runs),
     "scan": lambda args: scan_section(args.runs, args.advisories),
+    "policy": lambda args: policy_section(args.runs),
 }
 
 

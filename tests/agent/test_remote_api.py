@@ -51,7 +51,11 @@ ROUTE_REQUESTS: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {
     ("POST", "/v1/restart"): ("/v1/restart", {"service": "web"}),
     ("POST", "/v1/stop"): ("/v1/stop", {"service": "web"}),
     ("POST", "/v1/start"): ("/v1/start", {"service": "web"}),
+    ("POST", "/v1/promote"): ("/v1/promote", {"service": "web"}),
+    ("POST", "/v1/abort"): ("/v1/abort", {"service": "web"}),
     ("POST", "/v1/exec"): ("/v1/exec", {"instance": "web-1", "argv": ["true"]}),
+    ("POST", "/v1/drift"): ("/v1/drift", {"service": "web", "full": False}),
+    ("POST", "/v1/burn"): ("/v1/burn", {"instance": "web-1", "keep_evidence": False}),
     ("POST", "/v1/down"): ("/v1/down", None),
 }
 ROUTES = sorted(ROUTE_REQUESTS)

@@ -11,12 +11,10 @@ import io
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import tarfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +41,9 @@ from kiln.image.registry import (
     push,
 )
 from kiln.image.store import ImageStore
+from registry_server import REGISTRY_BIN, serve_registry
 from tls_certs import make_ca, make_server_cert
 
-REGISTRY_BIN = Path("/usr/bin/docker-registry")
 USER, PASSWORD = "kiln", "s3cret-pass"
 needs_registry = pytest.mark.skipif(
     not REGISTRY_BIN.exists() or not shutil.which("htpasswd"),
@@ -135,38 +133,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         },
         "auth": {"htpasswd": {"realm": "kiln-test", "path": str(htpasswd)}},
     }
-    config_path = root / "config.yml"
-    config_path.write_text(json.dumps(config))
-    log = root / "registry.log"
-    with open(log, "wb") as log_out:
-        proc = subprocess.Popen(
-            [str(REGISTRY_BIN), "serve", str(config_path)],
-            stdout=log_out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
-        )
-    try:
-        context = ssl.create_default_context(cafile=str(ca_file))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with (
-                    socket.create_connection(("127.0.0.1", port), timeout=1) as raw,
-                    context.wrap_socket(raw, server_hostname="127.0.0.1"),
-                ):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"registry did not start: {log.read_text()}") from None
-                time.sleep(0.1)
+    with serve_registry(root, config, port, ca_file) as log:
         yield Registry(f"127.0.0.1:{port}", ca_file, cert_dir, auth_file, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- push and pull against the real registry --------------------------------------

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_registry import REGISTRY_BIN
 
 from busybox_tree import free_port
 from dockerd import Dockerd, docker_engine  # noqa: F401
 from kiln.image.digest import Descriptor
 from kiln.image.registry import RegistryOptions, push
 from kiln.image.store import ImageStore
+from registry_server import REGISTRY_BIN, serve_registry
 
 pytestmark = pytest.mark.docker
 
@@ -40,33 +38,8 @@ def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
         "http": {"addr": f"127.0.0.1:{port}", "secret": "kiln-test-secret"},
     }
-    (root / "config.yml").write_text(json.dumps(config))
-    log = root / "registry.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(REGISTRY_BIN), "serve", str(root / "config.yml")],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"registry did not start: {log.read_text()}") from None
-                time.sleep(0.1)
+    with serve_registry(root, config, port):
         yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def docker(engine: Dockerd, *args: str) -> str:

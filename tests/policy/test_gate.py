@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from policy_project import project_toml
 
 from kiln.image.bake import bake
 from kiln.image.store import ImageStore
@@ -22,19 +23,7 @@ from kiln.spec import load_spec
 from kiln.spec.models import PolicySettings
 from kiln.supply.signing import generate_key, sign_image
 
-PROJECT = """[project]
-name = "policytest"
-
-[images.app]
-from = "scratch"
-user = "1000"
-steps = [{ copy = "app/", to = "/srv/app" }]
-cmd = ["/srv/app/run"]
-
-[services.web]
-image = "app"
-health = { http = "/healthz" }
-"""
+PROJECT = project_toml("policytest")
 
 
 @pytest.fixture

@@ -9,27 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from policy_project import project_toml
 
 CLI = (
     "import sys, kiln.cli.policy_cmd; from kiln.cli.main import main; sys.exit(main(sys.argv[1:]))"
 )
 
-PROJECT = """[project]
-name = "gated"
-
-[images.app]
-from = "scratch"
-user = "1000"
-steps = [{ copy = "app/", to = "/srv/app" }]
-cmd = ["/srv/app/run"]
-
-[services.web]
-image = "app"
-health = { http = "/healthz" }
-
+PROJECT = project_toml(
+    "gated",
+    """
 [policy]
 files = ["policy/*.rego"]
-"""
+""",
+)
 
 DENY = """package team
 

@@ -8,8 +8,11 @@ with :func:`shift_tree` shows root-owned files as uid 0, as a real image does.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import busybox_tree
 from busybox_tree import MOUNT_POINTS
@@ -20,6 +23,7 @@ from kiln.runtime.local import LocalRuntime
 
 __all__ = [
     "build_image_tree",
+    "image_spec_factory",
     "logs_of",
     "run_to_exit",
     "shift_tree",
@@ -104,3 +108,31 @@ def stdout_of(runtime: LocalRuntime, spec: InstanceSpec) -> list[str]:
     code, lines = run_to_exit(runtime, spec)
     assert code == 0, [(line.stream, line.line) for line in lines]
     return [line.line for line in lines if line.stream == "stdout"]
+
+
+_instance_numbers = itertools.count(1)
+
+
+def image_spec_factory(
+    image_digest: str, service: str, revision: int, port: int
+) -> Callable[..., InstanceSpec]:
+    """Specs of a stored image for an engine runtime (Docker, Swarm): a command and
+    overrides give an instance of ``service`` with an id of its own."""
+
+    def make(command: list[str], **overrides: Any) -> InstanceSpec:
+        fields: dict[str, Any] = {
+            "instance_id": f"{service}-{os.getpid():x}{next(_instance_numbers):03d}",
+            "service": service,
+            "revision": revision,
+            "image_digest": image_digest,
+            "command": command,
+            "user": None,
+            "workdir": "/",
+            "env": {"PATH": "/bin", "PORT": str(port)},
+            "port": port,
+            "stop_grace": 2.0,
+        }
+        fields.update(overrides)
+        return InstanceSpec(**fields)
+
+    return make

@@ -8,7 +8,6 @@ agent restart, and a shared engine where only this home's containers are touched
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from typing import Any
 
 import docker
 import pytest
+from sandboxes import image_spec_factory
 
 from busybox_tree import build_busybox_rootfs
 from dockerd import (  # noqa: F401
@@ -91,28 +91,9 @@ def api(docker_engine: Dockerd) -> Iterator[Any]:
     client.close()
 
 
-_ids = itertools.count(1)
-
-
 @pytest.fixture
 def make_spec(docker_home: tuple[Path, str]) -> Spec:
-    def make(command: list[str], **overrides: Any) -> InstanceSpec:
-        fields: dict[str, Any] = {
-            "instance_id": f"app-{os.getpid():x}{next(_ids):03d}",
-            "service": "app",
-            "revision": 3,
-            "image_digest": docker_home[1],
-            "command": command,
-            "user": None,
-            "workdir": "/",
-            "env": {"PATH": "/bin", "PORT": str(PORT)},
-            "port": PORT,
-            "stop_grace": 2.0,
-        }
-        fields.update(overrides)
-        return InstanceSpec(**fields)
-
-    return make
+    return image_spec_factory(docker_home[1], "app", 3, PORT)
 
 
 def serve(spec: Spec, **overrides: Any) -> InstanceSpec:
@@ -552,7 +533,7 @@ def test_logs_carry_both_streams_with_the_instances_meta(
     # Each stream in its own order; across streams the order is the engine's read times,
     # which a loaded machine can swap (the first piece of the long line before err-1).
     assert [line for stream, line in lines if stream == "stderr"] == ["err-1"]
-    assert [line for stream, line in lines if stream == "stdout"][0] == "out-1"
+    assert next(line for stream, line in lines if stream == "stdout") == "out-1"
     long = [line for stream, line in lines if line.startswith("L")]
     assert [len(x) for x in long] == [MAX_LINE, MAX_LINE, MAX_LINE, 200000 - 3 * MAX_LINE]
     assert lines[-1] == ("stdout", "no newline at the end")

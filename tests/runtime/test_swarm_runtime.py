@@ -8,7 +8,6 @@ there or not a manager.
 # ruff: noqa: F811 - the swarm_cluster fixture is imported by name and used as a parameter
 from __future__ import annotations
 
-import itertools
 import os
 import select
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sandboxes import image_spec_factory
 
 from dockerd import image_from_trees
 from kiln.image.registry import RegistryOptions
@@ -37,7 +37,6 @@ pytestmark = [
 PORT = 8080
 SECRET = b"swarm-secret-" + os.urandom(6).hex().encode()
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_ids = itertools.count(1)
 Spec = Callable[..., InstanceSpec]
 
 
@@ -92,23 +91,7 @@ def runtime(swarm_home: tuple[Path, str], swarm_cluster: SwarmCluster) -> Iterat
 
 @pytest.fixture
 def make_spec(swarm_home: tuple[Path, str]) -> Spec:
-    def make(command: list[str], **overrides: Any) -> InstanceSpec:
-        fields: dict[str, Any] = {
-            "instance_id": f"web-{os.getpid():x}{next(_ids):03d}",
-            "service": "web",
-            "revision": 1,
-            "image_digest": swarm_home[1],
-            "command": command,
-            "user": None,
-            "workdir": "/",
-            "env": {"PATH": "/bin", "PORT": str(PORT)},
-            "port": PORT,
-            "stop_grace": 2.0,
-        }
-        fields.update(overrides)
-        return InstanceSpec(**fields)
-
-    return make
+    return image_spec_factory(swarm_home[1], "web", 1, PORT)
 
 
 def serving(spec: Spec, **overrides: Any) -> InstanceSpec:

@@ -24,12 +24,10 @@ device nodes out, so no Kiln image can carry one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +39,24 @@ from container_lab import (
     APP_PORT,
     DEDICATED,
     HTTP,
+    MEMORY_LIMIT_MB,
+    PIDS_LIMIT,
+    RACE_SECONDS,
+    USERS,
+    HostTargets,
     Probe,
+    assert_host_services_answer_but_not_its_loopback,
     assert_log_lines_cut_at,
+    assert_root_inside_writes_its_own_dev_but_not_the_init,
     attack_id,
+    attack_variables,
+    follower_monitors,
+    host_observations,
     log_path,
-    logging_flows,
+    other_spec,
     probe_spec,
     run_attack,
+    sandbox_host,
     shared_attacks,
     skip_if_differs,
     status_fields,
@@ -69,7 +78,6 @@ from probe import (
     finish_probe_tree,
     foreign_entries,
     iter_attacks,
-    tree_fingerprint,
 )
 
 from busybox_tree import BUSYBOX
@@ -78,7 +86,6 @@ from kiln.image.store import ImageStore
 from kiln.observe.logs import LogStore
 from kiln.runtime import InstanceSpec, InstanceStatus, RuntimeFailure, VolumeMount
 from kiln.runtime.docker import MAX_LINE, DockerRuntime
-from kiln.runtime.shim import memory_cgroup_dir
 from leftovers import assert_nothing_left
 
 pytestmark = [
@@ -87,11 +94,6 @@ pytestmark = [
     pytest.mark.skipif(not BUSYBOX.exists(), reason="busybox-static is not installed"),
 ]
 
-USERS = {"image-user": "65534:65534", "root-inside": None}
-PIDS_LIMIT = 64
-MEMORY_LIMIT_MB = 64
-RACE_SECONDS = 3
-FLOOD_BYTES = 100_000_000
 ALL_USERS = frozenset(USERS)
 
 DOCKER_DIFFERENCES: dict[str, tuple[frozenset[str], str]] = {
@@ -144,23 +146,12 @@ def _host_pid(probe: Probe) -> int:
 
 
 @dataclass
-class Lab:
+class Lab(HostTargets):
     engine: Dockerd
     home: Path
     image: str
     runtime: DockerRuntime
-    marker_path: Path
-    marker: str
-    sleep: hostside.HostSleep
-    loopback: hostside.BannerServer
-    anywhere: hostside.BannerServer
-    udp: hostside.DatagramCounter
-    abstract_name: str
     other: Probe
-    other_secret_name: str
-    other_secret: str
-    other_log_marker: str
-    other_banner: str
     clock_offset: float
     probes: dict[str, Probe] = field(default_factory=dict)
 
@@ -189,57 +180,21 @@ def lab(tmp_path_factory: pytest.TempPathFactory, docker_engine: Dockerd) -> Ite
     finish_probe_tree(layer, 0, 0)
     image = image_from_trees(ImageStore(home / "images"), [layer])
     runtime = DockerRuntime(home, docker_engine.host)
-    marker = hostside.token("host-marker-content")
-    marker_path = base / hostside.token("host-marker")
-    marker_path.write_text(marker + "\n")
-    marker_path.chmod(0o600)
-    sleep = hostside.HostSleep()
-    loopback = hostside.BannerServer("127.0.0.1", hostside.token("loopback-banner"))
-    anywhere = hostside.BannerServer("0.0.0.0", hostside.token("anywhere-banner"))
-    udp = hostside.DatagramCounter("0.0.0.0")
-    abstract_name = hostside.token("kiln-escape-abstract")
-    secret_name = hostside.token("dbpass").replace("-", "_")
-    secret = hostside.token("s3cr3t")
-    log_marker = hostside.token("other-log-line")
-    banner = hostside.token("other-banner")
+    targets = HostTargets.create(base)
     try:
         with (
             hostside.unix_listener(str(home / "agent.sock")),
-            hostside.unix_listener("\0" + abstract_name),
+            hostside.unix_listener("\0" + targets.abstract_name),
         ):
-            other_spec = probe_spec(
-                image,
-                "other",
-                None,
-                service="other",
-                command=[
-                    "sh",
-                    "-c",
-                    'echo "$LOG_MARKER"; mkdir /tmp/www; echo "$BANNER" > '
-                    "/tmp/www/index.html; exec httpd -f -p $PORT -h /tmp/www",
-                ],
-                env={"LOG_MARKER": log_marker, "BANNER": banner},
-                secrets={secret_name: secret.encode()},
-            )
-            other = Probe(runtime, runtime.start(other_spec), None)
+            other = Probe(runtime, runtime.start(other_spec(image, targets)), None)
             other.wait_ready()
             yield Lab(
+                **targets.targets(),
                 engine=docker_engine,
                 home=home,
                 image=image,
                 runtime=runtime,
-                marker_path=marker_path,
-                marker=marker,
-                sleep=sleep,
-                loopback=loopback,
-                anywhere=anywhere,
-                udp=udp,
-                abstract_name=abstract_name,
                 other=other,
-                other_secret_name=secret_name,
-                other_secret=secret,
-                other_log_marker=log_marker,
-                other_banner=banner,
                 clock_offset=time.time() - time.monotonic(),
             )
     finally:
@@ -251,11 +206,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory, docker_engine: Dockerd) -> Ite
                 api.volumes(filters={"label": f"dev.kiln.home={runtime.tag}"})["Volumes"] or []
             ):
                 api.remove_volume(volume["Name"], force=True)
-        sleep.close()
-        loopback.close()
-        anywhere.close()
-        udp.close()
-        assert_nothing_left(home, [secret.encode()])
+        targets.close()
+        assert_nothing_left(home, [targets.other_secret.encode()])
         shutil.rmtree(home / "logs", ignore_errors=True)
 
 
@@ -304,47 +256,8 @@ def host_for(lab: Lab, probe: Probe, key: str, volume_name: str) -> Host:
     runtime = lab.runtime
     user_id = uid(probe.user)
     volume = lab.volume_dir(volume_name)
-    variables = {
-        "home": str(lab.home),
-        "home_b64": hostside.b64(str(lab.home)),
-        "host_marker_path": str(lab.marker_path),
-        "host_marker_name": lab.marker_path.name,
-        "host_marker": lab.marker,
-        "host_shadow_line": hostside.shadow_first_line(),
-        "host_pid": str(lab.sleep.pid),
-        "host_sleep_marker": lab.sleep.marker,
-        "host_sleep_marker_b64": hostside.b64(lab.sleep.marker),
-        "gateway": lab.gateway(),
-        "loopback_port": str(lab.loopback.port),
-        "loopback_banner": lab.loopback.banner,
-        "any_port": str(lab.anywhere.port),
-        "any_banner": lab.anywhere.banner,
-        "udp_port": str(lab.udp.port),
-        "host_addresses": " ".join(hostside.host_addresses()),
-        "abstract_socket": lab.abstract_name,
-        "bind_port": str(hostside.free_port()),
-        "other_address": lab.other.address,
-        "other_port": str(lab.other.port),
-        "other_banner": lab.other_banner,
-        "other_secret": lab.other_secret,
-        "other_secret_name": lab.other_secret_name,
-        "other_log_marker": lab.other_log_marker,
-        "volume": "/data",
-        "tmp_fill_mb": str(512 + 64),
-        "flood_bytes": str(FLOOD_BYTES),
-        "log_growth_limit_mb": str(FLOOD_BYTES * 1.1 / 2**20 + 1),
-        "shim_rss_limit_mb": f"{hostside.peak_rss_mb(os.getpid()) + 64:.0f}",
-        "race_seconds": str(RACE_SECONDS),
-        "pids_limit": str(PIDS_LIMIT),
-        "hold_count": str(PIDS_LIMIT + 50),
-        "hold_seconds": "3",
-        "bomb_seconds": "2",
-        "host_process_rise_limit": str(PIDS_LIMIT + 100),
-        "hog_mb": "256",
-        "memory_limit_mb": str(MEMORY_LIMIT_MB),
-    }
-    runc_path = Path(shutil.which("runc") or "/usr/sbin/runc")
-    init_path = Path(shutil.which("docker-init") or "/usr/bin/docker-init").resolve()
+    variables = attack_variables(lab.home, lab, lab.other, lab.gateway(), 512 + 64)
+    variables["volume"] = "/data"
     layers = _layer_dirs(lab, probe)
 
     def exec_during() -> None:
@@ -352,41 +265,17 @@ def host_for(lab: Lab, probe: Probe, key: str, volume_name: str) -> Host:
         while time.monotonic() < deadline:
             runtime.exec(probe.handle, ["/bin/sh", "-c", "sleep 0.05"], 10)
 
-    bind_port = int(variables["bind_port"])
-    observations: dict[str, Callable[[], object]] = {
-        "core_pattern": lambda: Path("/proc/sys/kernel/core_pattern").read_text(),
-        "sysctl_fingerprint": hostside.sysctl_fingerprint,
-        "modules": hostside.loaded_modules,
-        "hostname": lambda: Path("/proc/sys/kernel/hostname").read_text(),
-        "clock": lambda: abs(time.time() - time.monotonic() - lab.clock_offset) < 60,
-        "host_sleep_alive": lab.sleep.alive,
-        "other_sandbox_alive": lambda: lab.other.alive() and probe.alive(),
-        "layer": lambda: [tree_fingerprint(p) for p in layers],
-        "runc_binary": lambda: hostside.sha256_file(runc_path),
-        "init_binary": lambda: hostside.sha256_file(init_path),
-        "volume_hostfile": lambda: file_state(volume / "hostfile"),
-        "volume_foreign": lambda: foreign_entries(volume, user_id, user_id + 1),
-        "loopback_accepts": lambda: lab.loopback.accepted,
-        "any_accepts": lambda: lab.anywhere.accepted,
-        "udp_datagrams": lambda: lab.udp.received,
-        "host_listener_on_bind_port": lambda: hostside.host_listener_on(bind_port),
-        "shim_alive": lambda: probe.alive() and logging_flows(probe, _log_path(lab, probe)),
-    }
-
-    def follower_peak() -> Callable[[], float]:
-        return lambda: hostside.peak_rss_mb(os.getpid())
-
     log = _log_path(lab, probe)
-
-    def log_growth() -> Callable[[], float]:
-        start = log.stat().st_size
-        return lambda: (log.stat().st_size - start) / 2**20
-
+    observations = host_observations(
+        lab, lab.other, probe, layers, int(variables["bind_port"]), log, lab.clock_offset
+    )
+    observations["volume_hostfile"] = lambda: file_state(volume / "hostfile")
+    observations["volume_foreign"] = lambda: foreign_entries(volume, user_id, user_id + 1)
     return Host(
         kind=f"docker runtime ({key})",
         variables=variables,
         observations=observations,
-        monitors={"shim_peak_rss_mb": follower_peak, "instance_log_growth_mb": log_growth},
+        monitors=follower_monitors(log),
         actions={"exec_during": exec_during},
         sandboxes={"own", "pids", "memory"},
         secret_names={"host_shadow_line", "host_marker", "other_secret"},
@@ -450,22 +339,13 @@ def test_escape_in_its_own_sandbox(attack: Attack, probe: Probe, lab: Lab) -> No
     )
     try:
         own.wait_ready()
-        monitors = dict(host.monitors)
-        if attack.sandbox == "pids":
-            container = own.handle.data["container_id"]
-            monitors["host_process_rise"] = lambda: hostside.ProcessSampler().rise
-            monitors["sandbox_pids_peak"] = lambda: hostside.ProcessSampler(container).sandbox_peak
-        if attack.sandbox == "memory":
-            memory_dir = memory_cgroup_dir(_host_pid(own))
-            assert memory_dir is not None
-
-            def memory_peak() -> Callable[[], float]:
-                return lambda: int((memory_dir / "memory.max_usage_in_bytes").read_text()) / 2**20
-
-            monitors["memory_peak_mb"] = memory_peak
-        observations = dict(host.observations)
-        observations["other_sandbox_alive"] = lambda: lab.other.alive() and probe.alive()
-        own_host = dataclasses.replace(host, monitors=monitors, observations=observations)
+        own_host = sandbox_host(
+            host,
+            attack,
+            lambda: str(own.handle.data["container_id"]),
+            lambda: _host_pid(own),
+            lambda: lab.other.alive() and probe.alive(),
+        )
         run_attack(attack, own_host, own.send)
         if attack.sandbox == "memory":
             state = own.runtime.stop(own.handle, 0.0)
@@ -545,45 +425,16 @@ def test_docker_difference_root_inside_writes_its_own_dev_but_not_the_init(
 ) -> None:
     if probe.user is not None:
         pytest.skip("about root inside")
-    init = Path(shutil.which("docker-init") or "/usr/bin/docker-init").resolve()
-    runc = Path(shutil.which("runc") or "/usr/sbin/runc")
-    before = (hostside.sha256_file(init), hostside.sha256_file(runc))
-    outcome = probe.send(
-        "printf '' >> /dev/init && echo made-dev-init; "
-        "printf '' >> /sbin/docker-init 2>&1; printf '' >> /proc/1/exe 2>&1; "
-        "printf '' >> /proc/self/exe 2>&1; readlink /proc/1/exe; exit 0"
-    )
-    # The difference: Docker's /dev is a tmpfs of the container's own, writable by its
-    # root, so the local runtime's init path (/dev/init) is just a new file there.
-    assert "made-dev-init" in outcome.output
-    # The init Docker runs (pid 1, /sbin/docker-init) is read-only and busy.
-    assert "/sbin/docker-init" in outcome.output
-    assert re.search(r"can't create /sbin/docker-init: (Read-only|Text file busy)", outcome.output)
-    assert "can't create /proc/1/exe: Text file busy" in outcome.output
-    assert (hostside.sha256_file(init), hostside.sha256_file(runc)) == before
+    # The difference: Docker's /dev is a tmpfs of the container's own, writable by its root.
+    assert_root_inside_writes_its_own_dev_but_not_the_init(probe)
 
 
 def test_docker_difference_host_services_on_every_address_answer_through_the_gateway(
     probe: Probe, lab: Lab
 ) -> None:
-    gateway = lab.gateway()
-    udp_before = lab.udp.received
-    outcome = probe.send(
-        f"nc -w 2 {gateway} {lab.anywhere.port} < /dev/null; "
-        f"for a in {' '.join(hostside.host_addresses())}; do "
-        f"nc -w 2 $a {lab.anywhere.port} < /dev/null; done; "
-        f"nc -w 2 {gateway} {lab.loopback.port} < /dev/null; "
-        f"nc -w 2 127.0.0.1 {lab.loopback.port} < /dev/null; "
-        f"timeout 1 tftp -g -r probe -l /tmp/tftp {gateway} {lab.udp.port}; exit 0"
-    )
-    # The difference: what listens on every address of the host answers an instance.
-    assert outcome.output.count(lab.anywhere.banner) >= 2, outcome.output
-    deadline = time.monotonic() + 2
-    while lab.udp.received == udp_before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert lab.udp.received > udp_before
-    # What stays out of reach: the host's loopback (the instance has its own).
-    assert lab.loopback.banner not in outcome.output
+    # The difference: what listens on every address of the host answers an instance;
+    # what stays out of reach is the host's loopback (the instance has its own).
+    assert_host_services_answer_but_not_its_loopback(probe, lab, lab.gateway())
 
 
 def test_docker_difference_without_the_engines_firewall_instances_reach_each_other(

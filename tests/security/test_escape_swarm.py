@@ -30,12 +30,11 @@ operator would.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,13 +44,24 @@ import pytest
 from container_lab import (
     DEDICATED,
     HTTP,
+    MEMORY_LIMIT_MB,
+    PIDS_LIMIT,
+    RACE_SECONDS,
+    USERS,
+    HostTargets,
     Probe,
+    assert_host_services_answer_but_not_its_loopback,
     assert_log_lines_cut_at,
+    assert_root_inside_writes_its_own_dev_but_not_the_init,
     attack_id,
+    attack_variables,
+    follower_monitors,
+    host_observations,
     log_path,
-    logging_flows,
+    other_spec,
     probe_spec,
     run_attack,
+    sandbox_host,
     shared_attacks,
     skip_if_differs,
     status_fields,
@@ -64,7 +74,6 @@ from probe import (
     build_probe_tree,
     finish_probe_tree,
     iter_attacks,
-    tree_fingerprint,
 )
 
 from busybox_tree import BUSYBOX
@@ -73,7 +82,6 @@ from kiln.image.registry import RegistryOptions
 from kiln.image.store import ImageStore
 from kiln.runtime import InstanceSpec, RuntimeFailure, VolumeMount
 from kiln.runtime.docker import DEFAULT_TMPFS_SIZE, LABEL_INSTANCE, MAX_LINE
-from kiln.runtime.shim import memory_cgroup_dir
 from kiln.runtime.swarm import SwarmRuntime
 from swarm_cluster import SwarmCluster, swarm_cluster  # noqa: F401
 
@@ -83,12 +91,7 @@ pytestmark = [
     pytest.mark.skipif(not BUSYBOX.exists(), reason="busybox-static is not installed"),
 ]
 
-USERS = {"image-user": "65534:65534", "root-inside": None}
 ALL_USERS = frozenset(USERS)
-PIDS_LIMIT = 64
-MEMORY_LIMIT_MB = 64
-RACE_SECONDS = 3
-FLOOD_BYTES = 100_000_000
 
 _OPEN_NETWORK = "test_swarm_difference_private_is_not_enforced_the_hosts_addresses_answer"
 SWARM_DIFFERENCES: dict[str, tuple[frozenset[str], str]] = {
@@ -126,24 +129,13 @@ SANDBOXES = [(a, key) for a in DEDICATED for key in USERS]
 
 
 @dataclass
-class Lab:
+class Lab(HostTargets):
     cluster: SwarmCluster
     home: Path
     image: str
     runtime: SwarmRuntime
     node_apis: dict[str, Any]
-    marker_path: Path
-    marker: str
-    sleep: hostside.HostSleep
-    loopback: hostside.BannerServer
-    anywhere: hostside.BannerServer
-    udp: hostside.DatagramCounter
-    abstract_name: str
     other: Probe
-    other_secret_name: str
-    other_secret: str
-    other_log_marker: str
-    other_banner: str
     clock_offset: float
     probes: dict[str, Probe] = field(default_factory=dict)
     sandboxes: dict[tuple[str, str], Probe] = field(default_factory=dict)
@@ -202,35 +194,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory, swarm_cluster: SwarmCluster) -
         RegistryOptions(ca_file=swarm_cluster.registry_ca),
     )
     node_apis = {node.address: node.api(timeout=60) for node in swarm_cluster.nodes}
-    marker = hostside.token("host-marker-content")
-    marker_path = base / hostside.token("host-marker")
-    marker_path.write_text(marker + "\n")
-    marker_path.chmod(0o600)
-    sleep = hostside.HostSleep()
-    loopback = hostside.BannerServer("127.0.0.1", hostside.token("loopback-banner"))
-    anywhere = hostside.BannerServer("0.0.0.0", hostside.token("anywhere-banner"))
-    udp = hostside.DatagramCounter("0.0.0.0")
-    abstract_name = hostside.token("kiln-escape-abstract")
-    secret_name = hostside.token("dbpass").replace("-", "_")
-    secret = hostside.token("s3cr3t")
-    log_marker = hostside.token("other-log-line")
-    banner = hostside.token("other-banner")
-    specs: dict[Any, InstanceSpec] = {
-        "other": probe_spec(
-            image,
-            "other",
-            None,
-            service="other",
-            command=[
-                "sh",
-                "-c",
-                'echo "$LOG_MARKER"; mkdir /tmp/www; echo "$BANNER" > '
-                "/tmp/www/index.html; exec httpd -f -p $PORT -h /tmp/www",
-            ],
-            env={"LOG_MARKER": log_marker, "BANNER": banner},
-            secrets={secret_name: secret.encode()},
-        )
-    }
+    targets = HostTargets.create(base)
+    specs: dict[Any, InstanceSpec] = {"other": other_spec(image, targets)}
     for key, user in USERS.items():
         specs[key] = probe_spec(image, f"probe-{key}", user, service=f"probe-{key}")
     for attack, key in SANDBOXES:
@@ -242,7 +207,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, swarm_cluster: SwarmCluster) -
     try:
         with (
             hostside.unix_listener(str(home / "agent.sock")),
-            hostside.unix_listener("\0" + abstract_name),
+            hostside.unix_listener("\0" + targets.abstract_name),
         ):
             # The first start pushes the image; the others then only pull it.
             started["other"] = Probe(runtime, runtime.start(specs.pop("other")), None)
@@ -253,23 +218,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory, swarm_cluster: SwarmCluster) -
             for running in started.values():
                 running.wait_ready(timeout=30)
             yield Lab(
+                **targets.targets(),
                 cluster=swarm_cluster,
                 home=home,
                 image=image,
                 runtime=runtime,
                 node_apis=node_apis,
-                marker_path=marker_path,
-                marker=marker,
-                sleep=sleep,
-                loopback=loopback,
-                anywhere=anywhere,
-                udp=udp,
-                abstract_name=abstract_name,
                 other=started["other"],
-                other_secret_name=secret_name,
-                other_secret=secret,
-                other_log_marker=log_marker,
-                other_banner=banner,
                 clock_offset=time.time() - time.monotonic(),
                 probes={key: started[key] for key in USERS},
                 sandboxes={k: v for k, v in started.items() if isinstance(k, tuple)},
@@ -284,10 +239,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, swarm_cluster: SwarmCluster) -
         _assert_nothing_of_the_home_left(swarm_cluster, runtime.tag)
         for api in node_apis.values():
             api.close()
-        sleep.close()
-        loopback.close()
-        anywhere.close()
-        udp.close()
+        targets.close()
         shutil.rmtree(home / "logs", ignore_errors=True)
 
 
@@ -323,47 +275,11 @@ def _key(probe: Probe) -> str:
 
 def host_for(lab: Lab, probe: Probe, key: str) -> Host:
     """Variables and host observations for attacks from ``probe``."""
-    variables = {
-        "home": str(lab.home),
-        "home_b64": hostside.b64(str(lab.home)),
-        "host_marker_path": str(lab.marker_path),
-        "host_marker_name": lab.marker_path.name,
-        "host_marker": lab.marker,
-        "host_shadow_line": hostside.shadow_first_line(),
-        "host_pid": str(lab.sleep.pid),
-        "host_sleep_marker": lab.sleep.marker,
-        "host_sleep_marker_b64": hostside.b64(lab.sleep.marker),
-        # This machine as the nodes see it: the bridge their namespaces hang off.
-        "gateway": lab.cluster.gateway,
-        "loopback_port": str(lab.loopback.port),
-        "loopback_banner": lab.loopback.banner,
-        "any_port": str(lab.anywhere.port),
-        "any_banner": lab.anywhere.banner,
-        "udp_port": str(lab.udp.port),
-        "host_addresses": " ".join(hostside.host_addresses()),
-        "abstract_socket": lab.abstract_name,
-        "bind_port": str(hostside.free_port()),
-        "other_address": lab.other.address,
-        "other_port": str(lab.other.port),
-        "other_banner": lab.other_banner,
-        "other_secret": lab.other_secret,
-        "other_secret_name": lab.other_secret_name,
-        "other_log_marker": lab.other_log_marker,
-        "tmp_fill_mb": str(DEFAULT_TMPFS_SIZE // 2**20 + 64),
-        "flood_bytes": str(FLOOD_BYTES),
-        "log_growth_limit_mb": str(FLOOD_BYTES * 1.1 / 2**20 + 1),
-        "shim_rss_limit_mb": f"{hostside.peak_rss_mb(os.getpid()) + 64:.0f}",
-        "race_seconds": str(RACE_SECONDS),
-        "pids_limit": str(PIDS_LIMIT),
-        "hold_count": str(PIDS_LIMIT + 50),
-        "hold_seconds": "3",
-        "bomb_seconds": "2",
-        "host_process_rise_limit": str(PIDS_LIMIT + 100),
-        "hog_mb": "256",
-        "memory_limit_mb": str(MEMORY_LIMIT_MB),
-    }
-    runc_path = Path(shutil.which("runc") or "/usr/sbin/runc")
-    init_path = Path(shutil.which("docker-init") or "/usr/bin/docker-init").resolve()
+    # This machine as the nodes see it: the bridge their namespaces hang off.
+    gateway = lab.cluster.gateway
+    variables = attack_variables(
+        lab.home, lab, lab.other, gateway, DEFAULT_TMPFS_SIZE // 2**20 + 64
+    )
     container = lab.container(probe)
     data = container["GraphDriver"]["Data"]
     layers = [Path(p) for p in [*data["LowerDir"].split(":"), data["UpperDir"]]]
@@ -376,38 +292,16 @@ def host_for(lab: Lab, probe: Probe, key: str) -> Host:
             created = node_api.exec_create(container["Id"], ["/bin/sh", "-c", "sleep 0.05"])
             node_api.exec_start(created["Id"])
 
-    bind_port = int(variables["bind_port"])
     log = lab.log(probe)
-    observations: dict[str, Callable[[], object]] = {
-        "core_pattern": lambda: Path("/proc/sys/kernel/core_pattern").read_text(),
-        "sysctl_fingerprint": hostside.sysctl_fingerprint,
-        "modules": hostside.loaded_modules,
-        "hostname": lambda: Path("/proc/sys/kernel/hostname").read_text(),
-        "clock": lambda: abs(time.time() - time.monotonic() - lab.clock_offset) < 60,
-        "host_sleep_alive": lab.sleep.alive,
-        "other_sandbox_alive": lambda: lab.other.alive() and probe.alive(),
-        "layer": lambda: [tree_fingerprint(p) for p in layers],
-        "runc_binary": lambda: hostside.sha256_file(runc_path),
-        "init_binary": lambda: hostside.sha256_file(init_path),
-        "loopback_accepts": lambda: lab.loopback.accepted,
-        "any_accepts": lambda: lab.anywhere.accepted,
-        "udp_datagrams": lambda: lab.udp.received,
-        "host_listener_on_bind_port": lambda: hostside.host_listener_on(bind_port),
-        "shim_alive": lambda: probe.alive() and logging_flows(probe, log),
-    }
-
-    def follower_peak() -> Callable[[], float]:
-        return lambda: hostside.peak_rss_mb(os.getpid())
-
-    def log_growth() -> Callable[[], float]:
-        start = log.stat().st_size
-        return lambda: (log.stat().st_size - start) / 2**20
+    observations = host_observations(
+        lab, lab.other, probe, layers, int(variables["bind_port"]), log, lab.clock_offset
+    )
 
     return Host(
         kind=f"swarm runtime ({key})",
         variables=variables,
         observations=observations,
-        monitors={"shim_peak_rss_mb": follower_peak, "instance_log_growth_mb": log_growth},
+        monitors=follower_monitors(log),
         actions={"exec_during": exec_during},
         sandboxes={"own", "pids", "memory"},
         secret_names={"host_shadow_line", "host_marker", "other_secret"},
@@ -471,23 +365,13 @@ def test_escape(attack: Attack, probe: Probe, lab: Lab) -> None:
 )
 def test_escape_in_its_own_sandbox(attack: Attack, key: str, lab: Lab) -> None:
     own = lab.sandboxes[(attack.name, key)]
-    host = host_for(lab, own, key)
-    monitors = dict(host.monitors)
-    if attack.sandbox == "pids":
-        container = lab.container(own)["Id"]
-        monitors["host_process_rise"] = lambda: hostside.ProcessSampler().rise
-        monitors["sandbox_pids_peak"] = lambda: hostside.ProcessSampler(container).sandbox_peak
-    if attack.sandbox == "memory":
-        memory_dir = memory_cgroup_dir(lab.host_pid(own))
-        assert memory_dir is not None
-
-        def memory_peak() -> Callable[[], float]:
-            return lambda: int((memory_dir / "memory.max_usage_in_bytes").read_text()) / 2**20
-
-        monitors["memory_peak_mb"] = memory_peak
-    observations = dict(host.observations)
-    observations["other_sandbox_alive"] = lambda: lab.other.alive() and lab.probes[key].alive()
-    own_host = dataclasses.replace(host, monitors=monitors, observations=observations)
+    own_host = sandbox_host(
+        host_for(lab, own, key),
+        attack,
+        lambda: str(lab.container(own)["Id"]),
+        lambda: lab.host_pid(own),
+        lambda: lab.other.alive() and lab.probes[key].alive(),
+    )
     run_attack(attack, own_host, own.send)
     if attack.sandbox == "memory":
         container_id = lab.container(own)["Id"]
@@ -561,44 +445,19 @@ def test_swarm_difference_root_inside_writes_its_own_dev_but_not_the_init(
 ) -> None:
     if probe.user is not None:
         pytest.skip("about root inside")
-    init = Path(shutil.which("docker-init") or "/usr/bin/docker-init").resolve()
-    runc = Path(shutil.which("runc") or "/usr/sbin/runc")
-    before = (hostside.sha256_file(init), hostside.sha256_file(runc))
-    outcome = probe.send(
-        "printf '' >> /dev/init && echo made-dev-init; "
-        "printf '' >> /sbin/docker-init 2>&1; printf '' >> /proc/1/exe 2>&1; "
-        "printf '' >> /proc/self/exe 2>&1; readlink /proc/1/exe; exit 0"
-    )
-    # The difference, as on Docker: /dev is a tmpfs of the task's own, writable by its
-    # root, so the local runtime's init path (/dev/init) is just a new file there.
-    assert "made-dev-init" in outcome.output
-    assert "/sbin/docker-init" in outcome.output
-    assert re.search(r"can't create /sbin/docker-init: (Read-only|Text file busy)", outcome.output)
-    assert "can't create /proc/1/exe: Text file busy" in outcome.output
-    assert (hostside.sha256_file(init), hostside.sha256_file(runc)) == before
+    # The difference, as on Docker: /dev is a tmpfs of the task's own, writable by its root.
+    assert_root_inside_writes_its_own_dev_but_not_the_init(probe)
 
 
 def test_swarm_difference_private_is_not_enforced_the_hosts_addresses_answer(
     probe: Probe, lab: Lab
 ) -> None:
     gateway = lab.cluster.gateway
-    udp_before = lab.udp.received
-    outcome = probe.send(
-        f"nc -w 2 {gateway} {lab.anywhere.port} < /dev/null; "
-        f"for a in {' '.join(hostside.host_addresses())}; do "
-        f"nc -w 2 $a {lab.anywhere.port} < /dev/null; done; "
-        f"nc -w 2 {gateway} {lab.loopback.port} < /dev/null; "
-        f"nc -w 2 127.0.0.1 {lab.loopback.port} < /dev/null; "
-        f"timeout 1 tftp -g -r probe -l /tmp/tftp {gateway} {lab.udp.port}; "
-        "ip -4 -o addr; exit 0"
-    )
     # The difference (documented): what listens on every address of the machine the
     # nodes run on answers an instance, over TCP and UDP.
-    assert outcome.output.count(lab.anywhere.banner) >= 2, outcome.output
-    deadline = time.monotonic() + 2
-    while lab.udp.received == udp_before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert lab.udp.received > udp_before
+    outcome = assert_host_services_answer_but_not_its_loopback(
+        probe, lab, gateway, also="ip -4 -o addr; "
+    )
     # What stays out of reach: this machine's loopback. The task's namespace is its
     # own, behind its node's: none of its addresses is the test's or the node's.
     assert lab.loopback.banner not in outcome.output

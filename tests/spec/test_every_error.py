@@ -219,13 +219,31 @@ DURATIONS = [
 ]
 
 
+NEEDS_CONTEXT = {
+    # A table under an array of tables, or one whose other keys are required: written
+    # with what it needs around it.
+    "services.web.update.steps.pause": 'update = {{ strategy = "canary", steps = '
+    "[{{ weight = 10, pause = {value} }}] }}",
+    "services.web.update.pre_promotion.timeout": 'update = {{ strategy = "blue-green", '
+    'pre_promotion = {{ http = "/ready", timeout = {value} }} }}',
+}
+
+
 def test_the_duration_keys_are_all_found() -> None:
-    assert len(DURATIONS) == 12, DURATIONS
+    assert len(DURATIONS) == 17, DURATIONS
     assert "services.web.heal.backoff_cap" in DURATIONS
 
 
 @pytest.mark.parametrize("key", DURATIONS)
 def test_every_duration_key_refuses_a_bare_number_and_takes_a_string(key: str) -> None:
+    if key in NEEDS_CONTEXT:
+        line = NEEDS_CONTEXT[key]
+        where = key.replace(".steps.", ".steps[0].")
+        assert errors_of(BASE + line.format(value=3) + "\n") == [
+            f'kiln.toml:9: {where}: must be a duration string such as "3s", not the number 3'
+        ]
+        assert isinstance(parse_spec(BASE + line.format(value='"3s"') + "\n", FILE), Spec)
+        return
     table, _, leaf = key.rpartition(".")
     header = "" if table == "services.web" else f"[{table}]\n"
     text = BASE + f"{header}{leaf} = 3\n"

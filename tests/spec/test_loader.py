@@ -120,7 +120,8 @@ def test_a_key_found_wrong_after_loading_has_its_line_the_overlays_when_it_has_o
         (
             'strategy = "rolling"',
             'strategy = "yolo"',
-            "kiln.toml:18: services.web.update.strategy: must be one of 'rolling'",
+            "kiln.toml:18: services.web.update.strategy: must be one of 'rolling', 'canary' or "
+            "'blue-green'",
         ),
         (
             'name = "shop"',

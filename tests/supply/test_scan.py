@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from osv_advisories import (
 
 from kiln.errors import KilnError
 from kiln.supply.osv import OsvDatabase, import_advisories
+from kiln.supply.sbom import Component
 from kiln.supply.scan import (
     Finding,
     apply_suppressions,
@@ -37,27 +37,15 @@ from kiln.supply.scan import (
 NOW = datetime.datetime(2024, 6, 1, tzinfo=datetime.UTC)
 
 
-@dataclass(frozen=True)
-class Part:
-    """An SBOM component as :func:`kiln.supply.sbom.components` returns one."""
-
-    ecosystem: str
-    name: str
-    version: str
-    source_name: str
-    source_version: str
-    purl: str
-
-
 def deb(
     name: str, version: str, source: str = "", source_version: str = "", distro: str = "bookworm"
-) -> Part:
+) -> Component:
     purl = f"pkg:deb/debian/{name}@{version}?arch=amd64" + (f"&distro={distro}" if distro else "")
-    return Part("debian", name, version, source or name, source_version or version, purl)
+    return Component("debian", name, version, source or name, source_version or version, purl)
 
 
-def pypi(name: str, version: str) -> Part:
-    return Part("pypi", name, version, name, version, f"pkg:pypi/{name.lower()}@{version}")
+def pypi(name: str, version: str) -> Component:
+    return Component("pypi", name, version, name, version, f"pkg:pypi/{name.lower()}@{version}")
 
 
 @pytest.fixture
@@ -68,7 +56,7 @@ def db(tmp_path: Path) -> Path:
     return path
 
 
-def scan(db: Path, *parts: Part) -> list[Finding]:
+def scan(db: Path, *parts: Component) -> list[Finding]:
     with OsvDatabase(db) as osv:
         return match_components(parts, osv)
 
@@ -134,7 +122,7 @@ def test_a_debian_release_only_matches_its_own_advisories(tmp_path: Path) -> Non
     # An SBOM that does not say which release: every release's advisories apply.
     assert len(scan(db, deb("openssl", old, distro=""))) == 1
     # Ubuntu's packages are not Debian's: Debian advisories do not apply.
-    ubuntu = Part("debian", "openssl", old, "openssl", old, f"pkg:deb/ubuntu/openssl@{old}")
+    ubuntu = Component("debian", "openssl", old, "openssl", old, f"pkg:deb/ubuntu/openssl@{old}")
     assert scan(db, ubuntu) == []
 
 

@@ -50,6 +50,11 @@ _AFTER = re.compile(r"([0-9a-f]{1,64}):([0-9]{1,19})")
 Revision = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 
 
+class DriftRequest(BaseModel):
+    service: str | None = Field(default=None, min_length=1, max_length=128)
+    full: bool = True
+
+
 class BadRequest(KilnError):
     """A request breaking a bound: 400, naming the parameter."""
 
@@ -89,6 +94,11 @@ class ScaleRequest(BaseModel):
 
 class ServiceRequest(BaseModel):
     service: str = Field(max_length=64)
+
+
+class BurnRequest(BaseModel):
+    instance: str = Field(min_length=1, max_length=128)
+    keep_evidence: bool = False
 
 
 EXEC_ARGS_MAX = 4096
@@ -191,7 +201,11 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("POST", "/v1/restart"): "deployer",
     ("POST", "/v1/stop"): "deployer",
     ("POST", "/v1/start"): "deployer",
+    ("POST", "/v1/drift"): "deployer",
+    ("POST", "/v1/promote"): "deployer",
+    ("POST", "/v1/abort"): "deployer",
     ("POST", "/v1/exec"): "admin",
+    ("POST", "/v1/burn"): "deployer",
     ("POST", "/v1/down"): "admin",
 }
 """The role a bearer token needs per route over the network (the Unix socket needs none:
@@ -321,9 +335,25 @@ def build_app(agent: Agent) -> FastAPI:
     async def start(body: ServiceRequest) -> dict[str, Any]:
         return await agent.start_service(body.service)
 
+    @app.post("/v1/promote")
+    async def promote(body: ServiceRequest) -> dict[str, Any]:
+        return await agent.promote(body.service)
+
+    @app.post("/v1/abort")
+    async def abort(body: ServiceRequest) -> dict[str, Any]:
+        return await agent.abort(body.service)
+
     @app.post("/v1/exec")
     async def exec_(body: ExecRequest) -> dict[str, Any]:
         return await agent.exec(body.instance, body.argv, body.timeout)
+
+    @app.post("/v1/burn")
+    async def burn(body: BurnRequest) -> dict[str, Any]:
+        return await agent.burn(body.instance, body.keep_evidence)
+
+    @app.post("/v1/drift")
+    async def drift(body: DriftRequest) -> dict[str, Any]:
+        return await agent.drift(body.service, body.full)
 
     @app.get("/v1/history/{service}")
     async def history(service: str) -> dict[str, Any]:

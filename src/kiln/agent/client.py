@@ -287,6 +287,20 @@ class AgentClient:
     def start_service(self, service: str) -> dict[str, Any]:
         return dict(self._request("POST", "/v1/start", {"service": service}))
 
+    def burn(self, instance: str, keep_evidence: bool) -> dict[str, Any]:
+        body = {"instance": instance, "keep_evidence": keep_evidence}
+        return dict(self._request("POST", "/v1/burn", body, timeout=120.0))
+
+    def drift(self, service: str | None, full: bool) -> dict[str, Any]:
+        body = {"service": service, "full": full}
+        return dict(self._request("POST", "/v1/drift", body, timeout=600.0))
+
+    def promote(self, service: str) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/promote", {"service": service}))
+
+    def abort(self, service: str) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/abort", {"service": service}))
+
     def exec(self, instance: str, argv: list[str], timeout: float) -> dict[str, Any]:
         body = {"instance": instance, "argv": argv, "timeout": timeout}
         return dict(self._request("POST", "/v1/exec", body, timeout=timeout + 30.0))

@@ -198,6 +198,18 @@ class Agent:
     async def exec(self, instance: str, argv: list[str], timeout: float) -> dict[str, Any]:
         return await self._engine().exec(instance, argv, timeout)
 
+    async def burn(self, instance: str, keep_evidence: bool) -> dict[str, Any]:
+        return await self._engine().burn(instance, keep_evidence)
+
+    async def drift(self, service: str | None, full: bool) -> dict[str, Any]:
+        return await self._engine().drift.check(None if service is None else [service], full=full)
+
+    async def promote(self, service: str) -> dict[str, Any]:
+        return await self._engine().promote(service)
+
+    async def abort(self, service: str) -> dict[str, Any]:
+        return await self._engine().abort(service)
+
     async def history(self, service: str) -> dict[str, Any]:
         return await self._engine().history(service)
 

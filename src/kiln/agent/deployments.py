@@ -85,6 +85,16 @@ class Deployments:
         entry["probes"] = dict(probes)
         await self.engine.db(self.engine.state.put_deployment, record)
 
+    async def canary(self, deployment: str | None, service: str, saved: dict[str, Any]) -> None:
+        """A canary's step, pause start and counter baseline: an agent killed during
+        the pause continues it (:mod:`kiln.agent.canary`)."""
+        record = self.open.get(deployment or "")
+        if record is None:
+            return
+        entry = record["services"].setdefault(service, {"revision": None, "outcome": "running"})
+        entry["canary"] = dict(saved)
+        await self.engine.db(self.engine.state.put_deployment, record)
+
     async def service_done(
         self,
         deployment: str | None,

@@ -90,6 +90,20 @@ class Engine:
         self.deployments = Deployments(self)
         self.reconciler = Reconciler(self)
         self.control = ServiceControl(self)
+        from kiln.agent.bluegreen import BlueGreen
+
+        self.bluegreen = BlueGreen(self)
+        from kiln.agent.canary import Canaries
+
+        self.canary = Canaries(self)
+        from kiln.agent.drift import DriftChecker
+
+        self.drift = DriftChecker(self)
+        from kiln.agent.aging import Aging
+        from kiln.agent.quarantine import Quarantine
+
+        self.aging = Aging(self)
+        self.quarantine = Quarantine(self)
 
     # plumbing shared by the parts
 
@@ -211,6 +225,9 @@ class Engine:
         if event is not None:
             event.set()
         self.reconciler.poke()
+        self.drift.poke(service)
+        self.aging.poke()
+        self.quarantine.poke()
 
     async def wait_changed(self, service: str, timeout: float) -> None:
         event = self._changed.setdefault(service, asyncio.Event())
@@ -248,6 +265,9 @@ class Engine:
             self.supervise(self.reconciler.loop, "the reconciler"),
             self.supervise(self.routing.watch_router, "the router watch"),
             self.supervise(self._retention_loop, "log retention"),
+            self.supervise(self.drift.loop, "drift detection"),
+            self.supervise(self.aging.loop, "max_age"),
+            self.supervise(self.quarantine.loop, "quarantine"),
         ]
 
     async def stop(self) -> None:
@@ -512,6 +532,9 @@ class Engine:
     async def _rollback(self, service: str, revision: int | None) -> dict[str, Any]:
         if service not in await self.db(self.state.services):
             raise NotFound(f"no service {service!r}")
+        instant = await self.bluegreen.rollback(service, revision)
+        if instant is not None:
+            return instant  # blue still runs: switched back, no new instance
         current = await self.db(self.state.active_revision, service)
         if revision is None:
             target = await self.db(self.state.previous_good_revision, service)
@@ -557,6 +580,20 @@ class Engine:
 
     async def exec(self, instance: str, argv: list[str], timeout: float) -> dict[str, Any]:
         return await self.control.exec(instance, argv, timeout)
+
+    async def burn(self, instance: str, keep_evidence: bool) -> dict[str, Any]:
+        return await self.quarantine.burn(instance, keep_evidence)
+
+    async def promote(self, service: str) -> dict[str, Any]:
+        """``kiln promote``: the running strategy's next step now (a canary's pause)."""
+        running = self.rollouts.running.get(service)
+        if running is None or self.bluegreen.owns(running):
+            return await self.bluegreen.promote(service)
+        return await self.canary.promote(service)
+
+    async def abort(self, service: str) -> dict[str, Any]:
+        """``kiln abort``: a canary ends now; its stable set keeps serving."""
+        return await self.canary.abort(service)
 
     async def _locked(self, change: Callable[[str], Awaitable[T]], service: str) -> T:
         """Changes to a service never race an apply or a rollback of it."""

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kiln.agent.lifecycle import handle_of
 from kiln.deploy.rollout import STRATEGIES, RolloutInstance, RolloutView
@@ -50,7 +50,7 @@ class Rollout:
     named: frozenset[str] | None = None
     undoing: int | None = None
     destroyed: frozenset[str] = frozenset()
-    progress: dict[str, int] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)
     task: asyncio.Task[str] | None = None
 
     def record(self) -> RolloutRecord:
@@ -191,9 +191,19 @@ class Rollouts:
     async def _run(self, rollout: Rollout) -> str:
         if rollout.kind in REMOVALS:
             return await self._remove(rollout)
+        from kiln.agent.canary import is_canary, run_canary
+
+        if is_canary(rollout) and (outcome := await run_canary(self, rollout)) is not None:
+            return outcome
         e = self.engine
+        from kiln.agent.bluegreen import is_blue_green
+
+        if is_blue_green(rollout, await e.bluegreen.has_blue(self, rollout)):
+            return await e.bluegreen.run(self, rollout)
         service, target = rollout.service, rollout.target
-        strategy = STRATEGIES[Update.model_validate(target.config.get("update") or {}).strategy]
+        # Any other strategy's rollback, restart or start is immediate: a rolling one.
+        name = Update.model_validate(target.config.get("update") or {}).strategy
+        strategy = STRATEGIES.get(name, STRATEGIES["rolling"])
         verb = "resumed" if rollout.step else "started"
         e.emit(
             f"rollout.{verb}",

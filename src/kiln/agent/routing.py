@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kiln.agent.bluegreen import PHASE_BASE, shape
 from kiln.agent.lifecycle import handle_of
 from kiln.agent.rollouts import REMOVALS
 from kiln.deploy.plan import Plan
@@ -51,6 +53,8 @@ class Routing:
         self._lock = asyncio.Lock()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._pushers: dict[str, asyncio.Task[None]] = {}
+        self.weighers: dict[str, Callable[[str], int]] = {}
+        """Service → each backend's weight, while a canary splits its traffic."""
 
     @property
     def pushed(self) -> dict[str, Route]:
@@ -115,7 +119,12 @@ class Routing:
             if parsed is None:
                 continue
             state = _BACKEND_STATE.get(i.state, "maintenance")
-            backends.append(Backend(id=i.id, address=parsed.address, state=state))
+            weigh = self.weighers.get(service)
+            weight = weigh(i.id) if weigh is not None else 100
+            backend = Backend(id=i.id, address=parsed.address, weight=weight, state=state)
+            if rollout is not None and rollout.step > PHASE_BASE:
+                backend = shape(rollout, i, backend)  # blue/green: one set in rotation
+            backends.append(backend)
         return Route(
             name=service,
             listen=int(cfg["listen"]),

@@ -271,8 +271,12 @@ def _by_ctrl_c(exit: BaseException) -> bool:
 
 
 def run(args: list[str]) -> int:
+    from kiln.cli import burn_cmd as _burn_cmd  # noqa: F401  (registers burn, evidence)
+    from kiln.cli import canary_cmd as _canary_cmd  # noqa: F401  (registers promote, abort)
+    from kiln.cli import chaos_cmd as _chaos_cmd  # noqa: F401  (registers kiln chaos)
     from kiln.cli import context_cmd as _context_cmd  # noqa: F401  (registers kiln context)
     from kiln.cli import deploy as _deploy  # noqa: F401  (registers the deploy commands)
+    from kiln.cli import drift_cmd as _drift_cmd  # noqa: F401  (registers kiln drift)
     from kiln.cli import init as _init  # noqa: F401  (registers kiln init)
     from kiln.cli import policy_cmd as _policy_cmd  # noqa: F401  (registers kiln policy)
     from kiln.cli import registry_cmd as _registry_cmd  # noqa: F401  (registers push, pull)

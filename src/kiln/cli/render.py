@@ -148,7 +148,13 @@ def _rollout(info: dict[str, Any]) -> str:
     text = f"rollout: {info.get('kind', 'deploy')} to r{info.get('target', '?')}"
     if info.get("desired") is not None:
         text += f", {info.get('healthy', 0)}/{info.get('desired')} healthy"
-    if info.get("step"):
+    if info.get("canary"):
+        from kiln.cli.canary_cmd import canary_line
+
+        text += " · " + canary_line(info)
+    elif info.get("phase"):
+        text += f", {info['phase']}"
+    elif info.get("step"):
         text += f", step {info['step']}"
     started = info.get("started")
     age = f", {time.time() - float(started):.0f} s" if started else ""

@@ -52,7 +52,19 @@ INSTANCE_KEYS = (
     "network",
 )
 """Service keys that shape an instance; a change to any of them replaces instances."""
-SETTING_KEYS = ("listen", "drain_timeout", "stop_grace", "update", "heal")
+SETTING_KEYS = (
+    "listen",
+    "drain_timeout",
+    "stop_grace",
+    "update",
+    "heal",
+    "drift_interval",
+    "drift_full_interval",
+    "on_drift",
+    "drift_ignore",
+    "max_age",
+    "quarantine",
+)
 """Service keys that change routing or rollout only: a new revision, no replacement."""
 
 

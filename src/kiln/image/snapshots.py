@@ -22,10 +22,13 @@ On disk (``$KILN_HOME/snapshots``, 0700)::
 
     <12 hex of the chain id>/   0700; a longer prefix when another chain holds that one
       chain.json                chain id, parent chain id, diff_id, layer digest, bytes
+      manifest.json             every file of fs/ as published (kiln.image.file_manifest)
       fs/                       the layer's tree, owners shifted, image modes
     .locks/<chain hex>          flock per chain: exclusive while it is unpacked or removed,
                                 shared while a bake has it mounted
     .new-<pid>-<random>/        an unpack in progress, renamed into place when complete
+    .drifted-<random>/          a snapshot found changed, set aside for the instances still
+                                on it until they are replaced (kiln.agent.drift)
 
 Names stay short because overlayfs takes all lower dirs in one mount option
 string of at most a page: 40 layers under ``/root/.kiln`` take ~1.4 KiB.
@@ -55,6 +58,7 @@ from kiln.oci.idmap import IdRange, id_range
 from kiln.process import pid_alive
 
 __all__ = [
+    "DRIFTED_PREFIX",
     "SNAPSHOTS_DIR",
     "HeldSnapshots",
     "SnapshotStore",
@@ -71,6 +75,7 @@ _CHAIN_FILE = "chain.json"
 _FS = "fs"
 _LOCKS = ".locks"
 _STAGING_PREFIX = ".new-"
+DRIFTED_PREFIX = ".drifted-"
 _NAME_LENGTHS = (12, 16, 24, 32, 64)
 # What Kiln kept before snapshots: whole unpacked images for instances, merged base
 # trees for bakes. Both were caches; they are removed when found.
@@ -309,11 +314,13 @@ class SnapshotStore:
         index: int,
         layer: BaseLayer,
         below: Sequence[Path],
+        *,
+        from_blob: bool = False,
     ) -> Path:
         staging = self._staging()
         try:
             fs = staging / _FS
-            size = self._copy_shared_base(layer, fs) if index == 0 else None
+            size = self._copy_shared_base(layer, fs) if index == 0 and not from_blob else None
             if size is None:
                 fs.mkdir(mode=0o755)
                 size = apply_stored_layer(
@@ -371,6 +378,9 @@ class SnapshotStore:
             "digest": layer.descriptor.digest,
             "bytes": size,
         }
+        from kiln.image.file_manifest import record_manifest, write_manifest
+
+        write_manifest(staging, record_manifest(staging / _FS))
         (staging / _CHAIN_FILE).write_bytes(canonical_json(record))
         for candidate in self._candidates(chain):
             if os.path.lexists(candidate):
@@ -383,6 +393,94 @@ class SnapshotStore:
                 raise
             return candidate
         raise KilnError(f"no free snapshot name for {chain} in {self.root}")
+
+    # -- drift -------------------------------------------------------------
+
+    def rebuild(self, image_store: ImageStore, chain: str) -> tuple[Path, Path | None]:
+        """Discard the snapshot of ``chain`` (found changed) for a new one unpacked from
+        its blob, which is re-hashed against its digest first; returns the new snapshot
+        dir and where the old one was set aside (None if there was none).
+
+        The old tree is renamed, not removed: the instances mounted on it keep running
+        until they are replaced, and :meth:`remove_drifted` removes it after. The new
+        tree is made in staging and swapped in with two renames, so a start meanwhile
+        finds one or the other. No chain lock is taken: the shims of the instances on
+        the old tree hold it shared until they stop.
+        """
+        layers = self._layers_of(image_store, chain)
+        chains = chain_ids([layer.diff_id for layer in layers])
+        below: list[Path] = []
+        for index, parent_chain in enumerate(chains[:-1]):
+            found = self.find(parent_chain)
+            if found is None:
+                found = self._unpack(image_store, chains, index, layers[index], below)
+            below.append(found / _FS)
+        layer = layers[-1]
+        _verify_blob(image_store, layer)
+        staging_parent = self._staging()
+        try:
+            new = self._unpack(image_store, chains, len(layers) - 1, layer, below, from_blob=True)
+            os.rename(new, staging_parent / "new")
+            old = self.find(chain)
+            aside: Path | None = None
+            if old is not None:
+                aside = self.root / f"{DRIFTED_PREFIX}{uuid.uuid4().hex[:12]}"
+                os.rename(old, aside)
+            placed = self._publish_existing(staging_parent / "new", chain)
+        finally:
+            shutil.rmtree(staging_parent, ignore_errors=True)
+        return placed, aside
+
+    def drifted(self) -> list[Path]:
+        """Snapshots set aside by :meth:`rebuild`, not yet removed."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.name.startswith(DRIFTED_PREFIX))
+
+    def remove_drifted(self, keep: Collection[Path]) -> int:
+        """Remove every set-aside snapshot but those in ``keep`` (an instance still runs on
+        them); returns how many."""
+        removed = 0
+        for path in self.drifted():
+            if path in keep:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        return removed
+
+    def _publish_existing(self, made: Path, chain: str) -> Path:
+        for candidate in self._candidates(chain):
+            if os.path.lexists(candidate):
+                if _chain_of(candidate) == chain:
+                    shutil.rmtree(made, ignore_errors=True)
+                    return candidate  # a start unpacked it meanwhile
+                continue
+            os.rename(made, candidate)
+            return candidate
+        raise KilnError(f"no free snapshot name for {chain} in {self.root}")
+
+    def _layers_of(self, image_store: ImageStore, chain: str) -> list[BaseLayer]:
+        """The layers, bottom first, of an image in the store whose chain ends at ``chain``."""
+        check_digest(chain)
+        for entry in image_store.index_entries():
+            stack = [entry.digest]
+            while stack:
+                digest = stack.pop()
+                if not image_store.has(digest):
+                    continue
+                try:
+                    document = image_store.read_json(digest)
+                    nested = document.get("manifests")
+                    if isinstance(nested, list):
+                        stack.extend(str(m.get("digest")) for m in nested if isinstance(m, dict))
+                        continue
+                    layers = image_layers(image_store, digest)
+                except KilnError:
+                    continue
+                chains = chain_ids([layer.diff_id for layer in layers])
+                if chain in chains:
+                    return layers[: chains.index(chain) + 1]
+        raise KilnError(f"no stored image has layer chain {chain}: cannot rebuild its snapshot")
 
     # -- removing ----------------------------------------------------------
 
@@ -538,6 +636,17 @@ def remove_legacy_trees(home: Path, names: Sequence[str] = _LEGACY_TREES) -> int
             freed += _tree_bytes(path)
             shutil.rmtree(path, ignore_errors=True)
     return freed
+
+
+def _verify_blob(image_store: ImageStore, layer: BaseLayer) -> None:
+    """The layer's blob hashes to its digest, checked before anything is unpacked from it."""
+    digest = hashlib.sha256()
+    with image_store.open_blob(layer.descriptor.digest) as blob:
+        while chunk := blob.read(1024 * 1024):
+            digest.update(chunk)
+    found = "sha256:" + digest.hexdigest()
+    if found != layer.descriptor.digest:
+        raise KilnError(f"{layer.source}: blob content hashes to {found}; the store is damaged")
 
 
 def _private_dir(path: Path) -> None:

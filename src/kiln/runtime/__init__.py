@@ -30,6 +30,7 @@ __all__ = [
     "EdgeHost",
     "Execer",
     "ExitNotifier",
+    "Freezer",
     "HostResources",
     "InstanceHandle",
     "InstanceSpec",
@@ -364,3 +365,23 @@ class EdgeHost(Protocol):
         ...
 
     def remove_edge(self) -> None: ...
+
+
+@runtime_checkable
+class Freezer(Protocol):
+    """Optional: quarantine. A frozen instance runs no instruction (cgroup freezer,
+    ``docker pause``) while its memory, files and sockets stay for evidence; stopping
+    or destroying it kills it without letting it run first. Swarm has no pause for a
+    task: the swarm runtime raises :class:`NotSupported` and quarantine there keeps the
+    logs and retires the instance at once."""
+
+    def freeze(self, handle: InstanceHandle) -> None:
+        """Every process of the instance stopped where it stands; returns once they are."""
+        ...
+
+    def thaw(self, handle: InstanceHandle) -> None: ...
+
+    def collect_evidence(self, handle: InstanceHandle, writable: list[str], into: Path) -> Any:
+        """Write ``writable.tar`` (the instance's writable paths) into ``into`` and return
+        what was seen: ``{"processes": [...], "network": {...}}``."""
+        ...

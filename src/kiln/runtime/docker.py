@@ -38,7 +38,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -72,8 +72,10 @@ __all__ = [
     "LABEL_HOME",
     "LABEL_INSTANCE",
     "DockerRuntime",
+    "EngineClient",
     "LogCopier",
     "LogSource",
+    "log_meta",
 ]
 
 DEFAULT_HOST = "unix:///run/docker.sock"
@@ -387,7 +389,98 @@ class _Follower:
     thread: threading.Thread
 
 
-class DockerRuntime:
+def log_meta(labels: dict[str, str]) -> LogMeta:
+    """What the log store records of an instance, read back from its ``dev.kiln.*`` labels."""
+    return LogMeta(
+        service=str(labels[LABEL_SERVICE]),
+        instance=str(labels[LABEL_INSTANCE]),
+        revision=int(labels.get(LABEL_REVISION) or 0),
+        image_digest=str(labels.get(LABEL_IMAGE) or ""),
+        started=float(labels.get(LABEL_STARTED) or 0.0),
+    )
+
+
+def _check_capabilities(who: str, cap_add: Iterable[str]) -> None:
+    for cap in cap_add:
+        try:
+            capability_name(cap)
+        except KilnError as e:
+            raise RuntimeFailure(f"{who}: {e}") from e
+
+
+class EngineClient:
+    """What the docker and swarm runtimes share as clients of one Engine API: the error
+    wrapping that names the instance and what to do, fresh connections, handle checks."""
+
+    name: str
+    tag: str
+    host: str
+    api_version: str
+    from_env = False
+    """True where the engine comes from ``DOCKER_HOST`` with its TLS settings."""
+    engine_title = "the docker engine"
+    """How messages name the engine (``the docker engine at HOST``)."""
+
+    def _unreachable(self, who: str, error: BaseException) -> str:
+        """One line saying the engine did not answer and what to do; each runtime's own."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _engine(self, instance_id: str | None, doing: str) -> Iterator[None]:
+        """Engine errors as RuntimeFailures naming the instance and what to do."""
+        who = f"instance {instance_id}" if instance_id else f"{self.name} runtime (home {self.tag})"
+        try:
+            yield
+        except RuntimeFailure:
+            raise
+        except docker.errors.APIError as e:
+            raise RuntimeFailure(
+                f"{who}: {doing}: {self.engine_title} at {self.host} refused: {_engine_reason(e)}"
+            ) from e
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+            raise RuntimeFailure(f"{self._unreachable(who, e)} (while trying to {doing})") from e
+
+    def new_api(self, timeout: float = 60.0) -> Any:
+        """A connection of its own, for a call that blocks (a log follower, an exec)."""
+        if self.from_env:
+            return docker.from_env(version=self.api_version, timeout=timeout).api
+        return docker.APIClient(base_url=self.host, version=self.api_version, timeout=timeout)
+
+    def _instance_labels(self, spec: InstanceSpec, started: float) -> dict[str, str]:
+        """The ``dev.kiln.*`` labels that let a restarted agent adopt the instance."""
+        labels = {
+            LABEL_HOME: self.tag,
+            LABEL_SERVICE: spec.service,
+            LABEL_REVISION: str(spec.revision),
+            LABEL_INSTANCE: spec.instance_id,
+            LABEL_IMAGE: spec.image_digest,
+            LABEL_PORT: str(spec.port),
+            LABEL_STARTED: repr(started),
+            LABEL_STOP_GRACE: repr(spec.stop_grace),
+        }
+        if spec.project:
+            labels[LABEL_PROJECT] = spec.project
+        return labels
+
+    def _check_runnable(self, spec: InstanceSpec, who: str) -> None:
+        """What no engine runtime runs: raw layer trees (it runs stored images), no command."""
+        if spec.layers:
+            raise RuntimeFailure(
+                f"{who}: the {self.name} runtime runs images from the home's store, not raw "
+                "layer trees (InstanceSpec.layers); bake the image and give its digest"
+            )
+        if not spec.command:
+            raise RuntimeFailure(f"{who}: no command to run")
+
+    def _check_handle(self, handle: InstanceHandle) -> None:
+        if handle.runtime != self.name:
+            raise RuntimeFailure(
+                f"instance {handle.instance_id}: handle is for runtime {handle.runtime!r}, "
+                f"not {self.name!r}"
+            )
+
+
+class DockerRuntime(EngineClient):
     """Containers of one Docker Engine, labelled as this home's.
 
     ``home`` is ``KILN_HOME``; ``host`` the engine's address
@@ -480,47 +573,13 @@ class DockerRuntime:
             "dockerd, or point [runtime] host (or DOCKER_HOST) at a running engine"
         )
 
-    @contextlib.contextmanager
-    def _engine(self, instance_id: str | None, doing: str) -> Iterator[None]:
-        """Engine errors as RuntimeFailures naming the instance and what to do."""
-        who = f"instance {instance_id}" if instance_id else f"docker runtime (home {self.tag})"
-        try:
-            yield
-        except RuntimeFailure:
-            raise
-        except docker.errors.APIError as e:
-            raise RuntimeFailure(
-                f"{who}: {doing}: the docker engine at {self.host} refused: {_engine_reason(e)}"
-            ) from e
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
-            raise RuntimeFailure(f"{self._unreachable(who, e)} (while trying to {doing})") from e
-
-    def new_api(self, timeout: float = 60.0) -> Any:
-        """A connection of its own, for a call that blocks (a log follower, an exec)."""
-        if self.from_env:
-            return docker.from_env(version=self.api_version, timeout=timeout).api
-        return docker.APIClient(base_url=self.host, version=self.api_version, timeout=timeout)
-
-    def _check_handle(self, handle: InstanceHandle) -> None:
-        if handle.runtime != self.name:
-            raise RuntimeFailure(
-                f"instance {handle.instance_id}: handle is for runtime {handle.runtime!r}, "
-                f"not {self.name!r}"
-            )
-
     # -- start
 
     def _check_spec(self, spec: InstanceSpec) -> None:
         who = f"instance {spec.instance_id}"
         if not _NAME.match(spec.instance_id) or len(self.container_name(spec.instance_id)) > 128:
             raise RuntimeFailure(f"{who}: invalid instance id for a container name")
-        if spec.layers:
-            raise RuntimeFailure(
-                f"{who}: the docker runtime runs images from the home's store, not raw layer "
-                "trees (InstanceSpec.layers); bake the image and give its digest"
-            )
-        if not spec.command:
-            raise RuntimeFailure(f"{who}: no command to run")
+        self._check_runnable(spec, who)
         for name in spec.secrets:
             if not name or name in (".", "..") or "/" in name or "\0" in name or len(name) > 128:
                 raise RuntimeFailure(f"{who}: invalid secret name {name!r}")
@@ -541,11 +600,7 @@ class DockerRuntime:
                     "(its kernel lacks the cgroup controller); remove the limit or use "
                     "another engine"
                 )
-        for cap in spec.cap_add:
-            try:
-                capability_name(cap)
-            except KilnError as e:
-                raise RuntimeFailure(f"{who}: {e}") from e
+        _check_capabilities(who, spec.cap_add)
 
     def start(self, spec: InstanceSpec) -> InstanceHandle:
         """Deliver the image, create the container with its limits, start it, return
@@ -640,18 +695,7 @@ class DockerRuntime:
             log_config=docker.types.LogConfig(type="json-file", config=ENGINE_LOG_OPTIONS),
             **limits,
         )
-        labels = {
-            LABEL_HOME: self.tag,
-            LABEL_SERVICE: spec.service,
-            LABEL_REVISION: str(spec.revision),
-            LABEL_INSTANCE: spec.instance_id,
-            LABEL_IMAGE: spec.image_digest,
-            LABEL_PORT: str(spec.port),
-            LABEL_STARTED: repr(started),
-            LABEL_STOP_GRACE: repr(spec.stop_grace),
-        }
-        if spec.project:
-            labels[LABEL_PROJECT] = spec.project
+        labels = self._instance_labels(spec, started)
         try:
             created = self.api.create_container(
                 image,
@@ -954,14 +998,7 @@ class DockerRuntime:
             follower.thread.join(KILL_TIMEOUT)
 
     def _meta(self, attrs: dict[str, Any]) -> LogMeta:
-        labels = attrs["Config"]["Labels"] or {}
-        return LogMeta(
-            service=str(labels[LABEL_SERVICE]),
-            instance=str(labels[LABEL_INSTANCE]),
-            revision=int(labels.get(LABEL_REVISION) or 0),
-            image_digest=str(labels.get(LABEL_IMAGE) or ""),
-            started=float(labels.get(LABEL_STARTED) or 0.0),
-        )
+        return log_meta(attrs["Config"]["Labels"] or {})
 
     def _drain_logs(self, attrs: dict[str, Any]) -> None:
         """Whatever the engine captured and the log store lacks (the follower may have
@@ -1073,6 +1110,60 @@ class DockerRuntime:
         attrs = self._attrs(handle)
         if attrs is not None and self._state(attrs).status is InstanceStatus.RUNNING:
             self._kill(handle, attrs, sig)
+
+    def freeze(self, handle: InstanceHandle) -> None:
+        """``docker pause``: the engine's cgroup freezer on the container."""
+        self._check_handle(handle)
+        attrs = self._attrs(handle)
+        if attrs is None or self._state(attrs).status is not InstanceStatus.RUNNING:
+            raise RuntimeFailure(f"instance {handle.instance_id}: not running, cannot freeze")
+        if (attrs.get("State") or {}).get("Paused"):
+            return
+        with self._engine(handle.instance_id, "pause the container"):
+            self.api.pause(attrs["Id"])
+
+    def thaw(self, handle: InstanceHandle) -> None:
+        self._check_handle(handle)
+        attrs = self._attrs(handle)
+        if attrs is None or not (attrs.get("State") or {}).get("Paused"):
+            return
+        with self._engine(handle.instance_id, "unpause the container"):
+            self.api.unpause(attrs["Id"])
+
+    def collect_evidence(
+        self, handle: InstanceHandle, writable: builtins.list[str], into: Path
+    ) -> dict[str, Any]:
+        """The writable paths through the engine's archive endpoint (``docker cp``), its
+        processes as ``docker top`` lists them, its address and ports from inspect."""
+        self._check_handle(handle)
+        attrs = self._attrs(handle)
+        if attrs is None:
+            raise RuntimeFailure(f"instance {handle.instance_id}: gone, no evidence")
+        stored = 0
+        refused: builtins.list[str] = []
+        with tarfile.open(into / "writable.tar", "w", format=tarfile.PAX_FORMAT) as out:
+            for path in writable:
+                try:
+                    with self._engine(handle.instance_id, f"archive {path}"):
+                        stream, _ = self.api.get_archive(attrs["Id"], path)
+                        data = b"".join(stream)
+                except (KilnError, docker.errors.APIError):
+                    refused.append(path)
+                    continue
+                info = tarfile.TarInfo(path.strip("/").replace("/", "_") + ".tar")
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+                stored += len(data)
+        with self._engine(handle.instance_id, "list its processes"):
+            top = self.api.top(attrs["Id"])
+        titles = [str(t) for t in top.get("Titles") or []]
+        processes = [dict(zip(titles, row, strict=False)) for row in top.get("Processes") or []]
+        ports = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
+        return {
+            "processes": processes,
+            "network": {"address": handle.address, "listening": sorted(ports)},
+            "writable": {"bytes": stored, "refused": refused},
+        }
 
     def destroy(self, handle: InstanceHandle) -> None:
         """Stop if needed, copy the last of its output into the log store, then remove

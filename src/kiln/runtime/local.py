@@ -458,6 +458,64 @@ class LocalRuntime:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(_shim_pid(handle), sig)
 
+    def _sandbox_pid(self, handle: InstanceHandle) -> int | None:
+        """The container's init, if it is still the process the handle names."""
+        pid = handle.data.get("sandbox_pid")
+        if pid and proc_start_time(int(pid)) == handle.data.get("sandbox_start_time"):
+            return int(pid)
+        return None
+
+    def freeze(self, handle: InstanceHandle) -> None:
+        """The cgroup freezer of the container (``freezer.state`` on cgroup v1,
+        ``cgroup.freeze`` on v2): every process stops where it stands."""
+        from kiln.runtime.procfacts import freeze_cgroup, freezer_dir
+
+        self._check_handle(handle)
+        pid = self._sandbox_pid(handle)
+        if pid is None:
+            raise RuntimeFailure(f"instance {handle.instance_id}: not running, cannot freeze")
+        try:
+            freeze_cgroup(*freezer_dir(pid))
+        except OSError as e:
+            raise RuntimeFailure(f"instance {handle.instance_id}: freeze: {e}") from e
+
+    def thaw(self, handle: InstanceHandle) -> None:
+        from kiln.runtime.procfacts import freezer_dir, thaw_cgroup
+
+        self._check_handle(handle)
+        pid = self._sandbox_pid(handle)
+        if pid is None:
+            return
+        try:
+            thaw_cgroup(*freezer_dir(pid))
+        except OSError as e:
+            raise RuntimeFailure(f"instance {handle.instance_id}: thaw: {e}") from e
+
+    def collect_evidence(
+        self, handle: InstanceHandle, writable: builtins.list[str], into: Path
+    ) -> dict[str, Any]:
+        """Its writable paths (tmpfs mounts only it sees) through ``/proc/PID/root``, its
+        cgroup's processes, the sockets listening in its network namespace."""
+        from kiln.runtime.procfacts import (
+            cgroup_pids,
+            freezer_dir,
+            listening_sockets,
+            process_facts,
+            tar_writable,
+        )
+
+        self._check_handle(handle)
+        pid = self._sandbox_pid(handle)
+        if pid is None:
+            raise RuntimeFailure(f"instance {handle.instance_id}: not running, no evidence")
+        pids = cgroup_pids(freezer_dir(pid)[1]) or [pid]
+        tarred = tar_writable(pid, writable, into / "writable.tar")
+        return {
+            "processes": process_facts(pids),
+            "network": {"address": handle.address, "listening": listening_sockets(pid)},
+            "writable": tarred,
+        }
+
     def stop(self, handle: InstanceHandle, grace: float, sig: int = SIGTERM) -> InstanceState:
         """``sig`` via the shim, up to ``grace`` seconds, then SIGKILL the container and shim."""
         self._check_handle(handle)
@@ -478,11 +536,18 @@ class LocalRuntime:
         return state
 
     def _kill_sandbox(self, handle: InstanceHandle) -> None:
-        sandbox_pid = handle.data.get("sandbox_pid")
-        sandbox_start = handle.data.get("sandbox_start_time")
-        if sandbox_pid and proc_start_time(int(sandbox_pid)) == sandbox_start:
+        sandbox_pid = self._sandbox_pid(handle)
+        if sandbox_pid is not None:
+            frozen = _freezer_of(sandbox_pid)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(sandbox_pid), SIGKILL)
+                os.kill(sandbox_pid, SIGKILL)
+            if frozen is not None:
+                # A frozen (quarantined) instance dies of the SIGKILL once thawed: it
+                # runs no instruction of its own in between.
+                from kiln.runtime.procfacts import thaw_cgroup
+
+                with contextlib.suppress(OSError):
+                    thaw_cgroup(*frozen)
         else:
             self.runc.kill(self.container_id(handle.instance_id), SIGKILL, all_processes=True)
 
@@ -675,6 +740,15 @@ def _read_into(fd: int, tail: OutputTail) -> bool:
             return False
         tail.add(chunk)
     return True
+
+
+def _freezer_of(pid: int) -> tuple[str, Path] | None:
+    from kiln.runtime.procfacts import freezer_dir
+
+    try:
+        return freezer_dir(pid)
+    except RuntimeFailure:
+        return None
 
 
 def _shim_pid(handle: InstanceHandle) -> int:

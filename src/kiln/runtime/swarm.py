@@ -40,7 +40,6 @@ import re
 import signal as signals
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,22 +61,20 @@ from kiln.runtime import (
     InstanceSpec,
     InstanceState,
     InstanceStatus,
+    NotSupported,
     RuntimeFailure,
 )
 from kiln.runtime.docker import (
     DEFAULT_HOST,
     DEFAULT_TMPFS_SIZE,
     LABEL_HOME,
-    LABEL_IMAGE,
     LABEL_INSTANCE,
-    LABEL_PORT,
-    LABEL_PROJECT,
-    LABEL_REVISION,
-    LABEL_SERVICE,
-    LABEL_STARTED,
     LABEL_STOP_GRACE,
+    EngineClient,
     LogCopier,
+    _check_capabilities,
     _engine_reason,
+    log_meta,
 )
 
 __all__ = ["EDGE_CA_SECRET", "EDGE_TOKEN_SECRET", "LABEL_SECRET", "SwarmRuntime"]
@@ -116,7 +113,7 @@ class _Watched:
     fds: list[int]
 
 
-class SwarmRuntime:
+class SwarmRuntime(EngineClient):
     """One-task services of a Docker Swarm, labelled as this home's.
 
     ``host`` is a manager's Engine API (None: ``DOCKER_HOST`` or the local socket);
@@ -126,6 +123,7 @@ class SwarmRuntime:
     """
 
     name = "swarm"
+    engine_title = "the swarm manager"
 
     def __init__(
         self,
@@ -220,43 +218,13 @@ class SwarmRuntime:
             "start it, or point [runtime] host at a reachable manager"
         )
 
-    @contextlib.contextmanager
-    def _engine(self, instance_id: str | None, doing: str) -> Iterator[None]:
-        who = f"instance {instance_id}" if instance_id else f"swarm runtime (home {self.tag})"
-        try:
-            yield
-        except RuntimeFailure:
-            raise
-        except docker.errors.APIError as e:
-            raise RuntimeFailure(
-                f"{who}: {doing}: the swarm manager at {self.host} refused: {_engine_reason(e)}"
-            ) from e
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
-            raise RuntimeFailure(f"{self._unreachable(who, e)} (while trying to {doing})") from e
-
-    def new_api(self, timeout: float = 60.0) -> Any:
-        return docker.APIClient(base_url=self.host, version=self.api_version, timeout=timeout)
-
-    def _check_handle(self, handle: InstanceHandle) -> None:
-        if handle.runtime != self.name:
-            raise RuntimeFailure(
-                f"instance {handle.instance_id}: handle is for runtime {handle.runtime!r}, "
-                f"not {self.name!r}"
-            )
-
     # -- start
 
     def _check_spec(self, spec: InstanceSpec) -> None:
         who = f"instance {spec.instance_id}"
         if not _NAME.match(spec.instance_id) or len(self.service_name(spec.instance_id)) > 63:
             raise RuntimeFailure(f"{who}: invalid instance id for a swarm service name")
-        if spec.layers:
-            raise RuntimeFailure(
-                f"{who}: the swarm runtime runs images from the home's store, not raw layer "
-                "trees (InstanceSpec.layers); bake the image and give its digest"
-            )
-        if not spec.command:
-            raise RuntimeFailure(f"{who}: no command to run")
+        self._check_runnable(spec, who)
         if spec.volumes:
             raise RuntimeFailure(
                 f"{who}: the swarm runtime has no volumes (a named volume lives on one node, "
@@ -270,11 +238,7 @@ class SwarmRuntime:
             raise RuntimeFailure(
                 f"{who}: image digest {spec.image_digest!r} is not sha256:<64 hex>"
             )
-        for cap in spec.cap_add:
-            try:
-                capability_name(cap)
-            except KilnError as e:
-                raise RuntimeFailure(f"{who}: {e}") from e
+        _check_capabilities(who, spec.cap_add)
 
     def start(self, spec: InstanceSpec) -> InstanceHandle:
         """Push the image, create the one-task service, wait until its task runs, and
@@ -381,18 +345,7 @@ class SwarmRuntime:
             )
             for path in ("/tmp", "/run", *spec.writable)
         ]
-        labels = {
-            LABEL_HOME: self.tag,
-            LABEL_SERVICE: spec.service,
-            LABEL_REVISION: str(spec.revision),
-            LABEL_INSTANCE: spec.instance_id,
-            LABEL_IMAGE: spec.image_digest,
-            LABEL_PORT: str(spec.port),
-            LABEL_STARTED: repr(started),
-            LABEL_STOP_GRACE: repr(spec.stop_grace),
-        }
-        if spec.project:
-            labels[LABEL_PROJECT] = spec.project
+        labels = self._instance_labels(spec, started)
         container = docker.types.ContainerSpec(
             image,
             command=list(spec.command[:1]),
@@ -673,14 +626,7 @@ class SwarmRuntime:
 
     @staticmethod
     def _meta(service: dict[str, Any]) -> LogMeta:
-        labels = (service.get("Spec") or {}).get("Labels") or {}
-        return LogMeta(
-            service=str(labels[LABEL_SERVICE]),
-            instance=str(labels[LABEL_INSTANCE]),
-            revision=int(labels.get(LABEL_REVISION) or 0),
-            image_digest=str(labels.get(LABEL_IMAGE) or ""),
-            started=float(labels.get(LABEL_STARTED) or 0.0),
-        )
+        return log_meta((service.get("Spec") or {}).get("Labels") or {})
 
     def _services(self) -> builtins.list[dict[str, Any]]:
         """The home's instance services (the edge, which has no instance label, is not one)."""
@@ -970,6 +916,25 @@ class SwarmRuntime:
             with contextlib.suppress(OSError):
                 os.eventfd_write(fd, 1)
             os.close(fd)
+
+    def freeze(self, handle: InstanceHandle) -> None:
+        """Swarm has no pause for a task (its API updates or removes services only), and a
+        task's node need not be reachable: quarantine on swarm keeps logs and facts, and
+        the instance is retired at once."""
+        raise NotSupported(
+            f"instance {handle.instance_id}: the swarm runtime cannot freeze a task "
+            "(Swarm has no pause); quarantine keeps its logs only"
+        )
+
+    def thaw(self, handle: InstanceHandle) -> None:
+        raise NotSupported(f"instance {handle.instance_id}: the swarm runtime cannot thaw a task")
+
+    def collect_evidence(
+        self, handle: InstanceHandle, writable: builtins.list[str], into: Path
+    ) -> dict[str, Any]:
+        raise NotSupported(
+            f"instance {handle.instance_id}: the swarm runtime cannot read a task's files"
+        )
 
     def close(self) -> None:
         """Stop the log followers, the watcher and the client; instances keep running."""

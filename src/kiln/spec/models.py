@@ -175,6 +175,18 @@ def _memory(value: object) -> int | None:
 Duration = Annotated[float, BeforeValidator(_spec_duration, json_schema_input_type=str)]
 """A duration in ``kiln.toml``: ``"250ms"`` … ``"24h"`` (a number of seconds only from code)."""
 PositiveDuration = Annotated[float, BeforeValidator(_positive_duration, json_schema_input_type=str)]
+
+
+def _max_age(value: object, info: ValidationInfo) -> float:
+    _written_duration(value, info)
+    seconds = parse_duration(value, MAX_INSTANCE_AGE)
+    if seconds <= 0:
+        raise ValueError("must be > 0")
+    return seconds
+
+
+MaxAge = Annotated[float, BeforeValidator(_max_age, json_schema_input_type=str)]
+"""``max_age``: up to 90 days, written in hours beyond a day (``"168h"``)."""
 Count = Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]
 """A whole number of things: TOML booleans, floats and strings are refused, not coerced."""
 PositiveCount = Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT)]
@@ -354,10 +366,50 @@ class Health(_Model):
         return "none"
 
 
+class CanaryStep(_Model):
+    """One canary step: the canary set gets ``weight`` % of requests for ``pause``."""
+
+    weight: int = Field(strict=True, ge=1, le=100)
+    pause: PositiveDuration
+
+
+class CanaryAnalysis(_Model):
+    """When a canary step fails: absolute limits, limits relative to the stable set,
+    judged only once the canary answered ``min_requests`` in the step (docs/strategies.md)."""
+
+    max_error_rate: float = Field(default=0.05, ge=0, le=1, strict=True, allow_inf_nan=False)
+    max_error_rate_ratio: float | None = Field(
+        default=2.0, ge=1, le=MAX_COUNT, strict=True, allow_inf_nan=False
+    )
+    max_p95_ms: float | None = Field(default=None, gt=0, le=3.6e6, allow_inf_nan=False)
+    max_p95_ratio: float | None = Field(
+        default=None, ge=1, le=MAX_COUNT, strict=True, allow_inf_nan=False
+    )
+    min_requests: PositiveCount = 20
+
+
+class PrePromotion(_Model):
+    """A blue/green gate: ``http`` is a path every green instance must answer with 2xx
+    before traffic switches (beyond its health check: a warm-up, a smoke test)."""
+
+    http: str = Field(pattern=r"^/[\x21-\x7e]{0,1023}$")
+    timeout: PositiveDuration = 5.0
+
+
 class Update(_Model):
     """Rolling-update knobs, with Nomad's names and Kiln's safe defaults."""
 
-    strategy: Literal["rolling"] = "rolling"
+    strategy: Literal["rolling", "canary", "blue-green"] = "rolling"
+    steps: list[CanaryStep] = Field(default=[], max_length=100)
+    """``strategy = "canary"``: the weights the canary set goes through, in order."""
+    analysis: CanaryAnalysis = CanaryAnalysis()
+    blue_hold: Duration = 300.0
+    """``strategy = "blue-green"``: how long blue stays, out of rotation, after the switch;
+    ``kiln rollback`` within it is an instant switch back."""
+    auto_promote: bool = True
+    """Blue/green: switch as soon as green passes; false waits for ``kiln promote``."""
+    pre_promotion: PrePromotion | None = None
+    """Blue/green: a check every green instance must pass before the switch."""
     max_surge: Count = 1
     max_unavailable: Count = 0
     min_healthy_time: Duration = 2.0
@@ -369,6 +421,14 @@ class Update(_Model):
     def _can_progress(self) -> Update:
         if self.max_surge == 0 and self.max_unavailable == 0:
             raise ValueError("max_surge and max_unavailable cannot both be 0")
+        if self.strategy == "canary":
+            if not self.steps:
+                raise ValueError('strategy "canary" needs steps = [{ weight = 10, pause = "30s" }]')
+            weights = [s.weight for s in self.steps]
+            if weights != sorted(set(weights)):
+                raise ValueError(f"canary step weights must grow step by step, not {weights}")
+        elif self.steps:
+            raise ValueError(f'steps are for strategy "canary", not "{self.strategy}"')
         return self
 
 
@@ -414,6 +474,16 @@ class Volume(_Model):
     readonly: bool = False
 
 
+def _drift_ignore(pattern: object) -> object:
+    """A ``drift_ignore`` glob names paths in an instance's root: absolute, no ``..``."""
+    if isinstance(pattern, str) and (not pattern.startswith("/") or ".." in pattern.split("/")):
+        raise ValueError(f"{pattern!r} is not an absolute path glob without '..' segments")
+    return pattern
+
+
+DriftIgnore = Annotated[str, BeforeValidator(_drift_ignore), Field(max_length=4096)]
+
+
 class Service(_Model):
     """``[services.NAME]``: how one service runs."""
 
@@ -437,6 +507,53 @@ class Service(_Model):
     drain_timeout: Duration = 10.0
     update: Update = Update()
     heal: Heal = Heal()
+    drift_interval: PositiveDuration = 30.0
+    """How often the cheap drift pass (metadata) proves each instance (docs/drift.md)."""
+    drift_full_interval: PositiveDuration = 600.0
+    """How often the drift pass re-hashes every file of the instances' layers."""
+    on_drift: Literal["replace", "warn"] = "replace"
+    drift_ignore: list[DriftIgnore] = []
+    """``/path`` globs in an instance's root that are not drift (``/var/cache/**``)."""
+    max_age: MaxAge | None = None
+    """Instances older than this are replaced, a batch at a time (docs/drift.md)."""
+    quarantine: PositiveDuration | None = None
+    """How long an instance replaced for unhealth or drift is kept frozen, for evidence."""
+
+    @field_validator("max_age")
+    @classmethod
+    def _age_outlasts_rollout(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """A max_age shorter than replacing every instance would keep a service in
+        rollouts forever: refused, with the estimate it was held to."""
+        update, health = info.data.get("update"), info.data.get("health")
+        if value is None or not isinstance(update, Update) or not isinstance(health, Health):
+            return value
+        replicas = int(info.data.get("replicas") or 0)
+        least = shortest_max_age(replicas, update, health)
+        if value < least:
+            raise ValueError(
+                f"{_seconds_text(value)} is shorter than replacing every instance allows: "
+                f"at least {_seconds_text(least)} ({MAX_AGE_ROLLOUTS} × the estimated "
+                "rollout: batches × (start_period + healthy_after × health.interval + "
+                "min_healthy_time))"
+            )
+        return value
+
+
+MAX_AGE_ROLLOUTS = 4
+"""A max_age must last this many estimated rollouts: a service is never mostly churning."""
+MIN_MAX_AGE = 5.0
+MAX_INSTANCE_AGE = 90 * 24 * 3600.0
+
+
+def shortest_max_age(replicas: int, update: Update, health: Health) -> float:
+    """The shortest ``max_age`` allowed, in whole seconds: ``MAX_AGE_ROLLOUTS`` × an
+    estimate of replacing every instance (one batch is max_surge + max_unavailable
+    instances, each needing its start period, ``healthy_after`` probes and
+    ``min_healthy_time``), and at least ``MIN_MAX_AGE``."""
+    per_batch = max(1, update.max_surge + update.max_unavailable)
+    batches = math.ceil(replicas / per_batch)
+    batch = health.start_period + health.healthy_after * health.interval + update.min_healthy_time
+    return max(MIN_MAX_AGE, float(math.ceil(MAX_AGE_ROLLOUTS * batches * batch)))
 
 
 MAX_ENGINE_HOST = 1024

@@ -11,15 +11,13 @@ import base64
 import contextlib
 import hashlib
 import json
-import os
 import re
 import tarfile
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, cast
+from typing import Any, Literal
 from urllib.parse import parse_qs, unquote
 
 from kiln.errors import KilnError
@@ -32,7 +30,8 @@ from kiln.image.digest import (
     is_digest,
 )
 from kiln.image.store import ImageStore
-from kiln.paths import kiln_home, private_dirs
+from kiln.paths import kiln_home
+from kiln.supply.store_reads import cache_layer_result, layer_tar, newest_referrer_document
 
 Ecosystem = Literal["debian", "pypi", "file"]
 
@@ -285,63 +284,47 @@ def _layer_ops(store: ImageStore, layer: Descriptor, copied: bool, cache_dir: Pa
         if isinstance(data, list) and all(isinstance(op, list) and op for op in data):
             return data
     ops = _scan_layer(store, layer, copied)
-    with contextlib.suppress(OSError):
-        private_dirs(cache_dir)
-        tmp = cache_dir / f".{name}.{uuid.uuid4().hex}.tmp"
-        tmp.write_bytes(json.dumps(ops, separators=(",", ":")).encode())
-        os.replace(tmp, path)
+    cache_layer_result(cache_dir, name, ops)
     return ops
 
 
 def _scan_layer(store: ImageStore, layer: Descriptor, copied: bool) -> list[_Op]:
     """A layer's ops, read from its blob (hashed as it streams: a tampered blob fails)."""
-    from kiln.image.unpack import _DigestReader, _TarStream
-
     source = f"layer {layer.digest[:19]}…"
     ops: list[_Op] = []
     files = 0
-    with store.open_blob(layer.digest) as blob:
-        packed = _DigestReader(blob)
-        plain = _TarStream(cast(BinaryIO, packed), source)
-        try:
-            with tarfile.open(fileobj=cast(BinaryIO, plain), mode="r|") as tf:
-                for member in tf:
-                    path = _member_path(member.name)
-                    if path is None:
-                        ops.append(["!", f"{source}: entry {member.name!r} skipped (unsafe path)"])
-                        continue
-                    parent, _, base = path.rpartition("/")
-                    if base == _OPAQUE:
-                        ops.append(["o", parent])
-                        continue
-                    if base.startswith(_WHITEOUT):
-                        hidden = base.removeprefix(_WHITEOUT)
-                        ops.append(["w", f"{parent}/{hidden}" if parent else hidden])
-                        continue
-                    ops.append(["d" if member.isdir() else "x", path])
-                    if copied and member.isreg():
-                        files += 1
-                        if files <= MAX_FILE_COMPONENTS:
-                            head = MAX_METADATA_BYTES if _METADATA_RE.match(path) else 0
-                            ops.append(["f", path, _hash_member(tf, member, head)])
-                            continue
-                        if files == MAX_FILE_COMPONENTS + 1:
-                            ops.append(
-                                [
-                                    "!",
-                                    f"{source}: more than {MAX_FILE_COMPONENTS} copied files; "
-                                    "the rest are not listed",
-                                ]
-                            )
-                    found = _interesting(tf, member, path, ops, source)
-                    if found is not None:
-                        ops.append(["f", path, found])
-                plain.drain()
-                packed.drain()
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-            raise KilnError(f"{source}: not a valid tar archive: {e}") from e
-    if packed.digest() != layer.digest:
-        raise KilnError(f"{source}: blob content hashes to {packed.digest()}")
+    with layer_tar(store, layer, source) as tf:
+        for member in tf:
+            path = _member_path(member.name)
+            if path is None:
+                ops.append(["!", f"{source}: entry {member.name!r} skipped (unsafe path)"])
+                continue
+            parent, _, base = path.rpartition("/")
+            if base == _OPAQUE:
+                ops.append(["o", parent])
+                continue
+            if base.startswith(_WHITEOUT):
+                hidden = base.removeprefix(_WHITEOUT)
+                ops.append(["w", f"{parent}/{hidden}" if parent else hidden])
+                continue
+            ops.append(["d" if member.isdir() else "x", path])
+            if copied and member.isreg():
+                files += 1
+                if files <= MAX_FILE_COMPONENTS:
+                    head = MAX_METADATA_BYTES if _METADATA_RE.match(path) else 0
+                    ops.append(["f", path, _hash_member(tf, member, head)])
+                    continue
+                if files == MAX_FILE_COMPONENTS + 1:
+                    ops.append(
+                        [
+                            "!",
+                            f"{source}: more than {MAX_FILE_COMPONENTS} copied files; "
+                            "the rest are not listed",
+                        ]
+                    )
+            found = _interesting(tf, member, path, ops, source)
+            if found is not None:
+                ops.append(["f", path, found])
     return ops
 
 
@@ -806,17 +789,7 @@ def _subject(store: ImageStore, ref: str) -> Descriptor:
 
 def stored_sbom(store: ImageStore, ref: str) -> dict[str, Any] | None:
     """The newest SBOM referrer of ``ref``, or ``None`` when it has none."""
-    listed = store.referrers(ref, SBOM_ARTIFACT_TYPE)
-    if not listed:
-        return None
-    _, payload = store.read_referrer(listed[-1].digest)
-    try:
-        document = json.loads(payload)
-    except ValueError as e:
-        raise KilnError(f"SBOM referrer {listed[-1].digest} of {ref} is not JSON: {e}") from e
-    if not isinstance(document, dict):
-        raise KilnError(f"SBOM referrer {listed[-1].digest} of {ref} is not a JSON object")
-    return document
+    return newest_referrer_document(store, ref, SBOM_ARTIFACT_TYPE, "SBOM")
 
 
 def ensure_sbom(store: ImageStore, ref: str) -> Descriptor | None:

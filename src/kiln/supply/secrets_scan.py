@@ -17,21 +17,19 @@ import fnmatch
 import hashlib
 import json
 import math
-import os
 import re
 import tarfile
-import uuid
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 from kiln.errors import KilnError
 from kiln.image.digest import Descriptor
 from kiln.image.store import ImageStore
-from kiln.paths import kiln_home, private_dirs
+from kiln.paths import kiln_home
+from kiln.supply.store_reads import cache_layer_result, layer_tar, newest_referrer_document
 
 SECRET_SCAN_ARTIFACT_TYPE = "application/vnd.dev.kiln.secret-scan.v1+json"
 SECRET_SCAN_MEDIA_TYPE = "application/vnd.dev.kiln.secret-scan.v1+json"
@@ -367,51 +365,36 @@ def scan_layer(store: ImageStore, layer: Descriptor, cache: Path | None = None) 
         if cached is not None:
             return cached
     result = _read_layer(store, layer)
-    with contextlib.suppress(OSError):
-        private_dirs(cache_dir)
-        tmp = cache_dir / f".{name}.{uuid.uuid4().hex}.tmp"
-        tmp.write_bytes(json.dumps(result.to_json(), separators=(",", ":")).encode())
-        os.replace(tmp, path)
+    cache_layer_result(cache_dir, name, result.to_json())
     return result
 
 
 def _read_layer(store: ImageStore, layer: Descriptor) -> LayerScan:
-    from kiln.image.unpack import _DigestReader, _TarStream
     from kiln.supply.sbom import _member_path
 
     source = f"layer {layer.digest[:19]}…"
     result = LayerScan()
-    with store.open_blob(layer.digest) as blob:
-        packed = _DigestReader(blob)
-        plain = _TarStream(cast(BinaryIO, packed), source)
-        try:
-            with tarfile.open(fileobj=cast(BinaryIO, plain), mode="r|") as tf:
-                for member in tf:
-                    if not member.isreg():
-                        continue
-                    path = _member_path(member.name)
-                    if path is None:
-                        result.unsafe += 1
-                        continue
-                    result.files += 1
-                    if member.size > MAX_FILE_BYTES:
-                        result.large += 1
-                        continue
-                    text = _read_text(tf, member)
-                    if text is None:
-                        result.binary += 1
-                        continue
-                    for finding in scan_text("/" + path, text):
-                        if len(result.findings) >= MAX_LAYER_FINDINGS:
-                            result.truncated = True
-                            break
-                        result.findings.append(finding)
-                plain.drain()
-                packed.drain()
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-            raise KilnError(f"{source}: not a valid tar archive: {e}") from e
-    if packed.digest() != layer.digest:
-        raise KilnError(f"{source}: blob content hashes to {packed.digest()}")
+    with layer_tar(store, layer, source) as tf:
+        for member in tf:
+            if not member.isreg():
+                continue
+            path = _member_path(member.name)
+            if path is None:
+                result.unsafe += 1
+                continue
+            result.files += 1
+            if member.size > MAX_FILE_BYTES:
+                result.large += 1
+                continue
+            text = _read_text(tf, member)
+            if text is None:
+                result.binary += 1
+                continue
+            for finding in scan_text("/" + path, text):
+                if len(result.findings) >= MAX_LAYER_FINDINGS:
+                    result.truncated = True
+                    break
+                result.findings.append(finding)
     return result
 
 
@@ -517,17 +500,7 @@ def scan_policy(allow: Sequence[AllowEntry]) -> str:
 
 def stored_scan(store: ImageStore, ref: str) -> dict[str, Any] | None:
     """The newest secret-scan referrer of ``ref`` (what the policy gate reads), or ``None``."""
-    listed = store.referrers(ref, SECRET_SCAN_ARTIFACT_TYPE)
-    if not listed:
-        return None
-    _, payload = store.read_referrer(listed[-1].digest)
-    try:
-        document = json.loads(payload)
-    except ValueError as e:
-        raise KilnError(f"secret-scan referrer {listed[-1].digest} of {ref} is not JSON") from e
-    if not isinstance(document, dict):
-        raise KilnError(f"secret-scan referrer {listed[-1].digest} of {ref} is not an object")
-    return document
+    return newest_referrer_document(store, ref, SECRET_SCAN_ARTIFACT_TYPE, "secret-scan")
 
 
 def ensure_secret_scan(

@@ -266,6 +266,16 @@ def _start_registry(cluster: SwarmCluster, port: int) -> None:
             time.sleep(0.1)
 
 
+def _free_subnet() -> int:
+    """A 192.168.X.0/24 no interface of this machine has an address in (a cluster still
+    up, a bench's, another test's), so the registry's address is this cluster's alone."""
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+    free = [x for x in range(200, 250) if f" 192.168.{x}." not in used]
+    if not free:
+        raise DockerdUnavailable("no free 192.168.200-249.0/24 subnet for a test swarm")
+    return free[secrets.randbelow(len(free))]
+
+
 def start_cluster(size: int = 3) -> SwarmCluster:
     """Bridge, namespaces, engines, the swarm (node 1 manager, the rest workers), and
     the registry; everything undone by :meth:`SwarmCluster.stop`."""
@@ -274,7 +284,7 @@ def start_cluster(size: int = 3) -> SwarmCluster:
     if os.geteuid() != 0:
         raise DockerdUnavailable("a swarm of engines needs root")
     tag = secrets.token_hex(3)
-    subnet = 200 + secrets.randbelow(50)
+    subnet = _free_subnet()
     gateway = f"192.168.{subnet}.1"
     base = Path(tempfile.mkdtemp(prefix="ksw-", dir="/tmp"))
     registry_port = 5443
@@ -379,13 +389,18 @@ def start_cluster(size: int = 3) -> SwarmCluster:
     return cluster
 
 
+_shared: SwarmCluster | None = None
 _unavailable: str | None = None
 
 
 @pytest.fixture(scope="session")
 def swarm_cluster() -> Iterator[SwarmCluster]:
-    """One three-node swarm for the session, started by the first test that asks."""
-    global _unavailable
+    """One three-node swarm for the whole session, started by the first test that asks:
+    each module imports this fixture, which pytest would otherwise start once per module."""
+    global _shared, _unavailable
+    if _shared is not None:
+        yield _shared
+        return
     if _unavailable is not None:
         pytest.skip(_unavailable)
     try:
@@ -393,7 +408,9 @@ def swarm_cluster() -> Iterator[SwarmCluster]:
     except DockerdUnavailable as e:
         _unavailable = str(e)
         pytest.skip(_unavailable)
+    _shared = cluster
     try:
         yield cluster
     finally:
+        _shared = None
         cluster.stop()

@@ -444,12 +444,19 @@ class HAProxyRouter:
             self._switch(routes)
 
     def _sync_backends(self, old: Route, new: Route) -> None:
+        """One runtime-API command per change, so their order matters: what gains traffic
+        first, what loses it after. A switch of every backend at once (blue/green) then
+        never has a moment with none in rotation (a 503)."""
         api = self._api()
         name = new.name
-        for b in old.backends:
-            if new.backend(b.id) is None:
-                self._delete_server(name, b.id)
-        for b in new.backends:
+
+        def gains(b: Backend) -> bool:
+            was = old.backend(b.id)
+            if was is None:
+                return True
+            return (b.state == "ready" and was.state != "ready") or b.weight > was.weight
+
+        for b in sorted(new.backends, key=lambda b: 0 if gains(b) else 1):
             was = old.backend(b.id)
             if was is None:
                 api.expect(
@@ -466,6 +473,9 @@ class HAProxyRouter:
                 api.expect(f"set server {name}/{b.id} weight {b.weight}")
             if was.state != b.state:
                 api.expect(f"set server {name}/{b.id} state {_admin(b.state)}")
+        for b in old.backends:
+            if new.backend(b.id) is None:
+                self._delete_server(name, b.id)
 
     def _delete_server(self, service: str, server: str) -> None:
         api = self._api()

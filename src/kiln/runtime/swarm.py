@@ -416,6 +416,17 @@ class SwarmRuntime(EngineClient):
                     handle = self._task_handle(task, spec.instance_id, service_id)
                     if handle is not None:
                         return handle
+                node_id = str(task.get("NodeID") or "")
+                with self._engine(who, "read its node"):
+                    lost = self._node_down(node_id)
+                if lost:
+                    # Placed on a node that was lost before the task ran: with restart
+                    # condition none Swarm never moves it, so this start fails now and
+                    # the caller starts another instance on the nodes that remain.
+                    raise RuntimeFailure(
+                        f"instance {who}: its node {self._node_address(node_id) or node_id} "
+                        "went down before its task ran"
+                    )
             time.sleep(0.2)
         raise RuntimeFailure(
             f"instance {who}: its task was not running after {START_TIMEOUT:.0f}s (last state "

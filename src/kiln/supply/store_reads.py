@@ -48,7 +48,9 @@ def cache_layer_result(cache_dir: Path, name: str, result: Any) -> None:
     with contextlib.suppress(OSError):
         private_dirs(cache_dir)
         tmp = cache_dir / f".{name}.{uuid.uuid4().hex}.tmp"
-        tmp.write_bytes(json.dumps(result, separators=(",", ":")).encode())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(json.dumps(result, separators=(",", ":")).encode())
         os.replace(tmp, cache_dir / name)
 
 

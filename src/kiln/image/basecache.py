@@ -340,14 +340,18 @@ class BaseCache:
             data = json.loads(self._current_path(suite, architecture, epoch).read_bytes())
         except (OSError, ValueError):
             return None
-        key = data.get("key") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or data.get("gzip") != GZIP_IMPLEMENTATION:
+            # A pointer written before the compressor was part of the keys names a base
+            # whose layers another compressor made: a new lock must not start from it.
+            return None
+        key = data.get("key")
         return key if isinstance(key, str) else None
 
     def set_current(self, suite: str, architecture: str, epoch: int, key: str) -> None:
         path = self._current_path(suite, architecture, epoch)
         self._ensure_root()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(canonical_json({"key": key}))
+        tmp.write_bytes(canonical_json({"key": key, "gzip": GZIP_IMPLEMENTATION}))
         os.replace(tmp, path)
 
     def _current_path(self, suite: str, architecture: str, epoch: int) -> Path:

@@ -514,14 +514,29 @@ class SwarmRuntime(EngineClient):
             return True
         return str((node.get("Status") or {}).get("State")) in ("down", "disconnected")
 
-    def _task_state(self, task: dict[str, Any] | None) -> InstanceState:
+    def _down_nodes(self) -> set[str]:
+        """The ids of every node the manager sees down: one call for a whole listing,
+        not one per task."""
+        return {
+            str(n["ID"])
+            for n in self.api.nodes()
+            if str((n.get("Status") or {}).get("State")) in ("down", "disconnected")
+        }
+
+    def _task_state(
+        self, task: dict[str, Any] | None, down: set[str] | None = None
+    ) -> InstanceState:
+        """``down``: the nodes known to be down (from :meth:`_down_nodes`); None asks
+        the manager about this task's node alone."""
         if task is None:
             return InstanceState(InstanceStatus.EXITED, None, None)
         status = task.get("Status") or {}
         state = str(status.get("State") or "")
         container = status.get("ContainerStatus") or {}
         if state == "running" or state in _STARTING or state == "starting":
-            if self._node_down(str(task.get("NodeID") or "")):
+            node_id = str(task.get("NodeID") or "")
+            lost = node_id in down if down is not None else self._node_down(node_id)
+            if lost:
                 return InstanceState(InstanceStatus.EXITED, None, None)
             return InstanceState(
                 InstanceStatus.RUNNING, None, int(container.get("PID") or 0) or None
@@ -665,13 +680,15 @@ class SwarmRuntime(EngineClient):
     def list(self) -> builtins.list[InstanceHandle]:
         """Instances of this home whose task runs on a node the manager sees."""
         tasks = self._home_tasks()
+        with self._engine(None, "list nodes"):
+            down = self._down_nodes()
         handles = []
         for service in self._services():
             task = tasks.get(service["ID"])
             if task is None:
                 continue
             with self._engine(None, "read a node"):
-                running = self._task_state(task).status is InstanceStatus.RUNNING
+                running = self._task_state(task, down).status is InstanceStatus.RUNNING
                 handle = self._task_handle(
                     task, str(service["Spec"]["Labels"][LABEL_INSTANCE]), service["ID"]
                 )
@@ -906,6 +923,8 @@ class SwarmRuntime(EngineClient):
             ended: builtins.list[str] = []
             with contextlib.suppress(RuntimeFailure, KeyError, TypeError):
                 tasks = self._home_tasks()
+                with self._engine(None, "list nodes"):
+                    down = self._down_nodes()
                 for instance_id, entry in watched:
                     service_id = str(entry.handle.data.get("service_id") or "")
                     task = tasks.get(service_id)
@@ -913,7 +932,7 @@ class SwarmRuntime(EngineClient):
                         ended.append(instance_id)
                         continue
                     with self._engine(instance_id, "read its node"):
-                        if self._task_state(task).status is not InstanceStatus.RUNNING:
+                        if self._task_state(task, down).status is not InstanceStatus.RUNNING:
                             ended.append(instance_id)
             for instance_id in ended:
                 self._notify(instance_id)

@@ -220,6 +220,8 @@ def test_an_extra_process_claiming_to_be_an_instance_is_reported_and_removed(
             "sandbox_pid": None, "sandbox_start_time": None}))  # fmt: skip
         (fake_dir / "spec.json").write_text(json.dumps({"meta": {"service": "web"}, "port": 1}))
         wait_for(lambda: impostor.poll() is not None, 20, "the impostor removed")
+        # the kill lands before the agent writes its event: wait for the event too
+        wait_for(lambda: _events(agent, "instance.drift"), 10, "the drift event")
         [event] = _events(agent, "instance.drift")
         assert event["instance"] == "web-impostor"
         assert event["data"]["what"] == "extra" and event["data"]["action"] == "removed"

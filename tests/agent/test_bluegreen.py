@@ -277,3 +277,30 @@ def test_agent_sigkill_during_the_hold_and_before_the_switch_continues(
     assert len(after) == 3 and set(after) <= green
     assert get(listen) == (200, "v1\n")
     _no_orphans(agent)
+
+
+def test_an_exec_pre_promotion_runs_in_each_green_instance_and_a_failure_switches_nothing(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int]
+) -> None:
+    listen = free_port()
+    blue = _blue(agent, busybox_image, listen)
+    smoke = ["/bin/sh", "-c", "test -f /www/warm || { echo cold cache; exit 3; }"]
+    cold = busybox_image("web:v1", {"healthz": "ok\n", "index.html": "v1\n"})
+    deployment = _start(agent, _spec(cold, listen, pre_promotion={"exec": smoke}))
+    done = agent.client.wait_deployment(deployment, timeout=60)
+    assert done["outcome"] == "failed", done
+    reason = done["services"]["web"]["reason"]
+    assert "pre-promotion check failed" in reason and "exited 3: cold cache" in reason, reason
+    assert not _events(agent, "bluegreen.switched", deployment)
+    assert _live(agent) == blue and get(listen) == (200, "v0\n")
+    # A declared check is not a human's exec: no green instance was marked touched.
+    assert not _events(agent, "instance.exec")
+
+    warm = busybox_image("web:v2", {"healthz": "ok\n", "index.html": "v2\n", "warm": "1\n"})
+    deployment = _start(agent, _spec(warm, listen, pre_promotion={"exec": smoke}))
+    done = agent.client.wait_deployment(deployment, timeout=60)
+    assert done["outcome"] == "succeeded", done
+    [checked] = _events(agent, "bluegreen.checked", deployment)
+    assert checked["data"]["exec"] == smoke and "3 green instance(s)" in checked["message"]
+    assert get(listen) == (200, "v2\n")
+    _no_orphans(agent)

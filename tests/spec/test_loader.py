@@ -408,3 +408,51 @@ def test_an_error_stays_on_one_line_whatever_the_key_holds() -> None:
         parse_spec(text, Path("kiln.toml"))
     assert str(err.value).startswith('kiln.toml:14: services.web."a\\u000ab": unknown key; ')
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("check", "message"),
+    [
+        (
+            '{ http = "/ready", exec = ["true"] }',
+            "kiln.toml:21: services.web.update.pre_promotion: give one of http (a path) or exec "
+            "(a command run in each instance)",
+        ),
+        (
+            '{ timeout = "1s" }',
+            "kiln.toml:21: services.web.update.pre_promotion: give one of http (a path) or exec "
+            "(a command run in each instance)",
+        ),
+        (
+            "{ exec = [] }",
+            "kiln.toml:21: services.web.update.pre_promotion.exec: must not be empty",
+        ),
+        (
+            '{ exec = ["a\\u0000b"] }',
+            "kiln.toml:21: services.web.update.pre_promotion.exec[0]: contains a NUL character",
+        ),
+    ],
+)
+def test_a_pre_promotion_check_is_one_http_path_or_one_command(check: str, message: str) -> None:
+    text = VALID.replace(
+        "[environments.production.services.web]",
+        f'[services.web.update]\nstrategy = "blue-green"\npre_promotion = {check}\n\n'
+        "[environments.production.services.web]",
+    ).replace('update = { strategy = "rolling", max_surge = 1, max_unavailable = 0 }\n', "")
+    with pytest.raises(SpecError) as err:
+        parse_spec(text, Path("kiln.toml"))
+    assert str(err.value) == message
+
+
+def test_exec_checks_are_refused_on_swarm_at_plan_time() -> None:
+    text = (
+        VALID.replace(
+            'health = { http = "/healthz", interval = "1s", timeout = "1s" }',
+            'health = { exec = ["/bin/true"] }',
+        )
+        + '\n[runtime]\nkind = "swarm"\nregistry = "127.0.0.1:5000/kiln"\n'
+    )
+    with pytest.raises(SpecError) as err:
+        parse_spec(text, Path("kiln.toml"))
+    assert 'services.web.health.exec: cannot run on kind = "swarm"' in str(err.value)
+    assert "use http or tcp" in str(err.value)

@@ -31,6 +31,8 @@ from kiln.agent.errors import Conflict, NotFound
 from kiln.agent.lifecycle import handle_of
 from kiln.deploy.health import probe_http
 from kiln.deploy.state import InstanceRecord
+from kiln.errors import KilnError
+from kiln.runtime import Execer, InstanceHandle
 from kiln.spec.models import Update
 from kiln.traffic import Backend
 
@@ -256,19 +258,43 @@ class BlueGreen:
             handle = handle_of(rec)
             if handle is None:
                 continue
-            result = await probe_http(handle.host, handle.port, check.http, check.timeout)
-            if not result.ok:
-                failures.append(f"{rec.id}: {result.detail}")
+            if check.exec is not None:
+                detail = await self._pre_promotion_exec(handle, check.exec, check.timeout)
+            else:
+                assert check.http is not None
+                result = await probe_http(handle.host, handle.port, check.http, check.timeout)
+                detail = None if result.ok else result.detail
+            if detail is not None:
+                failures.append(f"{rec.id}: {detail}")
                 culprits.append(rec.id)
         if failures:
             raise _Failed("pre-promotion check failed: " + "; ".join(failures), culprits)
+        what = f"GET {check.http}" if check.http is not None else f"exec {check.exec}"
         self.engine.emit(
             "bluegreen.checked",
-            f"{rollout.service}: GET {check.http} passed on {len(green)} green instance(s)",
+            f"{rollout.service}: {what} passed on {len(green)} green instance(s)",
             rollout.service,
             revision=rollout.target.number,
-            data={"deployment": rollout.deployment, "path": check.http},
+            data={"deployment": rollout.deployment, "path": check.http, "exec": check.exec},
         )
+
+    async def _pre_promotion_exec(
+        self, handle: InstanceHandle, argv: list[str], timeout: float
+    ) -> str | None:
+        """Runs the check inside the green instance, as a health check's ``exec`` does: a
+        declared check, so the instance is not marked touched. None when it passed."""
+        e = self.engine
+        runtime = e.runtime
+        if not isinstance(runtime, Execer) or not runtime.capabilities.exec:
+            return f"the {runtime.name} runtime cannot run a command in an instance"
+        try:
+            code, output = await e.io(runtime.exec, handle, list(argv), timeout)
+        except KilnError as err:
+            return str(err)
+        if code == 0:
+            return None
+        tail = " ".join(output.strip().splitlines()[-3:])[:300]
+        return f"exec {argv[0]} exited {code}" + (f": {tail}" if tail else "")
 
     async def _wait_promotion(self, rollout: Rollout, promoted: asyncio.Event) -> None:
         """Green keeps being watched while it waits: a death fails the rollout."""

@@ -501,6 +501,21 @@ def _check_runtime(spec: Spec, found: _Found) -> None:
             'is "swarm", which needs registry = "HOST[:PORT]/PATH" in [runtime]: every node '
             "pulls the images from there",
         )
+    if runtime.kind == "swarm":
+        for name, service in spec.services.items():
+            if service.health.exec is not None:
+                found.add(
+                    ("services", name, "health", "exec"),
+                    f'cannot run on kind = "swarm"{origin}: Swarm offers no exec into a task '
+                    "through its manager; use http or tcp",
+                )
+            check = service.update.pre_promotion
+            if check is not None and check.exec is not None:
+                found.add(
+                    ("services", name, "update", "pre_promotion", "exec"),
+                    f'cannot run on kind = "swarm"{origin}: Swarm offers no exec into a task '
+                    "through its manager; use http",
+                )
 
 
 def _check_registries(spec: Spec, found: _Found) -> None:

@@ -389,11 +389,25 @@ class CanaryAnalysis(_Model):
 
 
 class PrePromotion(_Model):
-    """A blue/green gate: ``http`` is a path every green instance must answer with 2xx
-    before traffic switches (beyond its health check: a warm-up, a smoke test)."""
+    """A blue/green gate every green instance must pass before traffic switches, beyond
+    its health check (a warm-up, a smoke test): ``http``, a path answered with 2xx or
+    3xx, or ``exec``, a command run inside the instance that exits 0. The command runs
+    in the instance, never on the agent's host: a plan sent with a deployer token must
+    not be a way to run code as the agent."""
 
-    http: str = Field(pattern=r"^/[\x21-\x7e]{0,1023}$")
+    http: str | None = Field(default=None, pattern=r"^/[\x21-\x7e]{0,1023}$")
+    exec: list[str] | None = Field(default=None, min_length=1, max_length=256)
     timeout: PositiveDuration = 5.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PrePromotion:
+        if (self.http is None) == (self.exec is None):
+            raise ValueError("give one of http (a path) or exec (a command run in each instance)")
+        if self.exec is not None and not self.exec[0].strip():
+            raise ValueError("exec: the command (its first element) is empty")
+        if self.exec is not None and any(len(a) > 4096 for a in self.exec):
+            raise ValueError("exec: an argument is over 4096 characters")
+        return self
 
 
 class Update(_Model):

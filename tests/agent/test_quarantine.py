@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from agent_harness import ImageFactory, RunningAgent, deploy, service_spec, wait_for
 
+from kiln.agent.client import start_background
 from kiln.agent.quarantine import evidence_path, export_evidence, prune_evidence
 from kiln.errors import KilnError
 from kiln.process import pid_alive
@@ -104,6 +106,41 @@ def test_unhealthy_instance_is_frozen_kept_as_evidence_then_destroyed(
         return sum(1 for i in live if i["state"] == "ready") == 2
 
     wait_for(two_ready, 20, "two ready instances")
+
+
+@pytest.mark.e2e
+def test_an_agent_sigkill_during_a_window_keeps_the_instance_frozen_until_its_deadline(
+    agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int], kiln_home: Path
+) -> None:
+    digest = busybox_image("q:v1", {"index.html": "q\n"}, cmd=COUNTING_APP)
+    spec = service_spec(digest, listen=free_port(), replicas=1, writable=["/data"], quarantine="6s")
+    assert deploy(agent.client, spec)["outcome"] == "succeeded"
+    [suspect] = [i["id"] for i in agent.client.status()["services"]["web"]["instances"]]
+    handle = LocalRuntime(agent.home).handle_for(suspect)
+    assert handle is not None
+    pid = int(handle.data["sandbox_pid"])
+    agent.client.exec(suspect, ["rm", "/data/www/healthz"], 10.0)
+    taken = wait_for(lambda: _event(agent, "instance.quarantined", suspect), 20, "quarantine")
+
+    os.kill(agent.pid(), signal.SIGKILL)
+    time.sleep(0.3)
+    start_background(kiln_home)
+    resumed = wait_for(
+        lambda: _event(agent, "instance.quarantine_resumed", suspect), 15, "the window resumed"
+    )
+    left = float(resumed["data"]["left"])  # type: ignore[index]
+    assert 0 < left < 6, resumed
+    # Still there, still frozen, still out of the routes: not retired by the new agent.
+    first = _counter(pid)
+    time.sleep(0.5)
+    assert pid_alive(pid) and _counter(pid) == first
+    states = {i["id"]: i["state"] for i in agent.client.status()["services"]["web"]["instances"]}
+    assert states[suspect] == "draining", states
+
+    stopped = wait_for(lambda: _event(agent, "instance.stopped", suspect), 20, "the deadline")
+    held = float(stopped["ts"]) - float(taken["ts"])  # type: ignore[arg-type]
+    assert 5.5 <= held <= 9.0, f"the window lasted {held:.1f}s, not 6s"
+    wait_for(lambda: not pid_alive(pid), 10, "the frozen process to be gone")
 
 
 @pytest.mark.e2e

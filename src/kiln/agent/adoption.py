@@ -52,6 +52,9 @@ async def adopt(e: Engine) -> None:
             )
             continue
         alive = await e.io(runtime.recover, handle)
+        if rec.state == "draining" and rec.quarantined_until is not None and alive:
+            e.quarantine.resume(rec)
+            continue
         if rec.state in ("draining", "stopping"):
             e.spawn(e.lifecycle.retire(rec.id, "retirement resumed after agent restart"),
                     f"retire {rec.id}")  # fmt: skip

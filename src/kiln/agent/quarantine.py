@@ -7,8 +7,9 @@ is taken at once: moved to ``draining`` (out of the routes; the router drains wh
 it carries), frozen through the runtime's :class:`kiln.runtime.Freezer`, and an
 evidence bundle is written to ``KILN_HOME/evidence/<instance>.tar.gz``. A timer
 retires it when the window closes. ``kiln burn`` retires one instance now, with a
-bundle first when asked. An agent restarted during a window finishes the retire it
-finds (the bundle is kept; the frozen process is not).
+bundle first when asked. The window's end is stored with the instance
+(``quarantined_until``): an agent restarted during a window keeps the instance frozen
+until then, and one restarted after it retires the instance at once.
 """
 
 from __future__ import annotations
@@ -293,9 +294,27 @@ class Quarantine:
             rec.revision,
             {"reason": why, "frozen": frozen, "window": window, "evidence": str(path)},
         )
+        if frozen and window > 0:
+            await e.db(e.state.update_instance, rec.id, quarantined_until=time.time() + window)
         await self._prune()
         self.held[rec.id] = e.spawn(self._expire(rec.id, window if frozen else 0.0), "quarantine")
         return True
+
+    def resume(self, rec: InstanceRecord) -> None:
+        """An agent restarted during ``rec``'s window: the timer is armed again for what
+        is left of it (nothing, when the deadline passed while no agent ran)."""
+        if rec.id in self.held:
+            return
+        left = max(0.0, (rec.quarantined_until or 0.0) - time.time())
+        self.engine.emit(
+            "instance.quarantine_resumed",
+            f"{rec.id} stays in quarantine for {left:.0f}s more after the agent restart",
+            rec.service,
+            rec.id,
+            rec.revision,
+            {"left": left},
+        )
+        self.held[rec.id] = self.engine.spawn(self._expire(rec.id, left), "quarantine")
 
     async def _expire(self, instance: str, window: float) -> None:
         try:

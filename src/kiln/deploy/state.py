@@ -134,6 +134,8 @@ class InstanceRecord:
     """When the agent noticed that this instance died or turned unhealthy."""
     touched: float | None = None
     """When a human first ran a command in it (``kiln exec``): it may have drifted."""
+    quarantined_until: float | None = None
+    """Frozen in quarantine until then; an agent restarted before keeps the window."""
 
     @property
     def live(self) -> bool:
@@ -161,6 +163,7 @@ class InstanceRecord:
             "replaces": self.replaces,
             "noticed": self.noticed,
             "touched": self.touched,
+            "quarantined_until": self.quarantined_until,
         }
 
 
@@ -438,7 +441,13 @@ def _v5(db: sqlite3.Connection) -> None:
     _script(db, "ALTER TABLE instances ADD COLUMN touched REAL;")
 
 
-MIGRATIONS: tuple[_Migration, ...] = (_v1, _v2, _v3, _v4, _v5)
+def _v6(db: sqlite3.Connection) -> None:
+    """A quarantine window is kept across an agent restart: the frozen instance stays
+    until its deadline instead of being retired by the next agent."""
+    _script(db, "ALTER TABLE instances ADD COLUMN quarantined_until REAL;")
+
+
+MIGRATIONS: tuple[_Migration, ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
 """Append only: migration ``i`` takes the schema from version ``i`` to ``i + 1``."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -456,6 +465,7 @@ _INSTANCE_FIELDS = frozenset(
         "replaces",
         "noticed",
         "touched",
+        "quarantined_until",
     }
 )
 _REVISION_COLS = (
@@ -464,7 +474,7 @@ _REVISION_COLS = (
 )
 _INSTANCE_COLS = (
     "id, service, revision, state, port, handle, created, ready_at, stopped_at, exit_code, "
-    "reason, replaced_by, deployment, replaces, noticed, touched"
+    "reason, replaced_by, deployment, replaces, noticed, touched, quarantined_until"
 )
 
 
@@ -1235,4 +1245,5 @@ def _instance_row(row: tuple[Any, ...]) -> InstanceRecord:
         replaces=row[13],
         noticed=row[14],
         touched=row[15],
+        quarantined_until=row[16],
     )

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import median_p95, timed
 
 from kiln.image.digest import Descriptor
+from kiln.image.store import ImageStore
 from kiln.supply.osv import OsvDatabase, import_advisories
 from kiln.supply.sbom import Component
 from kiln.supply.scan import match_components
@@ -190,13 +191,14 @@ def policy_section(runs: int, services: int = 100) -> None:
 
 def evidence_section(runs: int) -> None:
     """What the evidence costs a bake of examples/shop: a bake in a fresh home (the
-    machine's shared Debian base warm) with and without the SBOM, provenance and secret
-    scan it now writes, a cached re-bake, then key generation, sign and verify."""
+    machine's shared Debian base, and the SBOM parts kept beside it, warm), a cached
+    re-bake; then the SBOM with every layer read and as a fresh home makes it, the
+    secret scan and the provenance, their sum (what the evidence adds to a fresh-home
+    bake; the issue's target is under 1 s), then sign and verify."""
     import os
     import shutil
     import subprocess
 
-    from kiln.image.store import ImageStore
     from kiln.supply.signing import generate_key, sign_image, verify_image
 
     repo = Path(__file__).resolve().parents[1]
@@ -249,18 +251,26 @@ def evidence_section(runs: int) -> None:
             return out
 
         row(
-            "SBOM, every layer read (cold cache)",
-            cold(lambda c: read_contents(store, digests[0], c)),
+            "SBOM contents, every layer read (no cache)",
+            cold(lambda c: read_contents(store, digests[0], c, shared=False)),
         )
+        sbom_every = cold(lambda c: build_sbom(store, digests[0], c, shared=False))
+        row("SBOM document, every layer read (no cache)", sbom_every)
+        sbom_fresh = cold(lambda c: build_sbom(store, digests[0], c))
+        row("SBOM document, fresh home (shared parts)", sbom_fresh)
         row(
             "SBOM document from warm layer results",
-            timed(lambda: build_sbom(store, digests[0]), runs),
+            timed(lambda: build_sbom(store, digests[0], caches), runs),
         )
         added = layers[-1:]
-        row(
-            "secret scan of the recipe's own layer (cold)",
-            cold(lambda c: scan_layers(store, added, [], c)),
-        )
+        secrets = cold(lambda c: scan_layers(store, added, [], c))
+        row("secret scan of the recipe's own layer (cold)", secrets)
+        provenance = timed(lambda: _provenance_once(store, digests[0], work / "shop"), runs)
+        row("provenance statement + DSSE envelope", provenance)
+        added_cost = [
+            median_p95(sbom_fresh)[0] + median_p95(secrets)[0] + median_p95(provenance)[0]
+        ]
+        row("evidence a fresh-home bake adds (sum)", added_cost, "target < 1 s")
         key, pub = generate_key(work / "release")
         row(
             "sign (ECDSA P-256: digest + provenance)",
@@ -272,6 +282,34 @@ def evidence_section(runs: int) -> None:
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _provenance_once(store: ImageStore, digest: str, project: Path) -> None:
+    """What ``ensure_provenance`` does for a bake, without attaching the referrer."""
+    from kiln.supply.provenance import (
+        IN_TOTO_PAYLOAD_TYPE,
+        BakeFacts,
+        envelope_json,
+        statement,
+        statement_payload,
+    )
+
+    manifest = store.read_json(digest)
+    facts = BakeFacts(
+        image="web",
+        recipe={"from": "debian:bookworm"},
+        environment=None,
+        base="debian:bookworm",
+        base_digest=None,
+        base_layers=tuple(Descriptor.from_json(d) for d in manifest["layers"][:2]),
+        lock_file=project / "kiln.lock",
+        commit=None,
+        clean=False,
+        remote=None,
+        epoch=0,
+        started=time.time(),
+    )
+    envelope_json(statement_payload(statement(digest, facts, time.time())), IN_TOTO_PAYLOAD_TYPE)
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {

@@ -211,6 +211,7 @@ def test_cli_prints_cyclonedx_and_spdx(
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ImageStore:
     monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KILN_BASE_CACHE", str(tmp_path / "bases"))  # not the machine's
     return ImageStore(tmp_path / "home" / "images")
 
 

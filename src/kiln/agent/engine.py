@@ -466,11 +466,15 @@ class Engine:
 
     async def _check_policy(self, plan: Plan, source: dict[str, Any]) -> None:
         """Issue 11: the policy gate again, here, on evidence re-read from this agent's own
-        image store by digest; what the client's gate said is not trusted."""
+        image store by digest; what the client's gate said is not trusted. Where nodes
+        pull from a registry (swarm), each image goes there with its referrers first and
+        the gate reads the evidence back from there: what runs is what was checked."""
         from kiln.policy.gate import gate_request
+        from kiln.policy.registry_evidence import ImagePublisher
 
         request = {"desired": {n: d.to_json() for n, d in plan.desired.items()}, "source": source}
-        await self.io(lambda: gate_request(request, self.home))
+        publisher = self.runtime if isinstance(self.runtime, ImagePublisher) else None
+        await self.io(lambda: gate_request(request, self.home, publisher=publisher))
 
     async def _check_projects(self, plan: Plan, source: dict[str, Any]) -> None:
         """A plan (a saved file, a request) touches only its own project's services, as

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.errors import KilnError
+from kiln.policy.registry_evidence import store_input
 
 if TYPE_CHECKING:
     from kiln.image.store import ImageStore
@@ -82,6 +83,7 @@ def service_evidence(
         "secrets": {"scanned": False, "found": False},
         "spec": dict(service_config),
         "settings": settings_input(settings),
+        "evidence": store_input(store),
     }
     if not stored:
         return out

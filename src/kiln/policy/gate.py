@@ -8,6 +8,7 @@ the plan with its name, not hang the CLI or the agent.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -24,11 +25,18 @@ from kiln.errors import KilnError
 
 if TYPE_CHECKING:
     from kiln.image.store import ImageStore
+    from kiln.policy.evidence import EvidenceSources
+    from kiln.policy.registry_evidence import ImagePublisher
     from kiln.spec.models import PolicySettings
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 BUNDLE = Path(__file__).parent / "bundle"
 BUNDLE_NAME = "kiln:default"
 """How the shipped bundle's files are named in messages (``kiln:default/kiln.rego``)."""
+ALWAYS_ENFORCED = frozenset({"kiln.evidence"})
+"""Shipped packages whose denies stay denies without ``[policy] enforce``: evidence lost
+on its way to the runtime is a broken delivery, not a rule a project opts into."""
 TIMEOUT = 20.0
 """Wall-clock seconds for one evaluation of every service of a plan."""
 MAX_FILES = 200
@@ -181,7 +189,7 @@ def evaluate(
         for package, found in sorted(per_package.items()):
             members = packages[package]
             origin = ", ".join(m.name for m in members)
-            shipped = all(m.shipped for m in members)
+            shipped = all(m.shipped for m in members) and package not in ALWAYS_ENFORCED
             for kind in ("deny", "warn"):
                 shown: Literal["deny", "warn"] = "warn" if shipped and not enforce else kind
                 for message in found[kind]:
@@ -207,18 +215,67 @@ def gate_services(
     root: Path,
     scan_db: Path | None = None,
     timeout: float = TIMEOUT,
+    publisher: ImagePublisher | None = None,
 ) -> GateResult:
     """The gate over a plan's services: evidence from ``store``, the default bundle plus
-    ``[policy] files`` (relative to ``root``)."""
+    ``[policy] files`` (relative to ``root``). With a ``publisher`` (a runtime whose
+    nodes pull from a registry) each image is pushed with its referrers first and its
+    evidence is read back from the registry (:mod:`kiln.policy.registry_evidence`)."""
     from kiln.policy.evidence import service_evidence, sources_for
+    from kiln.policy.registry_evidence import scratch_root
 
     modules = default_modules() + user_modules(list(settings.files), root)
     sources = sources_for(settings, root, scan_db)
-    inputs = {
-        name: service_evidence(store, name, s.image_ref, s.digest, s.config, settings, sources)
-        for name, s in sorted(services.items())
-    }
+    inputs: dict[str, dict[str, Any]] = {}
+    with scratch_root(store) if publisher is not None else contextlib.nullcontext() as scratch:
+        for number, (name, s) in enumerate(sorted(services.items())):
+            if publisher is None or scratch is None:
+                inputs[name] = service_evidence(
+                    store, name, s.image_ref, s.digest, s.config, settings, sources
+                )
+            else:
+                inputs[name] = _registry_input(
+                    store, publisher, scratch / str(number), name, s, settings, sources
+                )
     return evaluate(modules, inputs, settings.enforce, timeout)
+
+
+def _registry_input(
+    store: ImageStore,
+    publisher: ImagePublisher,
+    scratch: Path,
+    name: str,
+    service: GatedService,
+    settings: PolicySettings,
+    sources: EvidenceSources,
+) -> dict[str, Any]:
+    """One service's input from the registry's copy of its image; what cannot be pushed
+    or read back is ``evidence.error``, which the shipped ``kiln.evidence`` rule denies."""
+    from kiln.policy.evidence import service_evidence
+    from kiln.policy.registry_evidence import read_registry_evidence
+
+    def local(error: str, where: str) -> dict[str, Any]:
+        document = service_evidence(
+            store, name, service.image_ref, service.digest, service.config, settings, sources
+        )
+        document["evidence"].update(source="registry", where=where, error=error)
+        return document
+
+    if not _DIGEST.match(service.digest):
+        return local("", publisher.registry)  # not pinned: kiln.default says so
+    try:
+        reference = publisher.publish_image(name, service.digest)
+    except KilnError as e:
+        return local(f"the push failed: {e}", publisher.registry)
+    scratch.mkdir(mode=0o700)
+    found = read_registry_evidence(store, reference, publisher.registry_options, scratch)
+    if found.store is None:
+        return local(found.error, reference)
+    document = service_evidence(
+        found.store, name, service.image_ref, service.digest, service.config, settings, sources
+    )
+    document["evidence"] = found.as_input()
+    return document
 
 
 @dataclass(frozen=True)
@@ -294,10 +351,15 @@ def policy_settings(
 
 
 def gate_request(
-    request: Mapping[str, Any], home: Path, say: Any = None, scan_db: Path | None = None
+    request: Mapping[str, Any],
+    home: Path,
+    say: Any = None,
+    scan_db: Path | None = None,
+    publisher: ImagePublisher | None = None,
 ) -> GateResult:
     """The gate over a plan request (or a plan's ``desired`` and ``source``): warnings
-    go to ``say``; any deny raises :class:`PolicyError` with every message."""
+    go to ``say``; any deny raises :class:`PolicyError` with every message. With a
+    ``publisher``, evidence is read back from its registry (:func:`gate_services`)."""
     from kiln.image.store import ImageStore
 
     desired = request.get("services") or request.get("desired") or {}
@@ -320,6 +382,7 @@ def gate_request(
         settings,
         root,
         scan_db or home / "scan" / "osv.db",
+        publisher=publisher,
     )
     if say is not None:
         for verdict in result.warnings:

@@ -273,16 +273,25 @@ class SwarmRuntime(EngineClient):
         per digest (blobs the registry has are skipped)."""
         digest = spec.image_digest
         reference = self.image_reference(spec.service, digest)
+        if self._pushed.get(reference):
+            return reference
+        try:
+            return self.publish_image(spec.service, digest)
+        except KilnError as e:
+            raise RuntimeFailure(f"instance {spec.instance_id}: {e}") from e
+
+    def publish_image(self, service: str, digest: str) -> str:
+        """Push ``digest`` with its referrers (SBOM, provenance, signatures) to the
+        registry, where the policy gate reads them back (:mod:`kiln.policy.registry_evidence`);
+        a push of what the registry has costs a HEAD per blob and referrer."""
+        reference = self.image_reference(service, digest)
         with self._image_lock(digest):
-            if self._pushed.get(reference):
-                return reference
             store = ImageStore(self.home / "images")
             try:
-                push(store, digest, reference, self.registry_options)
+                push(store, digest, reference, self.registry_options, referrers=True)
             except KilnError as e:
                 raise RuntimeFailure(
-                    f"instance {spec.instance_id}: pushing image {digest} to {self.registry} "
-                    f"failed: {e}"
+                    f"pushing image {digest} to {self.registry} failed: {e}"
                 ) from e
             self._pushed[reference] = digest
         return reference

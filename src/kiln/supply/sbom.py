@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 from urllib.parse import parse_qs, unquote
 
 from kiln.errors import KilnError
@@ -31,7 +31,13 @@ from kiln.image.digest import (
 )
 from kiln.image.store import ImageStore
 from kiln.paths import kiln_home
-from kiln.supply.store_reads import cache_layer_result, layer_tar, newest_referrer_document
+from kiln.supply.store_reads import (
+    cache_layer_result,
+    layer_tar,
+    newest_referrer_document,
+    read_shared_result,
+    shared_cache_dir,
+)
 
 Ecosystem = Literal["debian", "pypi", "file"]
 
@@ -242,14 +248,22 @@ class _Found:
             return None
 
 
-def read_contents(store: ImageStore, ref: str, cache: Path | None = None) -> ImageContents:
+def read_contents(
+    store: ImageStore,
+    ref: str,
+    cache: Path | None = None,
+    shared: Path | Literal[False] | None = None,
+) -> ImageContents:
     """The Debian packages, Python distributions and copied files of ``ref``.
 
     Layers stream through tarfile in memory, bottom to top, with whiteouts and opaque
     directories applied to a view of the few paths that matter; nothing is written to
     disk and no path of the image is ever resolved on the host. Every read is bounded.
     What one layer contributes is kept in ``cache`` (default ``$KILN_HOME/cache/sbom``)
-    under the layer's digest, so a re-bake after an app edit reads only the new layers.
+    under the layer's digest, so a re-bake after an app edit reads only the new layers;
+    what a large layer that is not a recipe's copy contributes (a Debian base, a packages
+    layer) is also kept in ``shared`` (default: beside the machine's shared bases; False:
+    none), so a bake in a fresh home does not read the base every home shares again.
     """
     descriptor = store.resolve(ref) if not _stored_digest(store, ref) else None
     digest = descriptor.digest if descriptor is not None else ref
@@ -261,10 +275,11 @@ def read_contents(store: ImageStore, ref: str, cache: Path | None = None) -> Ima
         raise KilnError(f"manifest {digest} of {ref} is malformed: {e}") from e
     copy_layers = _copy_layers(config, len(layers))
     cache_dir = cache if cache is not None else kiln_home() / "cache" / "sbom"
+    shared_dir = shared_cache_dir("sbom") if shared is None else shared or None
     contents = ImageContents()
     view: dict[str, _Found] = {}
     for number, layer in enumerate(layers):
-        ops = _layer_ops(store, layer, number in copy_layers, cache_dir)
+        ops = _layer_ops(store, layer, number in copy_layers, cache_dir, shared_dir)
         _replay(ops, view, number, contents)
     _collect(view, contents)
     return contents
@@ -276,15 +291,45 @@ whiteout, ``["d", path]`` a directory, ``["x", path]`` any other entry, ``["f", 
 found]`` an entry worth keeping, ``["!", message]`` a warning."""
 
 
-def _layer_ops(store: ImageStore, layer: Descriptor, copied: bool, cache_dir: Path) -> list[_Op]:
+SHARED_MIN_BYTES = 1 << 20
+"""A layer smaller than this reads in milliseconds: its part stays in the home's cache."""
+SHARED_FORMAT = 1
+"""In the shared part's name: bumped when the ops change, so old parts are not read."""
+
+
+def _valid_ops(data: object) -> TypeGuard[list[_Op]]:
+    return isinstance(data, list) and all(isinstance(op, list) and op for op in data)
+
+
+def _layer_ops(
+    store: ImageStore,
+    layer: Descriptor,
+    copied: bool,
+    cache_dir: Path,
+    shared_dir: Path | None,
+) -> list[_Op]:
+    """A layer's ops: the home's cache, else the machine's (large plain layers), else read
+    from the blob. A shared part is only ever written from a read that hashed the blob to
+    its digest, and only trusted when this user wrote it (:func:`read_shared_result`), so
+    a home holding a forged blob or a planted file cannot change another home's SBOM."""
     name = f"{layer.digest.removeprefix('sha256:')}-{'copy' if copied else 'plain'}.json"
     path = cache_dir / name
     with contextlib.suppress(OSError, ValueError):
         data = json.loads(path.read_bytes())
-        if isinstance(data, list) and all(isinstance(op, list) and op for op in data):
-            return data
+        if _valid_ops(data):
+            return list(data)
+    shared_name = f"{layer.digest.removeprefix('sha256:')}-v{SHARED_FORMAT}.json"
+    share = shared_dir is not None and not copied and layer.size >= SHARED_MIN_BYTES
+    if share and shared_dir is not None:
+        found = read_shared_result(shared_dir, shared_name)
+        if isinstance(found, dict) and found.get("layer") == layer.digest:
+            ops = found.get("ops")
+            if _valid_ops(ops):
+                return list(ops)
     ops = _scan_layer(store, layer, copied)
     cache_layer_result(cache_dir, name, ops)
+    if share and shared_dir is not None:
+        cache_layer_result(shared_dir, shared_name, {"layer": layer.digest, "ops": ops})
     return ops
 
 
@@ -559,10 +604,16 @@ def pypi_name(name: str) -> str:
 # -- documents ----------------------------------------------------------------
 
 
-def build_sbom(store: ImageStore, ref: str) -> dict[str, Any]:
-    """The CycloneDX 1.6 SBOM of ``ref`` as JSON, the same bytes for the same image."""
+def build_sbom(
+    store: ImageStore,
+    ref: str,
+    cache: Path | None = None,
+    shared: Path | Literal[False] | None = None,
+) -> dict[str, Any]:
+    """The CycloneDX 1.6 SBOM of ``ref`` as JSON, the same bytes for the same image
+    (``cache`` and ``shared`` as :func:`read_contents` takes them)."""
     subject = _subject(store, ref)
-    contents = read_contents(store, subject.digest)
+    contents = read_contents(store, subject.digest, cache, shared)
     manifest = store.read_json(subject.digest)
     title = (manifest.get("annotations") or {}).get(ANNOTATION_TITLE) or ""
     name = title or (subject.annotations or {}).get(ANNOTATION_REF_NAME, "").rpartition(":")[0]

@@ -1,11 +1,13 @@
 """Reads of the home's store that the SBOM and the secret scan share: a layer's tar
-stream, hashed as it goes; a per-layer result cache; the newest referrer's JSON."""
+stream, hashed as it goes; a per-layer result cache (the home's, and the machine's for
+layers every home shares); the newest referrer's JSON."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import stat
 import tarfile
 import uuid
 import zlib
@@ -18,7 +20,19 @@ from kiln.image.digest import Descriptor
 from kiln.image.store import ImageStore
 from kiln.paths import private_dirs
 
-__all__ = ["cache_layer_result", "layer_tar", "newest_referrer_document"]
+__all__ = [
+    "SHARED_CACHE_DIR",
+    "cache_layer_result",
+    "layer_tar",
+    "newest_referrer_document",
+    "read_shared_result",
+    "shared_cache_dir",
+]
+
+SHARED_CACHE_DIR = "supply"
+"""Under the machine's shared base cache (``/var/cache/kiln/bases/supply``): per-layer
+results that every home's bake of the same base would otherwise compute again."""
+MAX_SHARED_RESULT_BYTES = 64 << 20
 
 
 @contextlib.contextmanager
@@ -52,6 +66,42 @@ def cache_layer_result(cache_dir: Path, name: str, result: Any) -> None:
         with os.fdopen(fd, "wb") as out:
             out.write(json.dumps(result, separators=(",", ":")).encode())
         os.replace(tmp, cache_dir / name)
+
+
+def shared_cache_dir(kind: str) -> Path | None:
+    """``<shared base cache>/supply/<kind>``, or None when the shared cache is off."""
+    from kiln.image.basecache import base_cache
+
+    cache = base_cache()
+    return cache.root / SHARED_CACHE_DIR / kind if cache is not None else None
+
+
+def _private_to_us(st: os.stat_result, directory: bool) -> bool:
+    """Made by this user and writable by no one else: what a trusted entry must be."""
+    kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    return kind_ok and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def read_shared_result(cache_dir: Path, name: str) -> Any | None:
+    """The JSON of ``cache_dir/name`` from the machine's shared cache, or None unless both
+    the directory chain below the cache and the file are this user's and writable by no
+    one else, and the file is a regular file reached without a symlink: another user (or
+    a home's sandbox) cannot plant an entry another home would trust."""
+    try:
+        for directory in (cache_dir.parent.parent, cache_dir.parent, cache_dir):
+            if not _private_to_us(os.lstat(directory), directory=True):
+                return None
+        fd = os.open(cache_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not _private_to_us(st, directory=False) or st.st_size > MAX_SHARED_RESULT_BYTES:
+            return None
+        try:
+            return json.loads(f.read(MAX_SHARED_RESULT_BYTES + 1))
+        except (OSError, ValueError):
+            return None
 
 
 def newest_referrer_document(

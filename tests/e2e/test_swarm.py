@@ -8,6 +8,7 @@ down that leaves nothing of the home in the swarm."""
 # ruff: noqa: F811 - the swarm_cluster fixture is imported by name and used as a parameter
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -216,3 +217,45 @@ def test_an_unreachable_manager_fails_the_plan_and_changes_nothing(
     assert up.stderr.strip().splitlines()[-1].startswith("error: swarm runtime: the swarm manager")
     with pytest.raises(OSError):
         fetch(listen)
+
+
+def test_a_service_updated_in_place_behind_kilns_back_is_drift_and_replaced(
+    home: Path, tmp_path: Path, swarm_cluster: SwarmCluster
+) -> None:
+    """Issue 12 item 3 on swarm: ``docker service update`` on an instance's service (here
+    a label, which starts no new task, so only the drift check can see it) is config
+    drift, and the instance is replaced."""
+    listen = free_port()
+    project = swarm_project(tmp_path / "p", listen, swarm_cluster)
+    toml = project / "kiln.toml"
+    toml.write_text(toml.read_text().replace("replicas = 3", 'replicas = 1\ndrift_interval = "1s"'))
+    agent = start_agent(home, project, f"{swarm_cluster.gateway}:{free_port()}")
+    api = swarm_cluster.manager.api()
+    try:
+        up = kiln(home, "up", str(project))
+        assert up.returncode == 0, up.stderr
+        [victim] = ready(home)
+        service = api.inspect_service(f"kiln-{home_tag(home)}-{victim['id']}")
+        labels = {**service["Spec"]["Labels"], "edited.by": "hand"}
+        api.update_service(
+            service["ID"], version=service["Version"]["Index"], labels=labels,
+            fetch_current_spec=True,
+        )  # fmt: skip
+        edited = time.monotonic()
+
+        def replaced() -> bool:
+            now = ready(home)
+            return len(now) == 1 and now[0]["id"] != victim["id"]
+
+        wait_for(replaced, timeout=60)
+        print(f"swarm: service updated in place, replaced in {time.monotonic() - edited:.1f}s")
+        events = [json.loads(line) for line in kiln(home, "events", "--json").stdout.splitlines()]
+        [drift] = [e for e in events if e["kind"] == "instance.drift"]
+        assert drift["instance"] == victim["id"] and drift["data"]["what"] == "config"
+        assert "updated in place" in drift["data"]["detail"]
+    finally:
+        api.close()
+        kiln(home, "down")
+        if agent.poll() is None:
+            agent.terminate()
+            agent.wait(timeout=30)

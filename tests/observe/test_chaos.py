@@ -4,6 +4,7 @@ the root's upper dir, a qdisc in the instance's netns) and the healing measured.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -206,18 +207,31 @@ def test_refuses_when_an_instance_is_unhealthy(home: Path) -> None:
     ids = {i["id"] for i in web(home)["instances"]}
     os.kill(app, signal.SIGSTOP)
     try:
+        # The agent heals what it sees: the status is read once, at a moment the frozen
+        # instance shows unsteady (unhealthy, or its replacement starting), so the
+        # replacement cannot finish between the look and the check under a loaded CI.
+        def unsteady() -> dict[str, Any] | None:
+            seen = status(home)
+            svc = seen["services"]["web"]
+            mine = next((i for i in svc["instances"] if i["id"] == victim["id"]), None)
+            moving = any(i["state"] != "ready" for i in svc["instances"])
+            if mine is not None and (mine["health"] == "unhealthy" or moving):
+                return seen
+            return None
+
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            mine = next((i for i in web(home)["instances"] if i["id"] == victim["id"]), None)
-            if mine is None or mine["state"] != "ready" or mine["health"] == "unhealthy":
-                break
-            time.sleep(0.05)
+        seen = unsteady()
+        while seen is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            seen = unsteady()
+        assert seen is not None, "the frozen instance never showed unhealthy"
         plan = ChaosPlan(kind="kill", service="web", probe=0.5)
         with pytest.raises(ChaosRefused, match="steady state of web does not hold"):
-            run_chaos(plan, home, status=lambda: status(home))
+            run_chaos(plan, home, status=lambda: seen)
         assert {i["id"] for i in web(home)["instances"]} >= ids - {victim["id"]}
     finally:
-        os.kill(app, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # replaced and gone meanwhile
+            os.kill(app, signal.SIGCONT)
     wait_steady(home)
 
 

@@ -1,7 +1,7 @@
 """Drift detection: proof, every ``drift_interval``, that each instance is what its
 revision declared, and repair by replacement when it is not.
 
-What is checked, per live instance of the local runtime:
+What is checked, per live instance of the local runtime (here, in the agent):
 
 * the process is the one that was started (the shim the handle names is alive and
   is this instance's; the sandbox init has its recorded start time);
@@ -14,6 +14,12 @@ What is checked, per live instance of the local runtime:
   mount points runc made;
 * no extra instance: a sandbox the runtime lists under this home that no record
   names is reported and destroyed.
+
+The docker and swarm runtimes check their own instances (:class:`kiln.runtime.DriftInspector`:
+the container or task is the one started, its image, labels and env are the revision's,
+and on docker nothing was written into its layer outside its mount points); the agent
+applies the service's ``drift_ignore`` to the files they list. docs/drift.md says what
+each runtime checks and what it cannot.
 
 A snapshot found changed is shared by every instance on it and every later start, so
 it is rebuilt from its blob (re-hashed first) and every instance on it is replaced.
@@ -44,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from kiln.deploy.state import InstanceRecord, Revision
 from kiln.errors import KilnError
 from kiln.image.file_manifest import FileDifference, compare_tree, read_manifest
+from kiln.runtime import DriftExpectation, DriftInspector
 
 if TYPE_CHECKING:
     from kiln.agent.engine import Engine
@@ -249,11 +256,13 @@ class DriftChecker:
         self, rec: InstanceRecord, rev: Revision, work: _Pass
     ) -> InstanceDrift | None:
         """Runs in the pool: the instance's process, launch plan and root against ``rev``."""
+        runtime = self.engine.runtime
+        if isinstance(runtime, DriftInspector):
+            return self._inspect(runtime, rec, rev, work)
         from kiln.runtime.local import LocalRuntime
 
-        runtime = self.engine.runtime
         if not isinstance(runtime, LocalRuntime):
-            return None  # the other runtimes are not checked yet (docs/drift.md)
+            return None  # a runtime that can say nothing of its instances (the fake)
         from kiln.agent.lifecycle import handle_of
         from kiln.process import proc_start_time
 
@@ -302,6 +311,35 @@ class DriftChecker:
         if upper:
             return drift("files", f"{len(upper)} file(s) written into its root", upper)
         return None
+
+    def _inspect(
+        self, runtime: DriftInspector, rec: InstanceRecord, rev: Revision, work: _Pass
+    ) -> InstanceDrift | None:
+        """A runtime that asks its engine (docker, swarm): what it finds, less the
+        service's ``drift_ignore`` paths."""
+        from kiln.agent.lifecycle import handle_of
+
+        handle = handle_of(rec)
+        if handle is None:
+            return None
+        writable = tuple(str(w) for w in rev.config.get("writable") or [])
+        env = {str(k): str(v) for k, v in (rev.config.get("env") or {}).items()}
+        expected = DriftExpectation(rev.image_digest, rev.number, env, writable)
+        try:
+            found = runtime.check_drift(handle, expected)
+        except KilnError as err:
+            work.errors.append(f"{rec.id}: {err}")
+            return None
+        if found is None:
+            return None
+        ignored = ignore_rule(writable, [str(p) for p in rev.config.get("drift_ignore") or []])
+        files = [f for f in found.files if not ignored(f.path)]
+        detail = found.detail
+        if found.what == "files":
+            if not files:
+                return None
+            detail = f"{len(files)} file(s) written into its root"
+        return InstanceDrift(rec.service, rec.id, rec.revision, found.what, detail, files)
 
     def _snapshot_differences(self, snapshot: Path, work: _Pass) -> list[FileDifference] | None:
         if snapshot in work.snapshots:
@@ -375,7 +413,7 @@ class DriftChecker:
                     handle.instance_id,
                     None,
                     "extra",
-                    "a sandbox no instance record names claims to be an instance here",
+                    "an instance the runtime lists under this home that no record names",
                 )
             )
         return out

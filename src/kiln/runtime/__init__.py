@@ -21,12 +21,16 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from kiln.errors import KilnError
+from kiln.image.file_manifest import FileDifference
 
 __all__ = [
     "EXEC_OUTPUT_MAX",
     "HANDLE_VERSION",
     "OUTPUT_CUT",
     "Capabilities",
+    "DriftExpectation",
+    "DriftFinding",
+    "DriftInspector",
     "EdgeHost",
     "Execer",
     "ExitNotifier",
@@ -384,4 +388,41 @@ class Freezer(Protocol):
     def collect_evidence(self, handle: InstanceHandle, writable: list[str], into: Path) -> Any:
         """Write ``writable.tar`` (the instance's writable paths) into ``into`` and return
         what was seen: ``{"processes": [...], "network": {...}}``."""
+        ...
+
+
+@dataclass(frozen=True)
+class DriftExpectation:
+    """What an instance's revision declares, as a runtime's drift check compares it:
+    the image Kiln ran (by manifest digest), the revision, the service's env values and
+    the writable paths (whose writes are never drift)."""
+
+    image_digest: str
+    revision: int
+    env: dict[str, str]
+    writable: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DriftFinding:
+    """What differs for one instance: ``what`` is ``process`` (not the one started),
+    ``config`` (image, revision or env) or ``files`` (written outside its writable
+    paths and the runtime's own mount points, one :class:`FileDifference` each)."""
+
+    what: str
+    detail: str
+    files: tuple[FileDifference, ...] = ()
+
+
+@runtime_checkable
+class DriftInspector(Protocol):
+    """Optional: a runtime that proves an instance still matches its revision by asking
+    its engine (the docker and swarm runtimes); the local runtime's check reads its own
+    sandboxes and layer manifests in the agent instead."""
+
+    def check_drift(
+        self, handle: InstanceHandle, expected: DriftExpectation
+    ) -> DriftFinding | None:
+        """The first difference found (process, then config, then files), or None when
+        it matches or is gone (a gone instance is its watcher's to report)."""
         ...

@@ -33,6 +33,7 @@ import re
 import shutil
 import signal as signals
 import socket
+import stat
 import struct
 import tarfile
 import tempfile
@@ -51,6 +52,7 @@ import requests.exceptions
 from kiln.errors import KilnError
 from kiln.image.digest import ANNOTATION_REF_NAME
 from kiln.image.export import export_image
+from kiln.image.file_manifest import FileDifference
 from kiln.image.store import ImageStore
 from kiln.observe.logs import LogMeta, LogStore, LogWriter
 from kiln.oci.config import capability_name
@@ -59,6 +61,8 @@ from kiln.oci.runc import RUN_ROOT, home_tag
 from kiln.runtime import (
     HANDLE_VERSION,
     Capabilities,
+    DriftExpectation,
+    DriftFinding,
     InstanceHandle,
     InstanceSpec,
     InstanceState,
@@ -103,6 +107,11 @@ repeated in part with 64 MiB × 2). It goes with the container at destroy; Kiln'
 store is the copy that lasts."""
 POOL_SIZE = 256
 """Connections to the engine: one blocked ``wait`` per watched instance holds one."""
+DOCKER_INIT = "/sbin/docker-init"
+"""Where the engine binds its init (``init=True``): a mount point in every container."""
+_ENGINE_MOUNT_POINTS = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/dev", "/proc", "/sys")
+_DIFF_KINDS = {0: "changed", 1: "added", 2: "removed"}
+"""``docker diff``'s change kinds."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _TIMESTAMP = re.compile(rb"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z$")
 _FRAME_HEADER = struct.Struct(">BxxxL")
@@ -400,6 +409,26 @@ def log_meta(labels: dict[str, str]) -> LogMeta:
     )
 
 
+def _with_parents(paths: Iterable[str]) -> set[str]:
+    """Every path given and every directory above it (``/a/b`` → ``/a/b``, ``/a``)."""
+    out: set[str] = set()
+    for path in paths:
+        while path and path not in out:
+            out.add(path)
+            path = path.rpartition("/")[0]
+    return out
+
+
+def _opaque(directory: Path) -> bool:
+    """An overlay directory that hides what the layers below hold under it (``user.``
+    where the engine mounts its overlays with ``userxattr``, as a rootless one does)."""
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        with contextlib.suppress(OSError):
+            if os.getxattr(directory, name) == b"y":
+                return True
+    return False
+
+
 def _check_capabilities(who: str, cap_add: Iterable[str]) -> None:
     for cap in cap_add:
         try:
@@ -638,7 +667,10 @@ class DockerRuntime(EngineClient):
         meta = LogMeta(spec.service, spec.instance_id, spec.revision, spec.image_digest, started)
         self._follow(container_id, meta)
         return self._handle(
-            attrs["Config"]["Labels"] or {}, attrs["NetworkSettings"] or {}, str(attrs["Id"])
+            attrs["Config"]["Labels"] or {},
+            attrs["NetworkSettings"] or {},
+            str(attrs["Id"]),
+            str((attrs.get("State") or {}).get("StartedAt") or ""),
         )
 
     def _create(
@@ -722,10 +754,15 @@ class DockerRuntime(EngineClient):
         return str(created["Id"])
 
     def _handle(
-        self, labels: dict[str, str], network_settings: dict[str, Any], container_id: str
+        self,
+        labels: dict[str, str],
+        network_settings: dict[str, Any],
+        container_id: str,
+        started_at: str = "",
     ) -> InstanceHandle:
         """A handle from what the engine says of a container: the same one whether it
-        comes from start, list or an inspect after an agent restart."""
+        comes from start, list or an inspect after an agent restart; from start it also
+        records when the engine started it (a restart behind Kiln's back is drift)."""
         networks = network_settings.get("Networks") or {}
         address = ""
         for name in (self.network_name(False), self.network_name(True), *sorted(networks)):
@@ -738,7 +775,11 @@ class DockerRuntime(EngineClient):
             instance_id=str(labels[LABEL_INSTANCE]),
             host=address,
             port=int(labels.get(LABEL_PORT) or 0),
-            data={"container_id": container_id},
+            data={
+                "container_id": container_id,
+                "service": str(labels.get(LABEL_SERVICE) or ""),
+                **({"started_at": started_at} if started_at else {}),
+            },
         )
 
     # -- image delivery
@@ -1182,6 +1223,158 @@ class DockerRuntime(EngineClient):
             ):
                 self.api.remove_container(attrs["Id"], v=True, force=True)
         self._release_secrets(handle.instance_id)
+
+    # -- drift
+
+    def check_drift(
+        self, handle: InstanceHandle, expected: DriftExpectation
+    ) -> DriftFinding | None:
+        """The container against what Kiln started: the same container not restarted
+        since (``State.StartedAt``), the image loaded for the digest (by image id), the
+        revision's labels and env, and a ``docker diff`` with nothing outside its mount
+        points (tmpfs, secrets, volumes, docker-init)."""
+        self._check_handle(handle)
+        attrs = self._attrs(handle, "inspect the container for drift")
+        if attrs is None or self._state(attrs).status is not InstanceStatus.RUNNING:
+            return None  # gone or stopped: its watcher reports that
+        state = attrs.get("State") or {}
+        started_at = str(handle.data.get("started_at") or "")
+        if started_at and str(state.get("StartedAt") or "") != started_at:
+            return DriftFinding(
+                "process",
+                f"container {str(attrs['Id'])[:12]} was restarted at {state.get('StartedAt')} "
+                f"behind Kiln's back (Kiln started it at {started_at})",
+            )
+        config = attrs.get("Config") or {}
+        labels = config.get("Labels") or {}
+        if labels.get(LABEL_IMAGE) != expected.image_digest or labels.get(LABEL_REVISION) != str(
+            expected.revision
+        ):
+            return DriftFinding(
+                "config",
+                f"labelled image {str(labels.get(LABEL_IMAGE))[:19]}… "
+                f"r{labels.get(LABEL_REVISION)}, not {expected.image_digest[:19]}… "
+                f"r{expected.revision}",
+            )
+        image_ids = self._image_ids(expected.image_digest)
+        if str(attrs.get("Image") or "") not in image_ids:
+            return DriftFinding(
+                "config",
+                f"runs image {str(attrs.get('Image'))[:19]}…, not the one loaded for "
+                f"{expected.image_digest[:19]}…",
+            )
+        env = dict(str(item).partition("=")[::2] for item in config.get("Env") or [])
+        for key, value in sorted(expected.env.items()):
+            if env.get(key) != value:
+                return DriftFinding("config", f"env {key} is not the revision's")
+        files = self._written(attrs)
+        if files:
+            return DriftFinding(
+                "files", f"{len(files)} file(s) written into its root", tuple(files)
+            )
+        return None
+
+    def _image_ids(self, digest: str) -> set[str]:
+        """The engine ids the image of ``digest`` may have: its config digest (the classic
+        image store's id), the manifest digest (the containerd store's), and whatever the
+        home's name for it points at when the home's store no longer has it."""
+        ids = {digest}
+        try:
+            store = ImageStore(self.home / "images")
+            ids.add(str(store.read_json(store.resolve(digest).digest)["config"]["digest"]))
+        except (KilnError, KeyError, TypeError):
+            with self._engine(None, f"inspect image {digest}"):
+                found = self._image_id(self.image_name(digest))
+            if found is not None:
+                ids.add(found)
+        return ids
+
+    def _written(self, attrs: dict[str, Any]) -> builtins.list[FileDifference]:
+        """What was written into the container's root outside the mount points the
+        runtime and the engine made: read from its layer on this machine where it can
+        be, else ``docker diff`` (less the directories made to hold mount points and the
+        parents the engine lists above each change)."""
+        host_config = attrs.get("HostConfig") or {}
+        targets = {str(m.get("Destination") or "") for m in attrs.get("Mounts") or []}
+        targets |= {str(t) for t in host_config.get("Tmpfs") or {}}
+        targets |= set(_ENGINE_MOUNT_POINTS)
+        if host_config.get("Init"):
+            targets.add(DOCKER_INIT)
+        targets = {t.rstrip("/") for t in targets if t.startswith("/")}
+        holding_mounts = _with_parents(targets)
+        in_layer = self._layer_changes(attrs, targets, holding_mounts)
+        if in_layer is not None:
+            return in_layer
+        with self._engine(None, "diff the container"):
+            changes = self.api.diff(attrs["Id"]) or []
+        paths = [str(c.get("Path") or "") for c in changes]
+        above_changes = _with_parents(p.rpartition("/")[0] for p in paths)
+        found = []
+        for change, path in zip(changes, paths, strict=True):
+            if path in holding_mounts or path in above_changes or not path.startswith("/"):
+                continue
+            kind = _DIFF_KINDS.get(int(change.get("Kind") or 0), "changed")
+            found.append(FileDifference(path, kind, "in the container's layer (docker diff)"))
+        return sorted(found, key=lambda d: d.path)
+
+    def _layer_changes(
+        self, attrs: dict[str, Any], targets: set[str], holding_mounts: set[str]
+    ) -> builtins.list[FileDifference] | None:
+        """The container's writable layer read on this machine (overlay2's upper dir), or
+        None where it cannot be (a remote engine, another driver). The engine's diff of a
+        running container looks through the mounted overlay, whose caches hide a file
+        written into the layer from outside it (measured with Docker 20.10): the layer
+        itself does not. Directories are walked, not listed, unless empty or opaque; the
+        mount points the engine made there (``targets``, and the empty directories that
+        hold them) are not changes."""
+        driver = attrs.get("GraphDriver") or {}
+        data = driver.get("Data") or {}
+        if not self.local_engine or driver.get("Name") != "overlay2" or not data.get("UpperDir"):
+            return None
+        upper = Path(str(data["UpperDir"]))
+        lowers = [Path(p) for p in str(data.get("LowerDir") or "").split(":") if p]
+        if not upper.is_dir() or not os.access(upper, os.R_OK | os.X_OK):
+            return None  # not readable here (an agent in the docker group, not root)
+
+        def in_image(rel: str) -> bool:
+            return any(os.path.lexists(lower / rel.lstrip("/")) for lower in lowers)
+
+        found: builtins.list[FileDifference] = []
+        stack = [upper]
+        try:
+            while stack:
+                current = stack.pop()
+                rel_dir = "/" + current.relative_to(upper).as_posix()
+                with os.scandir(current) as listing:
+                    entries = builtins.list(listing)
+                if current != upper and _opaque(current):
+                    found.append(FileDifference(rel_dir, "changed", "directory replaced"))
+                elif (
+                    current != upper
+                    and not entries
+                    and rel_dir not in holding_mounts
+                    and not in_image(rel_dir)
+                ):
+                    found.append(FileDifference(rel_dir, "added", "empty directory"))
+                for item in entries:
+                    st = item.stat(follow_symlinks=False)
+                    rel = "/" + Path(item.path).relative_to(upper).as_posix()
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(Path(item.path))
+                    elif rel in targets and st.st_size == 0:
+                        continue  # a mount point (docker-init's, a file secret's)
+                    elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                        found.append(FileDifference(rel, "removed", "deleted from the image"))
+                    elif in_image(rel):
+                        found.append(FileDifference(rel, "changed", "changed in its layer"))
+                    else:
+                        kind = "file" if stat.S_ISREG(st.st_mode) else "entry"
+                        found.append(FileDifference(rel, "added", f"{kind}, {st.st_size} bytes"))
+        except FileNotFoundError:
+            return []  # removed meanwhile: its watcher reports that
+        except OSError:
+            return None  # a part it may not read: the engine's diff instead
+        return sorted(found, key=lambda d: d.path)
 
     def recover(self, handle: InstanceHandle) -> bool:
         """True iff the container still runs and carries this home's labels and the

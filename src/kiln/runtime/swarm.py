@@ -57,6 +57,8 @@ from kiln.oci.runc import home_tag
 from kiln.runtime import (
     HANDLE_VERSION,
     Capabilities,
+    DriftExpectation,
+    DriftFinding,
     InstanceHandle,
     InstanceSpec,
     InstanceState,
@@ -68,7 +70,9 @@ from kiln.runtime.docker import (
     DEFAULT_HOST,
     DEFAULT_TMPFS_SIZE,
     LABEL_HOME,
+    LABEL_IMAGE,
     LABEL_INSTANCE,
+    LABEL_REVISION,
     LABEL_STOP_GRACE,
     EngineClient,
     LogCopier,
@@ -637,6 +641,47 @@ class SwarmRuntime(EngineClient):
                 if labels.get(LABEL_HOME) == self.tag and labels.get(LABEL_INSTANCE) == instance_id:
                     with contextlib.suppress(docker.errors.NotFound):
                         self.api.remove_secret(secret["ID"])
+
+    def check_drift(
+        self, handle: InstanceHandle, expected: DriftExpectation
+    ) -> DriftFinding | None:
+        """Through the manager: the service and task are the ones started, the service
+        was never updated in place (``docker service update``: Kiln's only update is its
+        scale to zero when it stops one), and the task's spec runs the revision's image
+        by digest with its labels and env. A task's files are not checked: that needs
+        its node's engine, which the manager does not expose (docs/drift.md)."""
+        self._check_handle(handle)
+        service = self._service(handle)
+        if service is None or service["ID"] != handle.data.get("service_id", service["ID"]):
+            return None  # gone, or another service under its name: the watcher's
+        task = self._task(handle, service)
+        with self._engine(handle.instance_id, "read its node"):
+            if self._task_state(task).status is not InstanceStatus.RUNNING:
+                return None
+        spec = service.get("Spec") or {}
+        replicas = ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas")
+        if service.get("PreviousSpec") and replicas != 0:
+            return DriftFinding(
+                "config",
+                f"its service was updated in place at {service.get('UpdatedAt')} "
+                f"(version {(service.get('Version') or {}).get('Index')})",
+            )
+        labels = spec.get("Labels") or {}
+        if labels.get(LABEL_IMAGE) != expected.image_digest or labels.get(LABEL_REVISION) != str(
+            expected.revision
+        ):
+            return DriftFinding("config", "its service is labelled with another image or revision")
+        container = ((task or {}).get("Spec") or {}).get("ContainerSpec") or {}
+        image = str(container.get("Image") or "")
+        if not image.endswith("@" + expected.image_digest):
+            return DriftFinding(
+                "config", f"its task runs {image}, not {expected.image_digest[:19]}…"
+            )
+        env = dict(str(item).partition("=")[::2] for item in container.get("Env") or [])
+        for key, value in sorted(expected.env.items()):
+            if env.get(key) != value:
+                return DriftFinding("config", f"env {key} is not the revision's")
+        return None
 
     def recover(self, handle: InstanceHandle) -> bool:
         """True iff the service is this home's, its task is the handle's and runs on a

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tarfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -217,6 +218,118 @@ def test_an_unreachable_manager_fails_the_plan_and_changes_nothing(
     assert up.stderr.strip().splitlines()[-1].startswith("error: swarm runtime: the swarm manager")
     with pytest.raises(OSError):
         fetch(listen)
+
+
+BLUE_GREEN = 'update = { strategy = "blue-green", blue_hold = "2s", min_healthy_time = "0.5s" }'
+CANARY = (
+    'update = { strategy = "canary", steps = [{ weight = 20, pause = "20s" }], '
+    'min_healthy_time = "0.5s" }'
+)
+
+
+def test_blue_green_burn_and_chaos_on_a_swarm_and_canary_refused(
+    home: Path, tmp_path: Path, swarm_cluster: SwarmCluster
+) -> None:
+    """Issue 12 on swarm: a blue/green switch through the edges with no failed request;
+    a canary refused when planned (its analysis could not see the edges' traffic);
+    ``kiln burn --keep-evidence`` (Swarm cannot pause a task: logs kept, the event says
+    so); ``kiln chaos kill`` recovering."""
+    listen = free_port()
+    project = swarm_project(tmp_path / "p", listen, swarm_cluster)
+    toml = project / "kiln.toml"
+    blue_green = (
+        toml.read_text()
+        .replace("replicas = 3", "replicas = 2")
+        .replace(
+            'update = { min_healthy_time = "0.5s" }',
+            f'quarantine = "5s"\nheal = {{ meltdown_fraction = 5.0 }}\n{BLUE_GREEN}',
+        )
+    )
+    toml.write_text(blue_green)
+    agent = start_agent(home, project, f"{swarm_cluster.gateway}:{free_port()}")
+    edge = swarm_cluster.nodes[1].address
+    try:
+        up = kiln(home, "up", str(project))
+        assert up.returncode == 0, up.stderr
+        started = time.monotonic()
+        wait_for(lambda: edge_serves(edge, listen, "v1"), timeout=240)
+        print(f"swarm: the edge of node 2 serves after {time.monotonic() - started:.1f}s")
+
+        (project / "rootfs" / "www" / "index.html").write_text("v2\n")
+        with (
+            LoadGenerator("127.0.0.1", listen, workers=2) as load,
+            LoadGenerator(edge, listen, workers=2) as through_edge,
+        ):
+            time.sleep(0.3)
+            applied = kiln(home, "apply", "--file", str(project), "--yes")
+            time.sleep(1.0)
+        assert applied.returncode == 0, applied.stderr
+        print(f"swarm blue/green, agent's proxy: {load.report.summary()}")
+        print(f"swarm blue/green, edge of node 2: {through_edge.report.summary()}")
+        for report in (load.report, through_edge.report):
+            assert report.sent > 100
+            assert report.failed == 0, report.errors
+        assert "bluegreen.switched" in applied.stderr, applied.stderr
+        assert edge_serves(edge, listen, "v2") and fetch(listen) == "v2"
+        assert len(ready(home)) == 2
+
+        toml.write_text(blue_green.replace(BLUE_GREEN, CANARY))
+        refused = kiln(home, "plan", str(project))
+        assert refused.returncode == 1, refused.stdout
+        assert 'update.strategy: "canary" cannot run on kind = "swarm"' in refused.stderr
+        assert "edge proxy" in refused.stderr
+        toml.write_text(blue_green)
+
+        victim = ready(home)[0]
+        burn = kiln(home, "burn", victim["id"], "--keep-evidence")
+        assert burn.returncode == 0, burn.stderr
+        events = [json.loads(line) for line in kiln(home, "events", "--json").stdout.splitlines()]
+        taken = [
+            e
+            for e in events
+            if e["kind"] == "instance.quarantined" and e["instance"] == victim["id"]
+        ]
+        assert taken and taken[0]["data"]["frozen"] is False, taken
+        assert "Swarm has no pause" in taken[0]["data"]["not_frozen"], taken
+        bundle = tmp_path / "evidence.tar.gz"
+        assert kiln(home, "evidence", victim["id"], "-o", str(bundle)).returncode == 0
+        with tarfile.open(bundle) as tar:
+            logs = tar.extractfile("logs.jsonl")
+            manifest = tar.extractfile("manifest.json")
+            assert logs is not None and manifest is not None
+            assert "started v2" in logs.read().decode()
+            assert "cannot read a task's files" in json.loads(manifest.read())["error"]
+
+        def whole(gone: str) -> bool:
+            now = status(home)
+            live = [i for i in now["instances"] if i["state"] == "ready"]
+            return (
+                now.get("rollout") is None
+                and len(live) == len(now["instances"]) == 2
+                and gone not in {i["id"] for i in live}
+            )
+
+        wait_for(lambda: whole(victim["id"]), timeout=60)
+
+        chaos = kiln(home, "chaos", "kill", "--service", "web", "--json", "--timeout", "60s")
+        assert chaos.returncode == 0, chaos.stdout + chaos.stderr
+        report = json.loads(chaos.stdout)
+        assert report["runtime"] == "swarm" and report["held"] is True, report
+        fault = report["faults"][0]
+        assert fault["recovered"] and fault["replaced"], fault
+        print(
+            f"swarm chaos kill: recovered in {fault['recovery_seconds']:.2f}s, "
+            f"{report['requests']['failed']} of {report['requests']['sent']} requests failed"
+        )
+
+        down = kiln(home, "down")
+        assert down.returncode == 0, down.stderr
+        assert agent.wait(timeout=30) == 0
+    finally:
+        kiln(home, "down")
+        if agent.poll() is None:
+            agent.terminate()
+            agent.wait(timeout=30)
 
 
 def test_a_service_updated_in_place_behind_kilns_back_is_drift_and_replaced(

@@ -255,8 +255,8 @@ def test_bad_input_is_one_clear_error(home: Path) -> None:
     ):
         with pytest.raises(KilnError, match=message):
             run_chaos(plan, home, status=get)
-    with pytest.raises(KilnError, match="not supported on the swarm runtime"):
-        injector_for("swarm", home)
+    with pytest.raises(KilnError, match="chaos pause: not supported on the swarm runtime"):
+        injector_for("swarm", home, "pause")
     local = LocalInjector(home)
     for hostile in ("../../etc", "..", "a/b", ""):
         with pytest.raises(KilnError, match="not an instance id"):

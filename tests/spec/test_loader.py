@@ -456,3 +456,17 @@ def test_exec_checks_are_refused_on_swarm_at_plan_time() -> None:
         parse_spec(text, Path("kiln.toml"))
     assert 'services.web.health.exec: cannot run on kind = "swarm"' in str(err.value)
     assert "use http or tcp" in str(err.value)
+
+
+def test_a_canary_is_refused_on_swarm_at_plan_time_with_its_line() -> None:
+    text = (
+        VALID.replace(
+            'strategy = "rolling"', 'strategy = "canary", steps = [{ weight = 10, pause = "1m" }]'
+        )
+        + '\n[runtime]\nkind = "swarm"\nregistry = "127.0.0.1:5000/kiln"\n'
+    )
+    with pytest.raises(SpecError) as err:
+        parse_spec(text, Path("kiln.toml"))
+    message = str(err.value)
+    assert message.startswith('kiln.toml:18: services.web.update.strategy: "canary" cannot run')
+    assert "edge proxy" in message and "blue-green" in message

@@ -21,24 +21,29 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kiln.agent.errors import Conflict, NotFound
+from kiln.errors import KilnError
 from kiln.spec.models import CanaryAnalysis, Update
 from kiln.traffic.router import BackendCounters, Latency, ServiceCounters
 
 if TYPE_CHECKING:
     from kiln.agent.engine import Engine
     from kiln.agent.rollouts import Rollout, Rollouts
+    from kiln.deploy.plan import Plan
 
 __all__ = [
+    "CANARY_RUNTIMES",
     "CANARY_TICK",
     "ERROR_RATE_FLOOR",
     "P95_FLOOR_MS",
     "Canaries",
     "Window",
     "judge",
+    "refuse_where_unjudged",
     "run_canary",
     "split_weights",
 ]
@@ -51,6 +56,29 @@ would make any single canary error an infinite ratio."""
 P95_FLOOR_MS = 10.0
 """Likewise for p95 latency: a 1 ms stable p95 must not make 3 ms a failure."""
 MAX_BACKEND_WEIGHT = 256
+CANARY_RUNTIMES = ("local", "docker", "fake")
+"""Where the agent's own router is the data plane, so its counters see every request."""
+
+
+def refuse_where_unjudged(runtime: str, plan: Plan) -> None:
+    """A canary is judged from the agent's router counters. On swarm, users come in
+    through the edge proxy of every node, whose counters the agent never reads: the
+    analysis would judge a sliver of the traffic (or none, and abort every canary for
+    too few requests). Refused when planned, before anything changes."""
+    if runtime in CANARY_RUNTIMES:
+        return
+    for sp in sorted(plan.services, key=lambda sp: sp.service):
+        want = plan.desired.get(sp.service)
+        if sp.removed or sp.empty or want is None:
+            continue
+        service, update = sp.service, want.service_config.get("update")
+        if isinstance(update, Mapping) and update.get("strategy") == "canary":
+            raise KilnError(
+                f'service {service}: update.strategy = "canary" is not supported on the '
+                f"{runtime} runtime: its analysis reads the agent's own proxy counters, and "
+                f"on {runtime} requests come in through the edge proxy of every node, which "
+                'the agent cannot count; use "blue-green" or "rolling"; nothing was changed'
+            )
 
 
 @dataclass(frozen=True)

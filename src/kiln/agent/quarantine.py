@@ -274,25 +274,33 @@ class Quarantine:
                 await e.io(e.router.drain, rec.service, rec.id, float(cfg.get("drain_timeout", 10)))
         handle = handle_of(moved)
         frozen = False
+        unfrozen = "the runtime cannot freeze"
         if handle is not None and isinstance(e.runtime, Freezer):
             try:
                 await e.io(e.runtime.freeze, handle)
                 frozen = True
-            except NotSupported:
-                pass
+            except NotSupported as err:
+                unfrozen = str(err)
             except KilnError as err:
+                unfrozen = str(err)
                 e.emit("instance.freeze_failed", f"{rec.id}: {err}", rec.service, rec.id)
         writable = [str(p) for p in cfg.get("writable") or []]
         path = await e.io(write_bundle, e.home, moved, why, e.runtime, handle, writable, drift)
         e.emit(
             "instance.quarantined",
             f"{rec.id} quarantined ({why}): "
-            + (f"frozen for {window:g}s" if frozen else "could not be frozen; retired now")
+            + (f"frozen for {window:g}s" if frozen else f"not frozen ({unfrozen}); retired now")
             + f"; evidence in {path}",
             rec.service,
             rec.id,
             rec.revision,
-            {"reason": why, "frozen": frozen, "window": window, "evidence": str(path)},
+            {
+                "reason": why,
+                "frozen": frozen,
+                "window": window,
+                "evidence": str(path),
+                **({} if frozen else {"not_frozen": unfrozen}),
+            },
         )
         if frozen and window > 0:
             await e.db(e.state.update_instance, rec.id, quarantined_until=time.time() + window)

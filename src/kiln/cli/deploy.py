@@ -184,7 +184,11 @@ def rollback(
     """Deploy the previous (or named) revision at once, with new instances."""
     from kiln.cli.workflow import rollback as run_rollback
 
-    _finish(run_rollback(kiln_home(), service, revision))
+    record = run_rollback(kiln_home(), service, revision)
+    # An instant switch back to blue ends the blue/green deployment "rolled_back": what
+    # was asked for, not a failure.
+    if record.get("outcome") != "rolled_back":
+        _finish(record)
 
 
 @app.command()

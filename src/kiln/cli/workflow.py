@@ -149,7 +149,12 @@ def _plan_without_agent(home: Path, request: dict[str, Any]) -> dict[str, Any]:
                 from kiln.agent.daemon import check_choice
 
                 check_choice(recorded, wanted)
-            return plan_answer(request, state.snapshot())
+            answer = plan_answer(request, state.snapshot())
+            from kiln.agent.canary import refuse_where_unjudged
+            from kiln.deploy.plan import Plan
+
+            refuse_where_unjudged((wanted or recorded).kind, Plan.from_json(answer["plan"]))
+            return answer
         finally:
             state.close()
 

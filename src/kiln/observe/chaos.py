@@ -10,7 +10,9 @@ its steady state (time to recovery), and checks the hypothesis again at the end.
 Faults act on the instance itself, from this machine, never through the agent (the
 agent is what must notice and heal):
 
-* ``kill``: SIGKILL of the instance's init (local) or ``docker kill`` (docker);
+* ``kill``: SIGKILL of the instance's init (local), ``docker kill`` (docker), or its
+  one-task service scaled to zero through the manager (swarm, whose tasks have no kill;
+  the other faults need the task's node and are refused there);
 * ``pause``: the instance frozen (``runc pause`` / ``docker pause``) for ``duration``;
 * ``drift``: a file written into the instance's root on disk, outside its writable
   paths (local: the overlay's upper dir in the shim's mount namespace; docker: the
@@ -50,6 +52,8 @@ __all__ = [
 ]
 
 FAULT_KINDS = ("kill", "pause", "drift", "latency")
+SWARM_FAULTS = ("kill",)
+"""What the swarm runtime can inject from the manager alone."""
 POLL = 0.1
 DRIFT_PREFIX = ".kiln-chaos-drift-"
 FULL_PACKET = 1514
@@ -391,13 +395,20 @@ class LocalInjector:
 
 
 def docker_host(home: Path) -> str | None:
-    """The engine the home's agent drives (its ``--runtime-host``), else None: the SDK's
-    default (``DOCKER_HOST``)."""
+    """The engine the home's agent drives (its ``--runtime-host``, else the host its first
+    agent recorded in ``runtime.json``: a ``kiln agent --file`` has no flag), else None:
+    the SDK's default (``DOCKER_HOST``)."""
     with contextlib.suppress(OSError, ValueError):
         pid = int((home / "agent.pid").read_text().strip())
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if b"--runtime-host" in argv:
             return argv[argv.index(b"--runtime-host") + 1].decode()
+    from kiln.runtime.select import read_choice
+
+    with contextlib.suppress(KilnError):
+        choice = read_choice(home)
+        if choice is not None:
+            return choice.host
     return None
 
 
@@ -458,12 +469,70 @@ class DockerInjector:
         return add_latency(str(key), delay)
 
 
-def injector_for(runtime: str, home: Path) -> Injector:
+class SwarmInjector:
+    """Faults on the swarm runtime's tasks, through the manager the agent drives. Swarm
+    has no kill, pause or exec for a task, and a task's node need not be reachable from
+    here: a kill scales the instance's one-task service to zero, so its node stops the
+    task as the crash of an instance would end it, unasked by Kiln. The other faults
+    need the node itself and are refused before anything is injected."""
+
+    def __init__(self, host: str | None, home: Path) -> None:
+        import docker
+
+        from kiln.oci.runc import home_tag
+
+        self.api: Any = (
+            docker.APIClient(base_url=host, version="auto")
+            if host
+            else docker.from_env(version="auto").api
+        )
+        self.prefix = f"kiln-{home_tag(home.absolute())}-"
+
+    def kill(self, instance: dict[str, Any]) -> str:
+        import docker
+        import docker.errors
+
+        iid = str(instance["id"])
+        name = self.prefix + iid
+        try:
+            service = self.api.inspect_service(name)
+            self.api.update_service(
+                service["ID"],
+                version=service["Version"]["Index"],
+                mode=docker.types.ServiceMode("replicated", replicas=0),
+                fetch_current_spec=True,
+            )
+        except docker.errors.DockerException as e:
+            raise KilnError(f"instance {iid}: swarm service {name}: {e}") from e
+        return f"its swarm service {name} scaled to 0 through the manager (its task ended)"
+
+    def _refuse(self, kind: str) -> KilnError:
+        return KilnError(f"chaos {kind}: the swarm runtime cannot {kind} a task")
+
+    def pause(self, instance: dict[str, Any]) -> tuple[str, Undo]:
+        raise self._refuse("pause")
+
+    def drift(self, instance: dict[str, Any]) -> tuple[str, Undo]:
+        raise self._refuse("drift")
+
+    def latency(self, instance: dict[str, Any], delay: float) -> tuple[str, Undo]:
+        raise self._refuse("latency")
+
+
+def injector_for(runtime: str, home: Path, kind: str = "kill") -> Injector:
     if runtime == "local":
         return LocalInjector(home)
     if runtime == "docker":
         return DockerInjector(docker_host(home))
-    raise KilnError(f"kiln chaos: not supported on the {runtime} runtime (local and docker only)")
+    if runtime == "swarm" and kind in SWARM_FAULTS:
+        return SwarmInjector(docker_host(home), home)
+    if runtime == "swarm":
+        raise KilnError(
+            f"kiln chaos {kind}: not supported on the swarm runtime (Swarm has no pause, exec "
+            "or file access for a task, and its node need not be reachable from here); "
+            "kill is"
+        )
+    raise KilnError(f"kiln chaos: not supported on the {runtime} runtime")
 
 
 # -- the experiment -----------------------------------------------------------------
@@ -582,7 +651,7 @@ def _experiment(
     snapshot = status()
     svc = _service(snapshot, plan.service)
     runtime = str(snapshot.get("runtime") or "local")
-    injector = injector or injector_for(runtime, home)
+    injector = injector or injector_for(runtime, home, plan.kind)
     before = check_hypothesis(status, plan)
     if not before.held:
         raise ChaosRefused(

@@ -509,6 +509,14 @@ def _check_runtime(spec: Spec, found: _Found) -> None:
                     f'cannot run on kind = "swarm"{origin}: Swarm offers no exec into a task '
                     "through its manager; use http or tcp",
                 )
+            if service.update.strategy == "canary":
+                found.add(
+                    ("services", name, "update", "strategy"),
+                    f'"canary" cannot run on kind = "swarm"{origin}: its analysis reads the '
+                    "agent's proxy counters, and on swarm requests come in through every "
+                    'node\'s edge proxy, which the agent does not count; use "blue-green" '
+                    'or "rolling"',
+                )
             check = service.update.pre_promotion
             if check is not None and check.exec is not None:
                 found.add(

@@ -41,6 +41,7 @@ from kiln.oci.runc import RUN_ROOT, home_tag
 from kiln.oci.step import STEP_PIDS, run_step
 
 pytestmark = [
+    pytest.mark.serial,  # the host's process count is watched: nothing else may run
     pytest.mark.skipif(os.geteuid() != 0, reason="runc steps need root"),
     pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed"),
     pytest.mark.skipif(not BUSYBOX.exists(), reason="busybox-static is not installed"),

@@ -89,6 +89,7 @@ from kiln.runtime.docker import MAX_LINE, DockerRuntime
 from leftovers import assert_nothing_left
 
 pytestmark = [
+    pytest.mark.serial,  # the host's process count is watched: nothing else may run
     pytest.mark.docker,
     pytest.mark.skipif(os.geteuid() != 0, reason="the private engine needs root"),
     pytest.mark.skipif(not BUSYBOX.exists(), reason="busybox-static is not installed"),

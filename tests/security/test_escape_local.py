@@ -66,6 +66,7 @@ from kiln.runtime.local import INIT_BINARY, LocalRuntime
 from kiln.runtime.shim import MAX_LINE, memory_cgroup_dir
 
 pytestmark = [
+    pytest.mark.serial,  # the host's process count is watched: nothing else may run
     pytest.mark.skipif(os.geteuid() != 0, reason="runc instances need root"),
     pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed"),
     pytest.mark.skipif(not BUSYBOX.exists(), reason="busybox-static is not installed"),

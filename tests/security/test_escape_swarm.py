@@ -86,6 +86,7 @@ from kiln.runtime.swarm import SwarmRuntime
 from swarm_cluster import SwarmCluster, swarm_cluster  # noqa: F401
 
 pytestmark = [
+    pytest.mark.serial,  # the host's process count is watched: nothing else may run
     pytest.mark.docker,
     pytest.mark.skipif(os.geteuid() != 0, reason="a swarm of engines needs root"),
     pytest.mark.skipif(not BUSYBOX.exists(), reason="busybox-static is not installed"),

@@ -53,7 +53,7 @@ async def adopt(e: Engine) -> None:
             continue
         alive = await e.io(runtime.recover, handle)
         if rec.state == "draining" and rec.quarantined_until is not None and alive:
-            e.quarantine.resume(rec)
+            await e.quarantine.resume(rec)
             continue
         if rec.state in ("draining", "stopping"):
             e.spawn(e.lifecycle.retire(rec.id, "retirement resumed after agent restart"),

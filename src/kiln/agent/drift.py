@@ -75,6 +75,16 @@ _REPLACEABLE_STATES = ("ready", "unhealthy")
 _ASIDE_RECORD = "instances.json"
 
 
+def _utf8(text: str) -> str:
+    """A file name as text every JSON answer can carry: the instance chooses its names,
+    and a byte that is not UTF-8 (a lone surrogate once decoded) made the agent's
+    answers (the drift report, the events holding it) fail to encode; shown as ``\\xNN``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class InstanceDrift:
     """What differs for one instance: ``what`` is files, snapshot, process, config or extra."""
@@ -94,7 +104,10 @@ class InstanceDrift:
             "revision": self.revision,
             "what": self.what,
             "detail": self.detail,
-            "files": [f.to_json() for f in self.files[:MAX_LISTED_FILES]],
+            "files": [
+                {key: _utf8(value) for key, value in f.to_json().items()}
+                for f in self.files[:MAX_LISTED_FILES]
+            ],
             "files_total": len(self.files),
             "files_not_listed": max(0, len(self.files) - MAX_LISTED_FILES),
             "action": self.action,

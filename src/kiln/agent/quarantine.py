@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -308,12 +309,19 @@ class Quarantine:
         self.held[rec.id] = e.spawn(self._expire(rec.id, window if frozen else 0.0), "quarantine")
         return True
 
-    def resume(self, rec: InstanceRecord) -> None:
+    async def resume(self, rec: InstanceRecord) -> None:
         """An agent restarted during ``rec``'s window: the timer is armed again for what
-        is left of it (nothing, when the deadline passed while no agent ran)."""
+        is left of it (nothing, when the deadline passed while no agent ran), never more
+        than the service's window: a stored deadline that is infinite, or far off because
+        the clock was set back while no agent ran, must not keep it frozen for ever."""
         if rec.id in self.held:
             return
-        left = max(0.0, (rec.quarantined_until or 0.0) - time.time())
+        try:
+            window = float((await self.engine.config_of(rec)).get("quarantine") or 0.0)
+        except (TypeError, ValueError):
+            window = 0.0
+        left = min(max(0.0, (rec.quarantined_until or 0.0) - time.time()), window)
+        left = left if math.isfinite(left) else 0.0
         self.engine.emit(
             "instance.quarantine_resumed",
             f"{rec.id} stays in quarantine for {left:.0f}s more after the agent restart",

@@ -36,6 +36,21 @@ def drift_cmd(
         raise KilnError("drift check incomplete: " + "; ".join(map(str, report["errors"])))
 
 
+def printable(value: object) -> str:
+    """``value`` as one line safe for a terminal: a file name in an instance's root is
+    the instance's to choose, so a control character (an escape sequence, a newline), a
+    byte that is not UTF-8 or a backslash is shown as an escape, never written as is."""
+
+    def escape(ch: str) -> str:
+        if ch == "\\":
+            return "\\\\"
+        if ch.isprintable():
+            return ch
+        return f"\\x{ord(ch):02x}" if ord(ch) <= 0xFF else f"\\u{ord(ch):04x}"
+
+    return "".join(map(escape, str(value)))
+
+
 def _print(report: dict[str, Any]) -> None:
     kind = "full" if report.get("full") else "quick"
     drifts = report.get("drift") or []
@@ -44,12 +59,11 @@ def _print(report: dict[str, Any]) -> None:
         f"{len(drifts)} drifted"
     )
     for drift in drifts:
-        typer.echo(
-            f"{drift['service']}/{drift['instance']}: {drift['what']}: {drift['detail']} "
-            f"[{drift['action']}]"
-        )
+        head = f"{drift['service']}/{drift['instance']}: {drift['what']}: {drift['detail']}"
+        typer.echo(f"{printable(head)} [{printable(drift['action'])}]")
         for item in drift.get("files") or []:
-            typer.echo(f"  {item['change']:<8} {item['path']}  {item['detail']}")
+            change = printable(item["change"])
+            typer.echo(f"  {change:<8} {printable(item['path'])}  {printable(item['detail'])}")
         if drift.get("files_not_listed"):
             typer.echo(f"  … and {drift['files_not_listed']} more")
     for name in report.get("snapshots_rebuilt") or []:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import statistics
@@ -412,26 +413,57 @@ def docker_host(home: Path) -> str | None:
     return None
 
 
-class DockerInjector:
-    """Faults on the docker runtime's containers, through the same engine as the agent."""
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
-    def __init__(self, host: str | None) -> None:
+
+def _owned_by(home: Path, labels: dict[str, Any] | None, iid: str, what: str) -> None:
+    """Refuse a target that is not this home's instance ``iid`` by its labels: the id
+    and the container come from the agent's status (a remote agent's, with a context),
+    and the engine resolves a name, an id prefix or a ``../`` path in a URL to whatever
+    container or service has it, another home's or one Kiln never made."""
+    from kiln.oci.runc import home_tag
+    from kiln.runtime.docker import LABEL_HOME, LABEL_INSTANCE
+
+    labels = labels or {}
+    if labels.get(LABEL_HOME) != home_tag(home.absolute()) or labels.get(LABEL_INSTANCE) != iid:
+        raise KilnError(
+            f"instance {iid!r}: {what} is not this home's instance (labels "
+            f"{LABEL_HOME}, {LABEL_INSTANCE}); nothing injected"
+        )
+
+
+def _instance_id(instance: dict[str, Any]) -> str:
+    iid = str(instance.get("id") or "")
+    if not _INSTANCE_ID.match(iid):
+        raise KilnError(f"instance {iid[:80]!r}: not an instance id; nothing injected")
+    return iid
+
+
+class DockerInjector:
+    """Faults on the docker runtime's containers, through the same engine as the agent;
+    only on a container labelled as this home's instance."""
+
+    def __init__(self, host: str | None, home: Path) -> None:
         import docker
 
         self.client = (
             docker.DockerClient(base_url=host) if host else docker.from_env(version="auto")
         )
+        self.home = home
 
     def _container(self, instance: dict[str, Any]) -> Any:
         import docker.errors
 
-        cid = instance.get("container")
-        if not cid:
-            raise KilnError(f"instance {instance['id']}: no container id")
+        iid = _instance_id(instance)
+        cid = str(instance.get("container") or "")
+        if not re.fullmatch(r"[0-9a-f]{12,64}", cid):
+            raise KilnError(f"instance {iid}: no container id")
         try:
-            return self.client.containers.get(cid)
+            container = self.client.containers.get(cid)
         except docker.errors.DockerException as e:
-            raise KilnError(f"instance {instance['id']}: container {cid}: {e}") from e
+            raise KilnError(f"instance {iid}: container {cid}: {e}") from e
+        _owned_by(self.home, container.labels, iid, f"container {cid[:12]}")
+        return container
 
     def kill(self, instance: dict[str, Any]) -> str:
         container = self._container(instance)
@@ -487,15 +519,18 @@ class SwarmInjector:
             else docker.from_env(version="auto").api
         )
         self.prefix = f"kiln-{home_tag(home.absolute())}-"
+        self.home = home
 
     def kill(self, instance: dict[str, Any]) -> str:
         import docker
         import docker.errors
 
-        iid = str(instance["id"])
+        iid = _instance_id(instance)
         name = self.prefix + iid
         try:
             service = self.api.inspect_service(name)
+            labels = (service.get("Spec") or {}).get("Labels")
+            _owned_by(self.home, labels, iid, f"swarm service {name}")
             self.api.update_service(
                 service["ID"],
                 version=service["Version"]["Index"],
@@ -523,7 +558,7 @@ def injector_for(runtime: str, home: Path, kind: str = "kill") -> Injector:
     if runtime == "local":
         return LocalInjector(home)
     if runtime == "docker":
-        return DockerInjector(docker_host(home))
+        return DockerInjector(docker_host(home), home)
     if runtime == "swarm" and kind in SWARM_FAULTS:
         return SwarmInjector(docker_host(home), home)
     if runtime == "swarm":

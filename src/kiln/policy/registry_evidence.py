@@ -169,7 +169,32 @@ def read_registry_evidence(
         have = {d.digest for d in store.referrers(digest, artifact_type)}
         if want - have:
             missing.append(name)
+        if artifact_type in unsigned_kinds():
+            refused += _drop_foreign(store, digest, name, have - want)
     return RegistryEvidence(reference, looked, store, tuple(missing), refused)
+
+
+def unsigned_kinds() -> frozenset[str]:
+    """Evidence no signature covers (SBOM, secret scan): anyone who can push to the
+    repository can attach a well-formed one for the right subject, so only the copies
+    the home's store holds are judged; a signature and provenance are verified by key."""
+    from kiln.supply.sbom import SBOM_ARTIFACT_TYPE
+    from kiln.supply.secrets_scan import SECRET_SCAN_ARTIFACT_TYPE
+
+    return frozenset({SBOM_ARTIFACT_TYPE, SECRET_SCAN_ARTIFACT_TYPE})
+
+
+def _drop_foreign(store: ImageStore, digest: str, name: str, foreign: set[str]) -> tuple[str, ...]:
+    """Detach from the scratch store the unsigned referrers the home does not hold (the
+    gate would read the newest, which the pusher chose); one line each for ``refused``."""
+    lines = []
+    for referrer in sorted(foreign):
+        store.remove_referrer(digest, referrer)
+        lines.append(
+            f"{name} {referrer[:19]}… is not one this home holds "
+            f"(an unsigned {name} is only trusted from the home's store)"
+        )
+    return tuple(lines)
 
 
 def _link_layers(home_store: ImageStore, store: ImageStore, digest: str) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 import collections
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -112,6 +113,15 @@ DOCKER_INIT = "/sbin/docker-init"
 _ENGINE_MOUNT_POINTS = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/dev", "/proc", "/sys")
 _DIFF_KINDS = {0: "changed", 1: "added", 2: "removed"}
 """``docker diff``'s change kinds."""
+MAX_LAYER_ENTRIES = 100_000
+"""Entries of a container's layer read in one drift check: the container controls the
+layer, so a flood of entries must not make the agent's pass slow or large; a layer
+holding more is drift in itself (reported at ``/``, so no ``drift_ignore`` hides it)."""
+MAX_LAYER_FINDINGS = 1_000
+"""Changes kept from one layer: the report lists 50 and counts the rest."""
+MAX_LAYER_DEPTH = 64
+"""Directory levels read below the layer's root; a deeper tree is reported, not walked."""
+_OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _TIMESTAMP = re.compile(rb"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z$")
 _FRAME_HEADER = struct.Struct(">BxxxL")
@@ -419,14 +429,88 @@ def _with_parents(paths: Iterable[str]) -> set[str]:
     return out
 
 
-def _opaque(directory: Path) -> bool:
+def _opaque(directory_fd: int) -> bool:
     """An overlay directory that hides what the layers below hold under it (``user.``
     where the engine mounts its overlays with ``userxattr``, as a rootless one does)."""
     for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
         with contextlib.suppress(OSError):
-            if os.getxattr(directory, name) == b"y":
+            if os.getxattr(directory_fd, name) == b"y":
                 return True
     return False
+
+
+class _LayerWalk:
+    """A read of a container's writable layer, whose content the container controls:
+    every directory is opened from its parent's descriptor with ``O_NOFOLLOW`` (a
+    directory swapped for a symlink between listing and opening is never followed out
+    of the layer), nothing but directories is opened (a FIFO, a device or a huge file is
+    only ``lstat``-ed), and the entries, changes and depth read are bounded."""
+
+    def __init__(self, lowers: list[Path], targets: set[str], holding_mounts: set[str]):
+        self.lowers = lowers
+        self.targets = targets
+        self.holding_mounts = holding_mounts
+        self.found: builtins.list[FileDifference] = []
+        self.entries = 0
+        self.exhausted = False
+
+    def in_image(self, rel: str) -> bool:
+        return any(os.path.lexists(lower / rel.lstrip("/")) for lower in self.lowers)
+
+    def add(self, path: str, change: str, detail: str) -> None:
+        if len(self.found) < MAX_LAYER_FINDINGS:
+            self.found.append(FileDifference(path, change, detail))
+
+    def directory(self, fd: int, rel_dir: str, depth: int) -> None:
+        """Read the directory open at ``fd`` (``rel_dir`` in the container, "" at its
+        root) and everything below it, within the bounds."""
+        if rel_dir and _opaque(fd):
+            self.add(rel_dir, "changed", "directory replaced")
+        empty = True
+        with os.scandir(fd) as listing:
+            for item in listing:
+                empty = False
+                self.entries += 1
+                if self.entries > MAX_LAYER_ENTRIES:
+                    self.exhausted = True
+                    return
+                self.entry(fd, item, f"{rel_dir}/{item.name}", depth)
+                if self.exhausted:
+                    return
+        if empty and rel_dir and rel_dir not in self.holding_mounts and not self.in_image(rel_dir):
+            self.add(rel_dir, "added", "empty directory")
+
+    def entry(self, parent_fd: int, item: os.DirEntry[str], rel: str, depth: int) -> None:
+        try:
+            st = item.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return  # removed while read: the next pass sees what replaced it
+        if stat.S_ISDIR(st.st_mode):
+            if depth >= MAX_LAYER_DEPTH:
+                self.add(rel, "added", f"directory deeper than {MAX_LAYER_DEPTH} levels")
+                return
+            try:
+                child = os.open(item.name, _OPEN_DIRECTORY, dir_fd=parent_fd)
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                self.add(rel, "added", "entry swapped while read")
+                return
+            try:
+                self.directory(child, rel, depth + 1)
+            finally:
+                os.close(child)
+        elif rel in self.targets and st.st_size == 0:
+            return  # a mount point (docker-init's, a file secret's)
+        elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            self.add(rel, "removed", "deleted from the image")
+        elif self.in_image(rel):
+            self.add(rel, "changed", "changed in its layer")
+        else:
+            kind = "file" if stat.S_ISREG(st.st_mode) else "entry"
+            self.add(rel, "added", f"{kind}, {st.st_size} bytes")
 
 
 def _check_capabilities(who: str, cap_add: Iterable[str]) -> None:
@@ -1335,46 +1419,28 @@ class DockerRuntime(EngineClient):
         lowers = [Path(p) for p in str(data.get("LowerDir") or "").split(":") if p]
         if not upper.is_dir() or not os.access(upper, os.R_OK | os.X_OK):
             return None  # not readable here (an agent in the docker group, not root)
-
-        def in_image(rel: str) -> bool:
-            return any(os.path.lexists(lower / rel.lstrip("/")) for lower in lowers)
-
-        found: builtins.list[FileDifference] = []
-        stack = [upper]
+        walk = _LayerWalk(lowers, targets, holding_mounts)
         try:
-            while stack:
-                current = stack.pop()
-                rel_dir = "/" + current.relative_to(upper).as_posix()
-                with os.scandir(current) as listing:
-                    entries = builtins.list(listing)
-                if current != upper and _opaque(current):
-                    found.append(FileDifference(rel_dir, "changed", "directory replaced"))
-                elif (
-                    current != upper
-                    and not entries
-                    and rel_dir not in holding_mounts
-                    and not in_image(rel_dir)
-                ):
-                    found.append(FileDifference(rel_dir, "added", "empty directory"))
-                for item in entries:
-                    st = item.stat(follow_symlinks=False)
-                    rel = "/" + Path(item.path).relative_to(upper).as_posix()
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(Path(item.path))
-                    elif rel in targets and st.st_size == 0:
-                        continue  # a mount point (docker-init's, a file secret's)
-                    elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                        found.append(FileDifference(rel, "removed", "deleted from the image"))
-                    elif in_image(rel):
-                        found.append(FileDifference(rel, "changed", "changed in its layer"))
-                    else:
-                        kind = "file" if stat.S_ISREG(st.st_mode) else "entry"
-                        found.append(FileDifference(rel, "added", f"{kind}, {st.st_size} bytes"))
+            root_fd = os.open(upper, _OPEN_DIRECTORY)
         except FileNotFoundError:
             return []  # removed meanwhile: its watcher reports that
         except OSError:
+            return None
+        try:
+            walk.directory(root_fd, "", 0)
+        except OSError:
             return None  # a part it may not read: the engine's diff instead
-        return sorted(found, key=lambda d: d.path)
+        finally:
+            os.close(root_fd)
+        found = sorted(walk.found, key=lambda d: d.path)
+        if walk.exhausted:
+            found.insert(
+                0,
+                FileDifference(
+                    "/", "changed", f"more than {MAX_LAYER_ENTRIES} entries: not read to the end"
+                ),
+            )
+        return found
 
     def recover(self, handle: InstanceHandle) -> bool:
         """True iff the container still runs and carries this home's labels and the

@@ -37,6 +37,7 @@ from kiln.supply.store_reads import (
     newest_referrer_document,
     read_shared_result,
     shared_cache_dir,
+    write_shared_result,
 )
 
 Ecosystem = Literal["debian", "pypi", "file"]
@@ -329,7 +330,7 @@ def _layer_ops(
     ops = _scan_layer(store, layer, copied)
     cache_layer_result(cache_dir, name, ops)
     if share and shared_dir is not None:
-        cache_layer_result(shared_dir, shared_name, {"layer": layer.digest, "ops": ops})
+        write_shared_result(shared_dir, shared_name, {"layer": layer.digest, "ops": ops})
     return ops
 
 

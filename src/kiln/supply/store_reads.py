@@ -27,6 +27,7 @@ __all__ = [
     "newest_referrer_document",
     "read_shared_result",
     "shared_cache_dir",
+    "write_shared_result",
 ]
 
 SHARED_CACHE_DIR = "supply"
@@ -80,6 +81,29 @@ def _private_to_us(st: os.stat_result, directory: bool) -> bool:
     """Made by this user and writable by no one else: what a trusted entry must be."""
     kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
     return kind_ok and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _trusted_chain(cache_dir: Path) -> bool:
+    """The directories from the shared cache's root down to ``cache_dir`` are this user's,
+    real directories (no symlink), writable by no one else; the missing ones are made
+    one level at a time (0700), so none is made through a planted symlink."""
+    chain = (cache_dir.parent.parent, cache_dir.parent, cache_dir)
+    private_dirs(chain[0])
+    for directory in chain:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+        if not _private_to_us(os.lstat(directory), directory=True):
+            return False
+    return True
+
+
+def write_shared_result(cache_dir: Path, name: str, result: Any) -> None:
+    """Keep ``result`` in the machine's shared cache as :func:`cache_layer_result` does,
+    only where :func:`read_shared_result` would trust it: a directory someone else made,
+    or a symlink planted in its place, is never written through."""
+    with contextlib.suppress(OSError):
+        if _trusted_chain(cache_dir):
+            cache_layer_result(cache_dir, name, result)
 
 
 def read_shared_result(cache_dir: Path, name: str) -> Any | None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sqlite3
@@ -431,3 +432,12 @@ def test_deployments_and_rollouts_survive_a_reopen(store: StateStore, tmp_path: 
         assert again.deployment("d-missing") is None
     finally:
         again.close()
+
+
+def test_an_event_with_nan_or_infinity_is_stored_as_null_and_stays_readable(
+    store: StateStore,
+) -> None:
+    store.emit("x.y", "odd numbers", data={"a": float("inf"), "b": [float("nan"), 1.5]})
+    [event] = [e for e in store.events() if e.kind == "x.y"]
+    assert event.data == {"a": None, "b": [None, 1.5]}
+    json.dumps(event.to_json(), allow_nan=False)

@@ -287,17 +287,20 @@ def test_first_bake_keeps_the_minimal_base_shared_and_locks_base_and_packages(
     assert "usr-is-merged" in base and "usrmerge" not in packages and "perl" not in packages
     assert list(packages) == sorted(packages)
 
-    # The minimal base and the packages layer are kept once, whole, in the shared cache.
+    # The minimal base and the packages layer are kept once, whole, in the shared cache,
+    # beside the SBOM read of each large layer (supply/sbom/<layer digest>-v1.json).
     entries = sorted(
         p.name.split("-")[0] for p in first.bases.iterdir() if not p.name.startswith(".")
     )
-    assert entries == ["base", "current", "layer"]
+    assert entries == ["base", "current", "layer", "supply"]
     cache = BaseCache(first.bases)
     (key,) = cache.bases()
     shared = cache.base(key)
     assert shared is not None and shared.packages == base
     store_path = first.home / "images"
     manifest = json.loads((store_path / "blobs" / "sha256" / first.result.digest[7:]).read_text())
+    sbom_reads = {p.name.split("-")[0] for p in (first.bases / "supply" / "sbom").iterdir()}
+    assert sbom_reads and sbom_reads <= {d["digest"][7:] for d in manifest["layers"]}
     layers = [layer["digest"] for layer in manifest["layers"]]
     assert layers[0] == shared.layer.digest and len(layers) == 4  # base, packages, 2 steps
     config = json.loads(

@@ -12,6 +12,7 @@ The planner and the reconciler never see this class: they get a
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import socket
@@ -850,7 +851,7 @@ class StateStore:
         data: dict[str, Any] | None = None,
     ) -> Event:
         ts = time.time()
-        payload = data or {}
+        payload = _finite(data or {})
         with self._write() as db:
             cur = db.execute(
                 "INSERT INTO events (ts, kind, service, instance, revision, message, data) "
@@ -1225,6 +1226,18 @@ def _revision_row(row: tuple[Any, ...]) -> Revision:
         reason=row[11],
         activated=row[12],
     )
+
+
+def _finite(value: Any) -> Any:
+    """An event's data with every NaN or infinity as None: JSON has no such numbers, and
+    one stored would make every later read of the events fail to encode."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _instance_row(row: tuple[Any, ...]) -> InstanceRecord:

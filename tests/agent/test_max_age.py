@@ -87,7 +87,8 @@ def test_max_age_churn_under_load_fails_no_request(
     aged = [e for e in events if e["kind"] == "instance.aged"]
     assert {e["instance"] for e in aged} >= first, "an instance outlived max_age"
     for event in aged:
-        assert event["data"]["age"] <= 8.0 + 1.0, event  # due at ≤ 8s, seen within the tick
+        # Due at ≤ 8 s; the timer fires then, plus what a loaded 2-core CI adds to a wake-up.
+        assert event["data"]["age"] <= 8.0 + 2.5, event
     web = agent.client.status()["services"]["web"]
     live = [i for i in web["instances"] if i["state"] == "ready"]
     assert len(live) == 2 and not {i["id"] for i in live} & first

@@ -113,7 +113,14 @@ def test_an_agent_sigkill_during_a_window_keeps_the_instance_frozen_until_its_de
     agent: RunningAgent, busybox_image: ImageFactory, free_port: Callable[[], int], kiln_home: Path
 ) -> None:
     digest = busybox_image("q:v1", {"index.html": "q\n"}, cmd=COUNTING_APP)
-    spec = service_spec(digest, listen=free_port(), replicas=1, writable=["/data"], quarantine="6s")
+    spec = service_spec(
+        digest,
+        listen=free_port(),
+        replicas=1,
+        writable=["/data"],
+        quarantine="6s",
+        update={"min_healthy_time": "0.2s", "healthy_deadline": "20s", "progress_deadline": "30s"},
+    )
     assert deploy(agent.client, spec)["outcome"] == "succeeded"
     [suspect] = [i["id"] for i in agent.client.status()["services"]["web"]["instances"]]
     handle = LocalRuntime(agent.home).handle_for(suspect)

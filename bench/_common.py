@@ -110,3 +110,133 @@ def unmount_below(root: Path) -> None:
                 mounts.append(point)
     for point in sorted(mounts, key=len, reverse=True):
         subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+# -- Docker Swarm as the peer, configured as Kiln is -----------------------------------
+
+DockerRun = Callable[..., str]
+"""Runs ``docker ARGS...`` against one engine (a private one, or a swarm manager) and
+returns its stdout: the Swarm helpers below work on either."""
+
+
+def swarm_service_create(
+    run: DockerRun,
+    name: str,
+    image: str,
+    replicas: int,
+    *,
+    health_cmd: str,
+    interval: float,
+    timeout: float,
+    retries: int,
+    parallelism: int,
+    monitor: float,
+    stop_grace: float,
+    env: dict[str, str],
+    extra: tuple[str, ...] = (),
+    command: tuple[str, ...] = (),
+) -> None:
+    """A service updated as Kiln rolls: ``--update-order start-first`` (max_unavailable
+    = 0), ``--update-parallelism`` = the batch Kiln starts at once, ``--update-monitor``
+    = ``min_healthy_time`` (Swarm's default is 5 s), health by exec every ``interval``;
+    restarted at once when a task dies (restart delay 0, Swarm's default is 5 s)."""
+    envs = [arg for key, value in env.items() for arg in ("--env", f"{key}={value}")]
+    run(
+        "service",
+        "create",
+        "--detach=true",
+        "--name",
+        name,
+        "--replicas",
+        str(replicas),
+        *envs,
+        "--health-cmd",
+        health_cmd,
+        "--health-interval",
+        f"{interval}s",
+        "--health-timeout",
+        f"{timeout}s",
+        "--health-retries",
+        str(retries),
+        "--update-order",
+        "start-first",
+        "--update-parallelism",
+        str(parallelism),
+        "--update-delay",
+        "0s",
+        "--update-monitor",
+        f"{monitor}s",
+        "--restart-condition",
+        "any",
+        "--restart-delay",
+        "0s",
+        "--stop-grace-period",
+        f"{stop_grace}s",
+        *extra,
+        image,
+        *command,
+    )
+
+
+def swarm_healthy_tasks(run: DockerRun, name: str) -> list[str]:
+    """Ids of this service's containers the engine reports healthy (one engine)."""
+    return run(
+        "ps",
+        "-q",
+        "--filter",
+        f"label=com.docker.swarm.service.name={name}",
+        "--filter",
+        "health=healthy",
+    ).split()
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> float:
+    """Seconds until ``check()`` holds; SystemExit naming ``what`` after ``timeout``."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise SystemExit(f"{what}: not within {timeout:.0f} s")
+        time.sleep(poll)
+    return time.monotonic() - start
+
+
+def kill_recoveries(
+    healthy: Callable[[], list[str]],
+    kill: Callable[[str], None],
+    replicas: int,
+    kills: int,
+    settle: float = 0.0,
+) -> list[float]:
+    """SIGKILL a healthy instance (a Kiln instance or a Swarm task; the first ``healthy()``
+    lists) ``kills`` times: seconds until the service is back to ``replicas`` healthy ones
+    without the victim. One function for Kiln and its peer, so both are timed the same
+    way. ``settle``: seconds at full strength before each kill, so the victim is not a
+    replacement that has just started (Kiln counts the death of one ready for less than
+    its ``healthy_period`` as a crash loop and backs off)."""
+    out = []
+    for _ in range(kills):
+        wait_for(lambda: len(healthy()) == replicas, 120, "full strength")
+        time.sleep(settle)
+        victim = healthy()[0]
+
+        def replaced(gone: str = victim) -> bool:
+            now = healthy()
+            return len(now) >= replicas and gone not in now
+
+        start = time.monotonic()
+        kill(victim)
+        wait_for(replaced, 120, "a SIGKILLed instance replaced")
+        out.append(time.monotonic() - start)
+    return out
+
+
+def docker_runner(host: str) -> DockerRun:
+    """A :data:`DockerRun` on the engine at ``host`` whose failure says what the engine said."""
+
+    def run(*args: str) -> str:
+        done = docker(host, *args, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"docker {' '.join(args[:2])}: {done.stderr.strip()[-500:]}")
+        return str(done.stdout)
+
+    return run

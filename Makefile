@@ -36,10 +36,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench examples
 	$(VENV)/bin/mypy
 
-# Two workers, one test file each at a time (the swarm's files share one worker and
-# one cluster); then the tests that watch the whole host, alone.
+# Two workers, one test file each at a time (its module fixtures made once); then the
+# tests that watch the whole host's process count, alone.
 test: setup lint
-	$(VENV)/bin/pytest -q -x -n 2 --dist loadgroup -m "not serial" --durations=25
+	$(VENV)/bin/pytest -q -x -n 2 --dist loadfile -m "not serial" --durations=25
 	$(VENV)/bin/pytest -q -x -m serial --durations=10
 
 bench: setup

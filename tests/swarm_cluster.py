@@ -270,9 +270,15 @@ def _free_subnet() -> int:
     """A 192.168.X.0/24 no interface of this machine has an address in (a cluster still
     up, a bench's, another test's), so the registry's address is this cluster's alone."""
     used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
-    free = [x for x in range(200, 250) if f" 192.168.{x}." not in used]
+    # Two pytest-xdist workers may each start a cluster at the same moment: each draws
+    # from its own half of the range, so the look and the take cannot race.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    span = range(200, 225) if worker == "gw0" else range(225, 250) if worker else range(200, 250)
+    free = [x for x in span if f" 192.168.{x}." not in used]
     if not free:
-        raise DockerdUnavailable("no free 192.168.200-249.0/24 subnet for a test swarm")
+        raise DockerdUnavailable(
+            f"no free 192.168.{span.start}-{span.stop - 1}.0/24 subnet for a test swarm"
+        )
     return free[secrets.randbelow(len(free))]
 
 

@@ -208,9 +208,7 @@ def test_stop_during_a_restart_cancels_it_and_nothing_is_left(kiln_home: Path, i
     runtime, router = FakeRuntime(kiln_home), MemoryRouter()
 
     async def body(engine: Engine, state: StateStore) -> None:
-        # 3 s per new instance: the stop lands inside the first surge even on a busy CI.
-        slower = {**ONE_AT_A_TIME, "min_healthy_time": "3s"}
-        assert (await deploy(engine, state, spec(image, 2, update=slower)))["outcome"] == (
+        assert (await deploy(engine, state, spec(image, 2, update=SLOW_HEALTH)))["outcome"] == (
             "succeeded"
         )
         await until_ready(engine, 2)

@@ -16,12 +16,12 @@ fails. A service with a rollout running is left to it and looked at when it ends
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from typing import TYPE_CHECKING
 
 from kiln.agent.rollouts import Rollout
+from kiln.agent.waiting import wait_set
 
 if TYPE_CHECKING:
     from kiln.agent.engine import Engine
@@ -56,8 +56,7 @@ class Aging:
         while True:
             self.wake.clear()
             delay = await self.once()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(0.05, delay))
+            await wait_set(self.wake, max(0.05, delay))
 
     async def once(self) -> float:
         """Replace what is due; returns the time until the next instance is."""

@@ -35,7 +35,6 @@ only records the ``instance.drift`` event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import json
 import logging
@@ -47,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.agent.waiting import wait_set
 from kiln.deploy.state import InstanceRecord, Revision
 from kiln.errors import KilnError
 from kiln.image.file_manifest import FileDifference, compare_tree, read_manifest
@@ -182,8 +182,7 @@ class DriftChecker:
                     await self.check(rest, full=False)
                 continue
             self.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(0.05, wake_at - now))
+            await wait_set(self.wake, max(0.05, wake_at - now))
 
     async def _due(self, now: float) -> tuple[set[str], set[str], float]:
         e = self.engine

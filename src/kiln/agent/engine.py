@@ -39,6 +39,7 @@ from kiln.agent.lifecycle import Lifecycle, handle_of
 from kiln.agent.reconciler import Reconciler
 from kiln.agent.rollouts import Rollout, Rollouts
 from kiln.agent.routing import Routing, describe
+from kiln.agent.waiting import wait_set
 from kiln.deploy.plan import Action, Plan, plan_answer
 from kiln.deploy.state import InstanceRecord, Revision, StateStore
 from kiln.errors import KilnError
@@ -232,8 +233,7 @@ class Engine:
     async def wait_changed(self, service: str, timeout: float) -> None:
         event = self._changed.setdefault(service, asyncio.Event())
         event.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        await wait_set(event, timeout)
 
     async def revision(self, service: str, number: int) -> Revision:
         rev = await self.db(self.state.revision, service, number)

@@ -11,11 +11,11 @@ whose services are all at their desired count does not wake it at all.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
 
+from kiln.agent.waiting import wait_set
 from kiln.deploy.reconcile import ReconcilePolicy, ReconcileView, reconcile
 
 if TYPE_CHECKING:
@@ -52,8 +52,7 @@ class Reconciler:
             except Exception:
                 log.exception("reconcile pass failed")
                 delay = BUSY_INTERVAL
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(0.05, delay))
+            await wait_set(self.wake, max(0.05, delay))
 
     async def once(self) -> float:
         """One pass over every service; returns how long until a pass is needed again

@@ -10,7 +10,6 @@ once, and a router that stops answering on a listener is restarted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kiln.agent.bluegreen import PHASE_BASE, shape
 from kiln.agent.lifecycle import handle_of
 from kiln.agent.rollouts import REMOVALS
+from kiln.agent.waiting import wait_set
 from kiln.deploy.plan import Plan
 from kiln.errors import KilnError
 from kiln.runtime import HostResources
@@ -95,8 +95,7 @@ class Routing:
         are not now) or after ``timeout`` seconds; woken by ``_bump``, never by polling."""
         if epoch != self.epoch or version != self.version or timeout <= 0:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+        await wait_set(self._changed, timeout)
 
     async def route_for(self, service: str) -> Route | None:
         e = self.engine

@@ -365,7 +365,10 @@ def test_agent_killed_edge_keeps_serving_then_resumes_on_a_new_epoch(
     agent.start()
     wait_serving(port, {b"b1"})
     assert agent.epoch != old_epoch
-    assert json.loads((edge.state / "routes.json").read_text())["epoch"] == agent.epoch
+    # The edge applies the routes first and keeps them on disk after: wait for the file.
+    wait_for(
+        lambda: json.loads((edge.state / "routes.json").read_text())["epoch"] == agent.epoch, 5
+    )
     assert len(edge.lines("the agent answers")) == 2, edge.text()
 
 

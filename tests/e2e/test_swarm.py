@@ -84,6 +84,27 @@ def edge_serves(address: str, port: int, body: str) -> bool:
         return False
 
 
+def apply_v2_under_load(home: Path, project: Path, listen: int, edge: str, what: str) -> str:
+    """``index.html`` to v2 and ``kiln apply`` while load runs through the agent's proxy
+    and through another node's edge; no request may fail on either. Returns apply's
+    stderr (its events)."""
+    (project / "rootfs" / "www" / "index.html").write_text("v2\n")
+    with (
+        LoadGenerator("127.0.0.1", listen, workers=2) as load,
+        LoadGenerator(edge, listen, workers=2) as through_edge,
+    ):
+        time.sleep(0.3)
+        applied = kiln(home, "apply", "--file", str(project), "--yes")
+        time.sleep(1.0)
+    assert applied.returncode == 0, applied.stderr
+    print(f"swarm {what}, agent's proxy: {load.report.summary()}")
+    print(f"swarm {what}, edge of node 2: {through_edge.report.summary()}")
+    for report in (load.report, through_edge.report):
+        assert report.sent > 100
+        assert report.failed == 0, report.errors
+    return applied.stderr
+
+
 def test_the_main_job_on_a_three_node_swarm(
     home: Path, tmp_path: Path, swarm_cluster: SwarmCluster
 ) -> None:
@@ -108,20 +129,7 @@ def test_the_main_job_on_a_three_node_swarm(
         assert hosts <= set(nodes), hosts
         assert len(hosts) >= 2, f"Swarm spread nothing: {hosts}"
 
-        (project / "rootfs" / "www" / "index.html").write_text("v2\n")
-        with (
-            LoadGenerator("127.0.0.1", listen, workers=2) as load,
-            LoadGenerator(edge, listen, workers=2) as through_edge,
-        ):
-            time.sleep(0.3)
-            applied = kiln(home, "apply", "--file", str(project), "--yes")
-            time.sleep(1.0)
-        assert applied.returncode == 0, applied.stderr
-        print(f"swarm rollout under load, agent's proxy: {load.report.summary()}")
-        print(f"swarm rollout under load, edge of node 2: {through_edge.report.summary()}")
-        for report in (load.report, through_edge.report):
-            assert report.sent > 100
-            assert report.failed == 0, report.errors
+        apply_v2_under_load(home, project, listen, edge, "rollout under load")
         assert fetch(listen) == "v2"
         wait_for(lambda: edge_serves(edge, listen, "v2"), timeout=10)
         assert not {i["id"] for i in first} & {i["id"] for i in ready(home)}
@@ -255,21 +263,8 @@ def test_blue_green_burn_and_chaos_on_a_swarm_and_canary_refused(
         wait_for(lambda: edge_serves(edge, listen, "v1"), timeout=240)
         print(f"swarm: the edge of node 2 serves after {time.monotonic() - started:.1f}s")
 
-        (project / "rootfs" / "www" / "index.html").write_text("v2\n")
-        with (
-            LoadGenerator("127.0.0.1", listen, workers=2) as load,
-            LoadGenerator(edge, listen, workers=2) as through_edge,
-        ):
-            time.sleep(0.3)
-            applied = kiln(home, "apply", "--file", str(project), "--yes")
-            time.sleep(1.0)
-        assert applied.returncode == 0, applied.stderr
-        print(f"swarm blue/green, agent's proxy: {load.report.summary()}")
-        print(f"swarm blue/green, edge of node 2: {through_edge.report.summary()}")
-        for report in (load.report, through_edge.report):
-            assert report.sent > 100
-            assert report.failed == 0, report.errors
-        assert "bluegreen.switched" in applied.stderr, applied.stderr
+        events = apply_v2_under_load(home, project, listen, edge, "blue/green")
+        assert "bluegreen.switched" in events, events
         assert edge_serves(edge, listen, "v2") and fetch(listen) == "v2"
         assert len(ready(home)) == 2
 

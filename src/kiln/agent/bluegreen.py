@@ -375,17 +375,7 @@ class BlueGreen:
             *(e.lifecycle.retire(b.id, f"blue; replaced by green r{target.number}") for b in blue)
         )
         await rollouts._retirements_of(service)
-        await rollouts._settle_dead(service)
-        await e.routing.push(service)
-        e.emit(
-            "rollout.succeeded",
-            f"{service}: r{target.number} is live (blue/green, {len(blue)} blue retired)",
-            service,
-            revision=target.number,
-            data={"deployment": rollout.deployment, "kind": rollout.kind},
-        )
-        await rollouts._close(rollout, "succeeded", None)
-        return "succeeded"
+        return await rollouts.finish_live(rollout, f"blue/green, {len(blue)} blue retired")
 
     async def _fail(self, rollouts: Rollouts, rollout: Rollout, failed: _Failed) -> str:
         """Nothing was switched: blue keeps serving, green goes, the revision failed."""

@@ -272,16 +272,23 @@ class Rollouts:
                 "active",
                 previous_becomes=becomes,
             )
+        outcome = "succeeded" if rollout.kind != "auto-rollback" else "rolled_back"
+        return await self.finish_live(rollout, f"{desired} healthy", outcome)
+
+    async def finish_live(self, rollout: Rollout, how: str, outcome: str = "succeeded") -> str:
+        """The target is live: the dead settled, the route pushed, the event, the row
+        closed. Shared by every strategy's last step."""
+        e = self.engine
+        service, target = rollout.service, rollout.target
         await self._settle_dead(service)
         await e.routing.push(service)
         e.emit(
             "rollout.succeeded",
-            f"{service}: r{target.number} is live ({desired} healthy)",
+            f"{service}: r{target.number} is live ({how})",
             service,
             revision=target.number,
             data={"deployment": rollout.deployment, "kind": rollout.kind},
         )
-        outcome = "succeeded" if rollout.kind != "auto-rollback" else "rolled_back"
         await self._close(rollout, outcome, None)
         return outcome
 

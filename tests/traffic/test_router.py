@@ -755,13 +755,26 @@ def test_a_retired_generation_is_still_seen_by_drain_and_counters(
     old = router.pid
     router.apply(route("api", free_port(), [c.spec()]))
     assert router.pid != old
-    # The kept connection belongs to the old generation: it answers once more, then closes.
-    kept.request("GET", "/")
-    resp = kept.getresponse()
-    assert resp.read() == b"b0" and resp.will_close
+    # The kept connection belongs to the old generation: it answers, then closes. The
+    # master signals the old worker after the new one is up, so a request or two may
+    # still find it before the soft-stop; each is answered by the old generation.
+    served, closed = 0, False
+    deadline = time.monotonic() + 5
+    while not closed and time.monotonic() < deadline:
+        try:
+            kept.request("GET", "/")
+            resp = kept.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionError):
+            closed = True
+            break
+        assert resp.read() == b"b0"
+        served += 1
+        closed = resp.will_close
+        time.sleep(0.05)
     kept.close()
+    assert closed, "the retired generation closes a kept connection"
     web = router.counters()["web"]
-    assert web.requests == 3, "what the retired generation served counts"
+    assert web.requests == 2 + served, "what the retired generation served counts"
     assert web.backends["b0"].active == 1
     router.apply(route("web", port, [draining(a), b.spec()]))
     started = time.monotonic()

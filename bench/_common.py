@@ -135,16 +135,18 @@ def swarm_service_create(
     env: dict[str, str],
     extra: tuple[str, ...] = (),
     command: tuple[str, ...] = (),
+    detach: bool = True,
 ) -> None:
     """A service updated as Kiln rolls: ``--update-order start-first`` (max_unavailable
     = 0), ``--update-parallelism`` = the batch Kiln starts at once, ``--update-monitor``
     = ``min_healthy_time`` (Swarm's default is 5 s), health by exec every ``interval``;
-    restarted at once when a task dies (restart delay 0, Swarm's default is 5 s)."""
+    restarted at once when a task dies (restart delay 0, Swarm's default is 5 s).
+    ``detach=False`` returns once every task is running."""
     envs = [arg for key, value in env.items() for arg in ("--env", f"{key}={value}")]
     run(
         "service",
         "create",
-        "--detach=true",
+        f"--detach={str(detach).lower()}",
         "--name",
         name,
         "--replicas",

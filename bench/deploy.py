@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import docker, median_p95, private_dockerd
+from _common import docker, median_p95, private_dockerd, swarm_service_create
 
 from kiln.agent.client import AgentClient, start_background
 from kiln.observe.load import LoadGenerator
@@ -240,44 +240,21 @@ def kiln_proxy_restarts(home: Path, listen: int, runs: int) -> tuple[list[int], 
 
 def swarm(host: str, archive: Path, replicas: int, runs: int, kills: int) -> dict[str, Any]:
     name = f"web{replicas}"
-    docker(
-        host,
-        "service",
-        "create",
-        "--detach=false",
-        "--name",
+    swarm_service_create(
+        lambda *argv: docker(host, *argv).stdout,
         name,
-        "--replicas",
-        str(replicas),
-        "--network",
-        "host",
-        "--env",
-        f"PORT=2{replicas:02d}{{{{.Task.Slot}}}}",
-        "--env",
-        "GREETING=v0",
-        "--health-cmd",
-        HEALTH_CMD,
-        "--health-interval",
-        f"{INTERVAL:.0f}s",
-        "--health-timeout",
-        "1s",
-        "--health-retries",
-        "3",
-        "--update-order",
-        "start-first",
-        "--update-parallelism",
-        "1",
-        "--update-delay",
-        "0s",
-        # Swarm's monitor period is Kiln's min_healthy_time: each waits the same time
-        # after a new task is healthy before it counts (Swarm's default is 5 s).
-        "--update-monitor",
-        "1s",
-        "--restart-delay",
-        "0s",
-        "--stop-grace-period",
-        "5s",
         "shop-web:bench",
+        replicas,
+        health_cmd=HEALTH_CMD,
+        interval=INTERVAL,
+        timeout=1.0,
+        retries=3,
+        parallelism=1,
+        monitor=1.0,
+        stop_grace=5.0,
+        env={"PORT": f"2{replicas:02d}{{{{.Task.Slot}}}}", "GREETING": "v0"},
+        extra=("--network", "host"),
+        detach=False,
     )
     port = int(f"2{replicas:02d}1")
     durations, failures = [], []

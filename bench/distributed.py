@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import median_p95
+from _common import median_p95, swarm_service_create
 
 from kiln.image.digest import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST, canonical_json
 from kiln.image.layer import layer_from_dir
@@ -458,44 +458,21 @@ def swarm_peer(cluster: Any, image: str, replicas: int, surge: int, kills: int) 
     """Swarm's own service of the same image, the same health and update settings."""
     name = "peer"
     manager = cluster.manager
-    manager.docker(
-        "service",
-        "create",
-        "--detach=true",
-        "--name",
+    swarm_service_create(
+        manager.docker,
         name,
-        "--replicas",
-        str(replicas),
-        "--endpoint-mode",
-        "dnsrr",
-        "--publish",
-        "mode=host,target=8080",
-        "--env",
-        "PORT=8080",
-        "--env",
-        "GREETING=v0",
-        "--health-cmd",
-        SWARM_HEALTH_CMD,
-        "--health-interval",
-        "1s",
-        "--health-timeout",
-        "1s",
-        "--health-retries",
-        "3",
-        "--update-order",
-        "start-first",
-        "--update-parallelism",
-        str(surge),
-        "--update-delay",
-        "0s",
-        # Swarm's monitor period is Kiln's min_healthy_time (its default is 5 s).
-        "--update-monitor",
-        "1s",
-        "--restart-delay",
-        "0s",
-        "--stop-grace-period",
-        "5s",
         image,
+        replicas,
+        health_cmd=SWARM_HEALTH_CMD,
+        interval=1.0,
+        timeout=1.0,
+        retries=3,
+        parallelism=surge,
+        # Swarm's monitor period is Kiln's min_healthy_time (its default is 5 s).
+        monitor=1.0,
+        stop_grace=5.0,
+        env={"PORT": "8080", "GREETING": "v0"},
+        extra=("--endpoint-mode", "dnsrr", "--publish", "mode=host,target=8080"),
     )
     figures: dict[str, Any] = {"kills": []}
     try:

@@ -481,7 +481,9 @@ def _long_line_in_log(probe: Probe, lab: Lab) -> list[str]:
     log = lab.home / "logs" / f"probe-{_key(probe)}" / f"probe-{_key(probe)}.log"
     deadline = time.monotonic() + 5
     while True:
-        records = [json.loads(line) for line in log.read_text().splitlines() if line]
+        # The shim may be mid-way through a record: only lines it ended are read.
+        complete = log.read_text().split("\n")[:-1]
+        records = [json.loads(line) for line in complete if line]
         lines = [r["line"] for r in records]
         after = lines[lines.index(mark) + 1 :] if mark in lines else []
         if sum(len(x) for x in after if x.startswith("B")) >= 200000:

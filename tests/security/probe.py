@@ -455,13 +455,16 @@ grep -q -e OPENED -e FOREIGN /tmp/exe-race.log
 """
 
 # Hold sleepers past the limit (a shell dies when it cannot fork, so the loop runs
-# in a subshell and the waiting uses builtins only), then a real fork bomb.
+# in a subshell and the waiting uses builtins only), killed once counted so a slow
+# machine cannot see them end before the limit is reached; then a real fork bomb.
 _FORK_BOMB = r"""
-rm -f /tmp/f; mkfifo /tmp/f; exec 4<>/tmp/f
-( i=0; while [ $i -lt {hold_count} ]; do sleep {hold_seconds} & i=$((i+1)); done ) \
+rm -f /tmp/f /tmp/holders; mkfifo /tmp/f; exec 4<>/tmp/f
+( i=0; while [ $i -lt {hold_count} ]; do
+    sleep {hold_seconds} & echo $! >> /tmp/holders; i=$((i+1)); done ) \
   > /dev/null 2> /tmp/fork.err
 set -- /proc/[0-9]*; n=$#
 echo "holding: $n processes inside (limit {pids_limit})"
+while read p; do kill $p; done < /tmp/holders 2> /dev/null
 while :; do set -- /proc/[0-9]*; [ $# -lt 16 ] && break; read -t 0.2 x <&4; done
 sort -u /tmp/fork.err | head -n 3
 ( b() {{ b | b & }}; b ) > /dev/null 2>&1 &

@@ -166,7 +166,7 @@ def step_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StepLab]:
                 "image_devices": "1",
                 "pids_limit": str(STEP_PIDS),
                 "hold_count": str(STEP_PIDS + 50),
-                "hold_seconds": "6",
+                "hold_seconds": "120",
                 "bomb_seconds": "2",
                 "host_process_rise_limit": str(STEP_PIDS + 200),
             }

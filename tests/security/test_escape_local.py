@@ -374,7 +374,7 @@ def host_for(lab: Lab, probe: Probe, key: str) -> Host:
         "race_seconds": str(RACE_SECONDS),
         "pids_limit": str(PIDS_LIMIT),
         "hold_count": str(PIDS_LIMIT + 50),
-        "hold_seconds": "3",
+        "hold_seconds": "120",
         "bomb_seconds": "2",
         "host_process_rise_limit": str(PIDS_LIMIT + 100),
         "hog_mb": "256",

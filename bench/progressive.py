@@ -41,8 +41,11 @@ each churn for 1 minute, 2 of each run and 4 faults: about 10 minutes.
   SIGKILLs of an instance's container on its node (timed as the peer's are), ``kiln
   chaos kill`` (which on swarm scales the task's service to 0), and a ``max_age`` churn
   (20 s). Then Swarm's own service of Kiln's image on the same cluster, configured as in
-  ``peer``. Canary is refused on swarm and drift there has no file check
-  (docs/strategies.md, docs/drift.md): the table says so.
+  ``peer``. A canary answering 500 to a quarter of requests at 20 % for 20 s with load
+  only through the edges of nodes 2 and 3, judged from the counters they report: failed
+  requests before the abort against the bound; then a good canary (20 % for 3 s)
+  promoted: failed requests. Drift there has no file check (docs/drift.md): the table
+  says so.
 
 Where no peer tool exists on the machine (canary analysis, drift, max_age) the table
 says "no peer on this machine". Swarm's failed-request figure cannot be taken here: its
@@ -747,6 +750,7 @@ def kiln_on_swarm(args: argparse.Namespace, figures: Figures, cluster: Any, root
                 flush=True,
             )
         numbers.update(bluegreen_failed=failed, bluegreen_sent=sent, deployment_to_switch_s=switch)
+        numbers.update(swarm_canaries(svc, cluster, listen, bluegreen, args.runs))
 
         def ready_ids() -> list[str]:
             return [str(i["id"]) for i in sorted(svc.ready(), key=lambda i: -float(i["age"]))]
@@ -790,6 +794,73 @@ def kiln_on_swarm(args: argparse.Namespace, figures: Figures, cluster: Any, root
         print(f"  swarm max_age {max_age:g}s: {len(aged)} replacements; {load.report.summary()}")
     figures.numbers["swarm"] = numbers
     return image
+
+
+def swarm_canaries(
+    svc: Deployed, cluster: Any, listen: int, bluegreen: str, runs: int
+) -> dict[str, Any]:
+    """A bad canary, then a good one, with load only through the edges of nodes 2 and 3:
+    the analysis sees those requests only through the counters the edges report."""
+    toml = svc.project / "kiln.toml"
+    before = toml.read_text()
+    edges = [cluster.nodes[1].address, cluster.nodes[2].address]
+    bad_steps = f'[{{ weight = {BAD_WEIGHT}, pause = "{BAD_PAUSE:g}s" }}]'
+    found: dict[str, Any] = {"bad": [], "good_failed": 0, "good_sent": 0, "good_promoted": 0}
+    for run in range(runs):
+        toml.write_text(before.replace(bluegreen, canary_extra(bad_steps)))
+        with contextlib.ExitStack() as stack:
+            loads = [
+                stack.enter_context(LoadGenerator(e, listen, path=CGI, workers=WORKERS // 2))
+                for e in edges
+            ]
+            time.sleep(0.5)
+            load_began = time.monotonic()
+            began, _ = svc.roll(f"swarm-bad{run + 1}", FLAKY)
+            time.sleep(0.5)
+            seconds = time.monotonic() - load_began
+        failed, sent = sum(x.report.failed for x in loads), sum(x.report.sent for x in loads)
+        aborted = svc.events("canary.aborted", began)
+        if not aborted:
+            print(f"  swarm bad canary {run + 1}: NOT aborted", flush=True)
+            continue
+        analysis = aborted[0]["data"]["analysis"]
+        figure = {
+            "failed": failed,
+            "sent": sent,
+            "reached_canary": analysis["canary"]["requests"],
+            "edges_reporting": analysis.get("edges", {}).get("reporting", 0),
+            "bound": BAD_WEIGHT / 100 * (sent / seconds) * BAD_PAUSE,
+        }
+        found["bad"].append(figure)
+        print(
+            f"  swarm bad canary {run + 1} (edges of nodes 2 and 3): {failed} failed of {sent} "
+            f"before the abort; {figure['reached_canary']} reached the canary, "
+            f"{figure['edges_reporting']} edges reporting; bound {figure['bound']:.0f}",
+            flush=True,
+        )
+    good_steps = '[{ weight = 20, pause = "3s" }]'
+    for run in range(runs):
+        toml.write_text(before.replace(bluegreen, canary_extra(good_steps)))
+        with contextlib.ExitStack() as stack:
+            loads = [
+                stack.enter_context(LoadGenerator(e, listen, path=CGI, workers=WORKERS // 2))
+                for e in edges
+            ]
+            time.sleep(0.5)
+            began, out = svc.roll(f"swarm-good{run + 1}")
+            time.sleep(0.5)
+        failed, sent = sum(x.report.failed for x in loads), sum(x.report.sent for x in loads)
+        promoted = out.returncode == 0 and bool(svc.events("canary.promoted", began))
+        found["good_failed"] += failed
+        found["good_sent"] += sent
+        found["good_promoted"] += promoted
+        print(
+            f"  swarm good canary {run + 1}: {'promoted' if promoted else 'NOT promoted'}; "
+            f"{failed} failed of {sent}",
+            flush=True,
+        )
+    toml.write_text(before)
+    return {"canary": found}
 
 
 def swarm_peer_on_cluster(
@@ -870,7 +941,22 @@ def swarm_section(args: argparse.Namespace, figures: Figures) -> None:
         f"max_age {k['max_age_s']:g}s, {args.churn:g}s under load (edge of node 2)",
         f"{k['churn_failed']} failed of {k['churn_sent']}, {k['churn_replacements']} replacements",
     )
-    figures.add("swarm", "canary", "refused on swarm at plan time (docs/strategies.md)", "-")
+    canary = k["canary"]
+    figures.add(
+        "swarm",
+        f"bad canary through 2 edges: reached / failed / bound ({BAD_WEIGHT}% × rate × "
+        f"{BAD_PAUSE:g}s)",
+        "; ".join(f"{r['reached_canary']}/{r['failed']}/{r['bound']:.0f}" for r in canary["bad"])
+        or "never aborted",
+        "no peer on this machine",
+    )
+    figures.add(
+        "swarm",
+        "good canary through 2 edges (20% × 3s): failed requests",
+        f"{canary['good_failed']} of {canary['good_sent']} "
+        f"({canary['good_promoted']}/{args.runs} promoted)",
+        "no peer on this machine",
+    )
     figures.add("swarm", "drift: a file in a task", "not checked on swarm (docs/drift.md)", "-")
 
 

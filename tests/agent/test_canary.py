@@ -24,10 +24,8 @@ from agent_harness import (
     wait_for,
 )
 
-from kiln.agent.canary import Window, judge, refuse_where_unjudged, split_weights
+from kiln.agent.canary import Window, judge, split_weights
 from kiln.agent.client import start_background
-from kiln.deploy.plan import Plan, plan_answer
-from kiln.deploy.state import StateStore
 from kiln.errors import KilnError
 from kiln.observe.load import LoadGenerator
 from kiln.spec.models import CanaryAnalysis, Spec
@@ -118,30 +116,6 @@ def test_the_analysis_rules() -> None:
     assert split_weights(100, 2, 2) == (100, 0)
     each_canary, each_stable = split_weights(1, 1, 200)
     assert max(each_canary, each_stable) <= 256 and each_canary >= 1
-
-
-def test_a_canary_is_refused_when_planned_where_its_analysis_cannot_see(tmp_path: Path) -> None:
-    """On swarm the edges carry the requests and the agent cannot count them: refused at
-    plan time with one line; local and docker plan it."""
-    spec = _spec("sha256:" + "a" * 64, 8080, [{"weight": 20, "pause": "2s"}])
-    state = StateStore(tmp_path / "state.db")
-    try:
-        plan = Plan.from_json(plan_answer(plan_request(spec), state.snapshot())["plan"])
-    finally:
-        state.close()
-    refuse_where_unjudged("local", plan)
-    refuse_where_unjudged("docker", plan)
-    with pytest.raises(
-        KilnError, match=r'service web: update\.strategy = "canary" is not supported'
-    ):
-        refuse_where_unjudged("swarm", plan)
-    rolling = service_spec("sha256:" + "a" * 64, replicas=2, listen=8080)
-    state = StateStore(tmp_path / "state.db")
-    try:
-        plain = Plan.from_json(plan_answer(plan_request(rolling), state.snapshot())["plan"])
-    finally:
-        state.close()
-    refuse_where_unjudged("swarm", plain)
 
 
 def _rate(load: LoadGenerator, seconds: float) -> float:

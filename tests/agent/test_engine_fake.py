@@ -487,3 +487,32 @@ def test_a_home_without_a_runtime_record_is_not_switched_under_running_instances
         assert read_choice(kiln_home) == RuntimeChoice(), "the first agent records its choice"
 
     run(kiln_home, runtime, router, body)
+
+
+def test_a_swarm_home_may_change_its_node_engines_under_running_instances(
+    kiln_home: Path, image: str
+) -> None:
+    """``[runtime] nodes`` names how the agent reaches each node, not where instances
+    run: a new agent may take other nodes while instances live; a running agent says to
+    restart it; another manager is still refused."""
+    from kiln.agent.daemon import check_choice, choose_runtime
+    from kiln.errors import KilnError
+    from kiln.runtime.select import Registry, RuntimeChoice, read_choice, write_choice
+
+    runtime, router = FakeRuntime(kiln_home), MemoryRouter()
+
+    async def body(engine: Engine, state: StateStore) -> None:
+        assert (await deploy(engine, state, spec(image, 1)))["outcome"] == "succeeded"
+        registry = Registry("10.0.0.5:5000/k")
+        first = RuntimeChoice("swarm", "tcp://10.0.0.11:2376", registry)
+        write_choice(kiln_home, first)
+        nodes = (("node-2", "tcp://10.0.0.12:2376"),)
+        more = RuntimeChoice("swarm", "tcp://10.0.0.11:2376", registry, nodes)
+        assert choose_runtime(kiln_home, more) == more
+        assert read_choice(kiln_home) == more
+        with pytest.raises(KilnError, match="restart the agent"):
+            check_choice(first, more)
+        with pytest.raises(KilnError, match="runs its instances on the swarm"):
+            choose_runtime(kiln_home, RuntimeChoice("swarm", "tcp://10.0.0.99:2376", registry))
+
+    run(kiln_home, runtime, router, body)

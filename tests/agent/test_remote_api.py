@@ -27,10 +27,10 @@ import pytest
 from agent_harness import _free_port, kill_everything
 
 from kiln.agent import tokens as tokens_module
-from kiln.agent.api import ROUTE_ROLES, build_app
+from kiln.agent.api import EDGE_ROUTES, MAX_EDGE_REPORT, ROUTE_ROLES, build_app
 from kiln.agent.client import AgentClient, AgentUnavailable
 from kiln.agent.tls import ensure_server_certificate, home_ca
-from kiln.agent.tokens import ROLES, TokenStore
+from kiln.agent.tokens import EDGE_ROLE, ROLES, TokenStore
 from kiln.errors import KilnError
 
 KILN = [sys.executable, "-m", "kiln.cli.main"]
@@ -57,6 +57,10 @@ ROUTE_REQUESTS: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {
     ("POST", "/v1/drift"): ("/v1/drift", {"service": "web", "full": False}),
     ("POST", "/v1/burn"): ("/v1/burn", {"instance": "web-1", "keep_evidence": False}),
     ("POST", "/v1/down"): ("/v1/down", None),
+    ("POST", "/v1/edge/counters"): (
+        "/v1/edge/counters",
+        {"edge": "node-1", "generation": "ab12", "services": {"web": {"web-1": {"requests": 1}}}},
+    ),
 }
 ROUTES = sorted(ROUTE_REQUESTS)
 ROUTES_BUT_DOWN = [r for r in ROUTES if r != ("POST", "/v1/down")]
@@ -143,7 +147,7 @@ def _home(path: Path) -> Path:
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteAgent]:
     home = _home(tmp_path_factory.mktemp("remote"))
     store = TokenStore(home)
-    tokens = {role: store.create(role, f"test {role}")[1] for role in ROLES}
+    tokens = {role: store.create(role, f"test {role}")[1] for role in (*ROLES, EDGE_ROLE)}
     revoked_record, revoked = store.create("admin", "revoked later")
     expired = store.create("admin", "expires at once", expires_in=0.5)[1]
     port, process = _start(home)
@@ -230,6 +234,117 @@ def test_every_route_serves_its_role_and_those_above(
             assert "detail" not in resp.json() or "token" not in resp.json()["detail"]
     if route[0] == "GET" and route[1] in ("/v1/health", "/v1/status", "/v1/events", "/v1/routes"):
         assert resp.status_code == 200
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r[0]} {r[1]}")
+def test_an_edge_token_may_read_routes_and_post_counters_and_nothing_else(
+    remote: RemoteAgent, route: tuple[str, str]
+) -> None:
+    """The edge role is outside viewer < deployer < admin: not even status or events."""
+    with remote.http() as client:
+        resp = _call(client, route, remote.tokens[EDGE_ROLE])
+        if route in EDGE_ROUTES:
+            assert resp.status_code == 200, resp.text
+        else:
+            assert resp.status_code == 403, resp.text
+            assert f"({EDGE_ROLE}) may not use this route" in resp.json()["detail"]
+    assert AgentClient(remote.home, addr="").running()
+
+
+def _post_counters(
+    client: httpx.Client, token: str, body: Any = None, **kwargs: Any
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
+    if body is not None:
+        kwargs["json"] = body
+    return client.post("/v1/edge/counters", headers=headers, **kwargs)
+
+
+def test_counters_from_a_viewer_or_deployer_are_refused_naming_the_roles(
+    remote: RemoteAgent,
+) -> None:
+    _, body = ROUTE_REQUESTS[("POST", "/v1/edge/counters")]
+    with remote.http() as client:
+        for role in ("viewer", "deployer"):
+            resp = _post_counters(client, remote.tokens[role], body)
+            assert resp.status_code == 403, resp.text
+            assert resp.json()["detail"].endswith("it needs admin or edge")
+        ok = _post_counters(client, remote.tokens["admin"], body)
+        # No canary runs here: a well-formed report is taken and its service ignored.
+        assert ok.status_code == 200 and ok.json() == {"counted": [], "ignored": ["web"]}
+
+
+def _report(**backend: Any) -> dict[str, Any]:
+    return {"edge": "node-1", "generation": "ab", "services": {"web": {"web-1": backend}}}
+
+
+HOSTILE_REPORTS: list[tuple[str, Any, str]] = [
+    ("negative", _report(requests=-1), "services.web.web-1.requests"),
+    ("a float", _report(requests=1.5), "services.web.web-1.requests"),
+    ("a huge count", _report(requests=2**64), "services.web.web-1.requests"),
+    ("a string count", _report(requests="5"), "services.web.web-1.requests"),
+    ("a bool count", _report(requests=True), "services.web.web-1.requests"),
+    ("an unknown field", _report(requests=1, evil=1), "services.web.web-1.evil"),
+    ("an unknown class", _report(requests=1, responses={"6xx": 1}), "services.web.web-1.responses"),
+    ("a latency bucket", _report(requests=1, latency={"-5": 1}), "services.web.web-1.latency"),
+    ("an odd bucket", _report(requests=1, latency={"101": 1}), "services.web.web-1.latency"),
+    (
+        "a service name",
+        {"edge": "n", "generation": "ab", "services": {"web\nx": {}}},
+        "services",
+    ),
+    (
+        "a backend name",
+        {"edge": "n", "generation": "ab", "services": {"web": {"../x": {"requests": 1}}}},
+        "services.web",
+    ),
+    ("an edge name", {"edge": "a b", "generation": "ab", "services": {}}, "edge"),
+    ("a generation", {"edge": "n", "generation": "XYZ", "services": {}}, "generation"),
+    ("no edge", {"generation": "ab", "services": {}}, "edge"),
+    ("a list", [1, 2], "body"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [(b, n) for _, b, n in HOSTILE_REPORTS],
+    ids=[i for i, _, _ in HOSTILE_REPORTS],
+)
+def test_hostile_counter_reports_are_refused_naming_the_key(
+    remote: RemoteAgent, body: Any, names: str
+) -> None:
+    with remote.http() as client:
+        resp = _post_counters(client, remote.tokens[EDGE_ROLE], body)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["detail"].startswith(names), resp.text
+
+
+def test_counter_reports_that_are_not_json_nan_or_too_large_are_refused(
+    remote: RemoteAgent,
+) -> None:
+    edge = remote.tokens[EDGE_ROLE]
+    headers = {"Content-Type": "application/json"}
+    with remote.http() as client:
+        nan = b'{"edge": "n", "generation": "ab", "services": {"web": {"b": {"requests": NaN}}}}'
+        resp = _post_counters(client, edge, content=nan, headers=headers)
+        assert resp.status_code == 400, resp.text
+        assert _post_counters(client, edge, content=b"{", headers=headers).status_code == 400
+        # Declared too large: refused before a byte of it is read.
+        huge = b" " * (MAX_EDGE_REPORT + 1)
+        resp = _post_counters(client, edge, content=huge, headers=headers)
+        assert resp.status_code == 413, resp.text
+
+        # No length declared (chunked): refused as soon as it passes the bound.
+        def chunks() -> Iterator[bytes]:
+            yield b'{"edge": "n", "generation": "ab", "services": {"web": {"b": {"requests": 1'
+            for _ in range(MAX_EDGE_REPORT // 65536 + 2):
+                yield b" " * 65536
+
+        resp = _post_counters(client, edge, content=chunks(), headers=headers)
+        assert resp.status_code == 413, resp.text
+        # The agent lives and still takes a good report.
+        ok = _post_counters(client, edge, ROUTE_REQUESTS[("POST", "/v1/edge/counters")][1])
+        assert ok.status_code == 200, ok.text
 
 
 def test_events_follow_stream_needs_a_viewer_token(remote: RemoteAgent) -> None:
@@ -323,7 +438,7 @@ def test_the_home_keeps_only_hashes_and_private_keys_stay_private(remote: Remote
         assert token not in text
         assert token[len("kiln_") :] not in text
     records = json.loads(text)["tokens"]
-    assert len(records) == 5
+    assert len(records) == len(remote.tokens) + 2
     assert sum(r["revoked"] is not None for r in records) == 1
     tls = remote.home / "tls"
     assert tls.stat().st_mode & 0o777 == 0o700
@@ -455,6 +570,9 @@ def test_token_cli_create_list_revoke(tmp_path: Path) -> None:
     assert unknown.returncode == 1 and "no token" in unknown.stderr
     bad_role = kiln("token", "create", "--role", "root")
     assert bad_role.returncode != 0
+    # An edge run by hand gets a token of its own role (routes and counters only).
+    edge = json.loads(kiln("token", "create", "--role", "edge", "--json").stdout)
+    assert edge["role"] == "edge" and TokenStore(home).check(edge["token"]) is not None
     assert TokenStore(home).check(created["token"]) is None
 
 

@@ -230,20 +230,55 @@ def test_an_unreachable_manager_fails_the_plan_and_changes_nothing(
 
 BLUE_GREEN = 'update = { strategy = "blue-green", blue_hold = "2s", min_healthy_time = "0.5s" }'
 CANARY = (
-    'update = { strategy = "canary", steps = [{ weight = 20, pause = "20s" }], '
-    'min_healthy_time = "0.5s" }'
+    'update = {{ strategy = "canary", steps = [{{ weight = 20, pause = "{pause}" }}], '
+    "analysis = {{ max_error_rate = 0.05, min_requests = 20 }}, "
+    'min_healthy_time = "0.5s", progress_deadline = "30s" }}'
 )
+APP = "/cgi-bin/app"
+GOOD_APP = 'echo -e "Content-Type: text/plain\\r\\n\\r\\n{version}"'
+FLAKY_APP = (
+    'case $((RANDOM % 4)) in 0) echo -e "Status: 500 Boom\\r\\n\\r\\nboom";; '
+    "*) " + GOOD_APP + ";; esac"
+)
+"""The bad canary answers 500 to a quarter of requests (busybox sh and httpd's CGI)."""
 
 
-def test_blue_green_burn_and_chaos_on_a_swarm_and_canary_refused(
+def write_app(project: Path, version: str, body: str = GOOD_APP) -> None:
+    cgi = project / "rootfs" / "www" / "cgi-bin"
+    cgi.mkdir(mode=0o755, exist_ok=True)
+    (cgi / "app").write_text("#!/bin/sh\n" + body.format(version=version) + "\n")
+    (cgi / "app").chmod(0o755)
+
+
+def canary_through_two_edges(
+    home: Path, project: Path, listen: int, edges: list[str]
+) -> tuple[subprocess.CompletedProcess[str], list[LoadGenerator], float]:
+    """``kiln apply`` of a canary while load reaches the service only through the edges
+    of two nodes (none through the agent's own proxy): its analysis sees those requests
+    only if the edges report them."""
+    with (
+        LoadGenerator(edges[0], listen, path=APP, workers=2) as first,
+        LoadGenerator(edges[1], listen, path=APP, workers=2) as second,
+    ):
+        time.sleep(0.5)
+        began = time.monotonic()
+        applied = kiln(home, "apply", "--file", str(project), "--yes")
+        seconds = time.monotonic() - began
+        time.sleep(0.3)
+    return applied, [first, second], seconds
+
+
+def test_blue_green_canary_burn_and_chaos_on_a_swarm(
     home: Path, tmp_path: Path, swarm_cluster: SwarmCluster
 ) -> None:
     """Issue 12 on swarm: a blue/green switch through the edges with no failed request;
-    a canary refused when planned (its analysis could not see the edges' traffic);
-    ``kiln burn --keep-evidence`` (Swarm cannot pause a task: logs kept, the event says
-    so); ``kiln chaos kill`` recovering."""
+    a canary answering 500 to a quarter of requests, with load only through the edges of
+    two nodes, aborted by analysis of the counters the edges report, then a good canary
+    promoted; ``kiln burn --keep-evidence`` (Swarm cannot pause a task: logs kept, the
+    event says so); ``kiln chaos kill`` recovering."""
     listen = free_port()
     project = swarm_project(tmp_path / "p", listen, swarm_cluster)
+    write_app(project, "v1")
     toml = project / "kiln.toml"
     blue_green = (
         toml.read_text()
@@ -268,11 +303,39 @@ def test_blue_green_burn_and_chaos_on_a_swarm_and_canary_refused(
         assert edge_serves(edge, listen, "v2") and fetch(listen) == "v2"
         assert len(ready(home)) == 2
 
-        toml.write_text(blue_green.replace(BLUE_GREEN, CANARY))
-        refused = kiln(home, "plan", str(project))
-        assert refused.returncode == 1, refused.stdout
-        assert 'update.strategy: "canary" cannot run on kind = "swarm"' in refused.stderr
-        assert "edge proxy" in refused.stderr
+        # A bad canary, judged from what the edges of nodes 2 and 3 counted.
+        edges = [swarm_cluster.nodes[1].address, swarm_cluster.nodes[2].address]
+        toml.write_text(blue_green.replace(BLUE_GREEN, CANARY.format(pause="20s")))
+        write_app(project, "v3", FLAKY_APP)
+        applied, loads, seconds = canary_through_two_edges(home, project, listen, edges)
+        assert applied.returncode != 0, applied.stdout
+        events = [json.loads(line) for line in kiln(home, "events", "--json").stdout.splitlines()]
+        [aborted] = [e for e in events if e["kind"] == "canary.aborted"]
+        numbers, reason = aborted["data"]["analysis"], aborted["data"]["reason"]
+        assert "max_error_rate" in reason or "× stable" in reason, reason
+        assert numbers["canary"]["requests"] >= 20 and numbers["canary"]["error_rate"] > 0.02
+        assert numbers["edges"]["reporting"] >= 2, numbers
+        failed = sum(load.report.failed for load in loads)
+        sent = sum(load.report.sent for load in loads)
+        bound = 0.20 * (sent / seconds) * 20.0
+        print(
+            f"swarm bad canary through two edges: {failed} failed requests before the abort "
+            f"(the canary answered {numbers['canary']['requests']}, edges {numbers['edges']}); "
+            f"bound weight × rate × pause = {bound:.0f}; aborted {seconds:.1f}s after apply; "
+            + "; ".join(load.report.summary() for load in loads)
+        )
+        assert 0 < failed < bound
+        wait_for(lambda: status(home).get("rollout") is None and len(ready(home)) == 2, 60)
+
+        # A good canary: promoted on the same counters, no request failed.
+        toml.write_text(blue_green.replace(BLUE_GREEN, CANARY.format(pause="3s")))
+        write_app(project, "v4")
+        applied, loads, seconds = canary_through_two_edges(home, project, listen, edges)
+        assert applied.returncode == 0, applied.stderr
+        assert "canary.promoted" in applied.stderr, applied.stderr
+        for load in loads:
+            print(f"swarm good canary, promoted in {seconds:.1f}s: {load.report.summary()}")
+            assert load.report.sent > 50 and load.report.failed == 0, load.report.errors
         toml.write_text(blue_green)
 
         victim = ready(home)[0]

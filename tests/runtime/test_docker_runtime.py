@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.request
@@ -489,6 +490,31 @@ def test_exec_runs_in_the_instance_and_is_killed_past_its_timeout(
     runtime.stop(handle, 0)
     with pytest.raises(RuntimeFailure, match=r"not running, cannot exec"):
         runtime.exec(handle, ["true"], 5)
+
+
+def test_frozen_evidence_holds_what_the_app_wrote_into_its_tmpfs_writable_path(
+    runtime: DockerRuntime, make_spec: Spec, tmp_path: Path
+) -> None:
+    """A writable path is a tmpfs only the container's mount namespace holds: the
+    engine's archive endpoint gave the empty directory beneath it (the bundle held
+    ``data`` and nothing in it); read through /proc/PID/root it holds the app's file."""
+    script = "echo written-by-the-app > /data/note; exec sleep 30"
+    handle = runtime.start(make_spec(["sh", "-c", script], writable=("/data",)))
+    deadline = time.monotonic() + 5
+    while "note" not in in_container(runtime, handle, "ls /data"):
+        assert time.monotonic() < deadline, "the app did not write its note"
+        time.sleep(0.05)
+    runtime.freeze(handle)
+    try:
+        facts = runtime.collect_evidence(handle, ["/data", "/nope"], tmp_path)
+    finally:
+        runtime.thaw(handle)
+    with tarfile.open(tmp_path / "writable.tar") as kept:
+        note = kept.extractfile("data/note")
+        assert note is not None and note.read() == b"written-by-the-app\n"
+    assert facts["writable"]["refused"] == ["/nope"]
+    assert any("sleep" in str(p) for p in facts["processes"]), facts["processes"]
+    runtime.destroy(handle)
 
 
 def test_destroy_is_idempotent_and_keeps_the_logs(runtime: DockerRuntime, make_spec: Spec) -> None:

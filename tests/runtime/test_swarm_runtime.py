@@ -24,7 +24,7 @@ from dockerd import image_from_trees
 from kiln.image.registry import RegistryOptions
 from kiln.image.store import ImageStore
 from kiln.observe.logs import LogStore
-from kiln.runtime import Execer, InstanceSpec, InstanceStatus, RuntimeFailure
+from kiln.runtime import Execer, InstanceSpec, InstanceStatus, RuntimeFailure, swarm
 from kiln.runtime.docker import LABEL_HOME, LABEL_INSTANCE
 from kiln.runtime.swarm import SwarmRuntime
 from swarm_cluster import SwarmCluster, swarm_cluster  # noqa: F401
@@ -190,6 +190,62 @@ def test_sigkill_is_seen_within_the_watch_period_and_stop_ends_the_task(
     stopped = runtime.stop(other, 2.0)
     assert stopped.status is not InstanceStatus.RUNNING
     assert other.instance_id not in {h.instance_id for h in runtime.list()}
+
+
+def test_a_suspected_death_is_seen_before_the_period_and_destroy_keeps_the_last_lines(
+    runtime: SwarmRuntime,
+    make_spec: Spec,
+    swarm_cluster: SwarmCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the watcher's period out of reach, a health check's suspicion (what the agent
+    passes on when a ready instance stops answering) has the death seen at once; and
+    destroying an ended task neither waits for the service's log stream (Swarm never ends
+    it) nor loses what the task wrote last."""
+    monkeypatch.setattr(swarm, "WATCH_PERIOD", 60.0)
+    victim = runtime.start(serving(make_spec))
+    fd = runtime.exit_fd(victim)
+    assert fd is not None
+    try:
+        node, container = container_of(swarm_cluster, victim.instance_id)
+        node.docker("kill", "-s", "KILL", container["Id"])
+        killed = time.monotonic()
+        runtime.suspect_exit(victim)
+        ready, _, _ = select.select([fd], [], [], 10)
+        assert ready, "the exit fd did not become readable"
+        assert time.monotonic() - killed < 3.0
+    finally:
+        os.close(fd)
+    began = time.monotonic()
+    runtime.destroy(victim)
+    assert time.monotonic() - began < swarm.LOG_DRAIN_TIMEOUT
+    assert runtime.inspect(victim).status is InstanceStatus.GONE
+
+    spec = make_spec(["sh", "-c", "echo started; sleep 2; echo last words; exit 3"])
+    ending = runtime.start(spec)
+    until(lambda: runtime.inspect(ending).status is InstanceStatus.EXITED, 20, "its own exit")
+    began = time.monotonic()
+    runtime.destroy(ending)
+    assert time.monotonic() - began < swarm.LOG_DRAIN_TIMEOUT
+    lines = [
+        r.line for r in LogStore(runtime.home / "logs").read("web", instance=ending.instance_id)
+    ]
+    assert any("last words" in line for line in lines), lines
+
+    # Scaled to zero behind Kiln's back: lost at once, not when its node has stopped it
+    # (a task on an overlay network waits 2 s for gossip before its grace).
+    condemned = runtime.start(serving(make_spec))
+    api = swarm_cluster.manager.api()
+    try:
+        service = api.inspect_service(condemned.data["service_id"])
+        zero = {"Replicated": {"Replicas": 0}}
+        version = service["Version"]["Index"]
+        api.update_service(service["ID"], version=version, mode=zero, fetch_current_spec=True)
+    finally:
+        api.close()
+    lost = until(lambda: runtime.inspect(condemned).status is InstanceStatus.EXITED, 10, "lost")
+    assert lost < 1.5
+    runtime.destroy(condemned)
 
 
 def test_a_manager_that_is_not_there_or_not_a_manager_is_one_clear_error(

@@ -131,7 +131,7 @@ LONG = "unix:///" + "a" * 2000
         ),
         (
             '[runtime]\nkind = "docker"\nsocket = "unix:///x"\n',
-            "kiln.toml:11: runtime.socket: unknown key; known keys: host, kind, registry",
+            "kiln.toml:11: runtime.socket: unknown key; known keys: host, kind, nodes, registry",
         ),
         (
             '[runtime]\nkinds = "docker"\n',
@@ -234,7 +234,7 @@ def test_an_environment_switching_to_docker_runs_there() -> None:
         (
             '[environments.prod.runtime]\nengine = "docker"\n',
             "kiln.toml:10: environments.prod.runtime.engine: unknown key; known keys: host, kind, "
-            "registry",
+            "nodes, registry",
         ),
     ],
 )
@@ -257,4 +257,75 @@ def test_the_published_schema_describes_the_runtime_table() -> None:
     schema = json_schema()
     runtime = schema["$defs"]["RuntimeTarget"]["properties"]
     assert runtime["kind"]["enum"] == ["local", "docker", "swarm"]
-    assert set(runtime) == {"kind", "host", "registry"}
+    assert set(runtime) == {"kind", "host", "registry", "nodes"}
+
+
+SWARM = '[runtime]\nkind = "swarm"\nregistry = "10.0.0.5:5000/k"\n'
+
+
+def test_swarm_nodes_map_each_node_to_its_engine() -> None:
+    table = SWARM + (
+        '[runtime.nodes]\n"node-1" = "tcp://10.0.0.11:2376"\n"10.0.0.12" = "unix:///run/n2.sock"\n'
+    )
+    spec = parse_spec(BASE + table, FILE)
+    assert spec.runtime.nodes == {
+        "node-1": "tcp://10.0.0.11:2376",
+        "10.0.0.12": "unix:///run/n2.sock",
+    }
+    assert parse_spec(BASE + SWARM, FILE).runtime.nodes is None
+    overlay = table + '[environments.prod.runtime]\nnodes = { "db1" = "ssh://ops@db1" }\n'
+    assert parse_spec(BASE + overlay, FILE, env="prod").runtime.nodes == {"db1": "ssh://ops@db1"}
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            '[runtime]\nkind = "docker"\nnodes = { "n1" = "tcp://10.0.0.11:2376" }\n',
+            'kiln.toml:11: runtime.nodes: is only used with kind = "swarm"; kind is "docker"',
+        ),
+        (
+            SWARM + 'nodes = { "n1" = "http://10.0.0.11" }\n',
+            "kiln.toml:12: runtime.nodes.n1: 'http://10.0.0.11' is not an engine address such "
+            'as "unix:///run/docker.sock" or "tcp://10.0.0.5:2376"',
+        ),
+        (
+            SWARM + 'nodes = { "n1" = "tcp://h:1 --tlsverify" }\n',
+            "kiln.toml:12: runtime.nodes.n1: 'tcp://h:1 --tlsverify' contains whitespace or "
+            "control characters",
+        ),
+        (
+            SWARM + 'nodes = { "../n1" = "tcp://10.0.0.11:2376" }\n',
+            "kiln.toml:12: runtime.nodes.\"../n1\": '../n1' is not a swarm node's hostname, "
+            "node id or address (letters, digits, . _ : -)",
+        ),
+        (
+            SWARM + 'nodes = "tcp://10.0.0.11:2376"\n',
+            "kiln.toml:12: runtime.nodes: must be a table",
+        ),
+    ],
+)
+def test_bad_swarm_nodes_give_one_exact_message(table: str, message: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse(table)
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_exec_checks_on_swarm_need_nodes() -> None:
+    service = '[services.web]\nimage = "web"\nhealth = { exec = ["/bin/true"] }\n'
+    text = BASE.replace('[services.web]\nimage = "web"\n', service) + SWARM
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, FILE)
+    assert "services.web.health.exec: cannot run on kind" in str(caught.value)
+    assert "without [runtime] nodes" in str(caught.value)
+    nodes = 'nodes = { "n1" = "tcp://10.0.0.11:2376" }\n'
+    assert parse_spec(text + nodes, FILE).services["web"].health.exec == ["/bin/true"]
+    check = '[services.web.update]\nstrategy = "blue-green"\npre_promotion = { exec = ["true"] }\n'
+    text = BASE + check + SWARM
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, FILE)
+    assert "services.web.update.pre_promotion.exec: cannot run on kind" in str(caught.value)
+    assert "without [runtime] nodes" in str(caught.value)
+    pre_promotion = parse_spec(text + nodes, FILE).services["web"].update.pre_promotion
+    assert pre_promotion is not None and pre_promotion.exec == ["true"]

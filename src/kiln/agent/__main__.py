@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", choices=("local", "docker", "swarm"), default=None)
     parser.add_argument("--runtime-host", default=None)
     parser.add_argument("--runtime-registry", default=None, help="JSON: path, ca, auth_file")
+    parser.add_argument("--runtime-nodes", default=None, help="JSON: swarm node -> its engine")
     args = parser.parse_args(argv)
     from kiln.agent.daemon import run_agent
     from kiln.runtime.select import RuntimeChoice
@@ -24,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     choice = None
     if args.runtime:
         registry = json.loads(args.runtime_registry) if args.runtime_registry else None
+        nodes = json.loads(args.runtime_nodes) if args.runtime_nodes else None
         choice = RuntimeChoice.from_json(
-            {"kind": args.runtime, "host": args.runtime_host, "registry": registry}
+            {"kind": args.runtime, "host": args.runtime_host, "registry": registry, "nodes": nodes}
         )
     try:
         run_agent(args.home or kiln_home(), choice)

@@ -14,6 +14,12 @@ revision failed, ``canary.aborted`` with the numbers); the last passing step pro
 Durable: the step is the rollout row's ``step`` (0: the set is starting, ``k``: step
 ``k`` of the spec, ``len(steps) + 1``: promoting) and the pause's start and baseline are
 in the deployment record, so an agent killed during a pause continues that pause.
+
+On a runtime of several nodes (an :class:`~kiln.runtime.EdgeHost`, Swarm) users come in
+through every node's edge proxy: while the canary runs the routes ask the edges for
+their counters (:mod:`kiln.agent.edge_counters`), and the analysis reads the router's
+counters plus the edges' totals (:func:`counters_of`). Those totals live in the agent's
+memory, so a canary resumed after an agent restart takes a new baseline for its pause.
 """
 
 from __future__ import annotations
@@ -21,29 +27,27 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kiln.agent.edge_counters import with_edges
 from kiln.agent.errors import Conflict, NotFound
-from kiln.errors import KilnError
+from kiln.runtime import EdgeHost
 from kiln.spec.models import CanaryAnalysis, Update
 from kiln.traffic.router import BackendCounters, Latency, ServiceCounters
 
 if TYPE_CHECKING:
     from kiln.agent.engine import Engine
     from kiln.agent.rollouts import Rollout, Rollouts
-    from kiln.deploy.plan import Plan
 
 __all__ = [
-    "CANARY_RUNTIMES",
     "CANARY_TICK",
     "ERROR_RATE_FLOOR",
     "P95_FLOOR_MS",
     "Canaries",
     "Window",
+    "counters_of",
     "judge",
-    "refuse_where_unjudged",
     "run_canary",
     "split_weights",
 ]
@@ -56,29 +60,6 @@ would make any single canary error an infinite ratio."""
 P95_FLOOR_MS = 10.0
 """Likewise for p95 latency: a 1 ms stable p95 must not make 3 ms a failure."""
 MAX_BACKEND_WEIGHT = 256
-CANARY_RUNTIMES = ("local", "docker", "fake")
-"""Where the agent's own router is the data plane, so its counters see every request."""
-
-
-def refuse_where_unjudged(runtime: str, plan: Plan) -> None:
-    """A canary is judged from the agent's router counters. On swarm, users come in
-    through the edge proxy of every node, whose counters the agent never reads: the
-    analysis would judge a sliver of the traffic (or none, and abort every canary for
-    too few requests). Refused when planned, before anything changes."""
-    if runtime in CANARY_RUNTIMES:
-        return
-    for sp in sorted(plan.services, key=lambda sp: sp.service):
-        want = plan.desired.get(sp.service)
-        if sp.removed or sp.empty or want is None:
-            continue
-        service, update = sp.service, want.service_config.get("update")
-        if isinstance(update, Mapping) and update.get("strategy") == "canary":
-            raise KilnError(
-                f'service {service}: update.strategy = "canary" is not supported on the '
-                f"{runtime} runtime: its analysis reads the agent's own proxy counters, and "
-                f"on {runtime} requests come in through the edge proxy of every node, which "
-                'the agent cannot count; use "blue-green" or "rolling"; nothing was changed'
-            )
 
 
 @dataclass(frozen=True)
@@ -275,6 +256,26 @@ def is_canary(rollout: Rollout) -> bool:
     )
 
 
+def judged_at_edges(e: Engine) -> bool:
+    """Whether users come in through edges whose counters the analysis must add."""
+    return isinstance(e.runtime, EdgeHost)
+
+
+async def counters_of(e: Engine, service: str) -> ServiceCounters | None:
+    """What the analysis reads: the agent's router, plus every edge's totals where the
+    runtime has edges."""
+    counters = (await e.io(e.router.counters)).get(service)
+    if not judged_at_edges(e):
+        return counters
+    return with_edges(counters, e.edge_counters.totals(service))
+
+
+def _route_backends(e: Engine, service: str) -> set[str]:
+    """The backends the agent's route of ``service`` names: all an edge can count."""
+    route = e.routing.pushed.get(service)
+    return {b.id for b in route.backends} if route is not None else set()
+
+
 async def run_canary(rollouts: Rollouts, rollout: Rollout) -> str | None:
     """The canary, from its saved step; None when there is no stable set to compare
     with (a first deployment), which then rolls as usual."""
@@ -288,11 +289,18 @@ async def run_canary(rollouts: Rollouts, rollout: Rollout) -> str | None:
     e.canary.live[service] = run
     e.canary.aborted.pop(service, None)
     e.routing.weighers[service] = run.weight_of
+    edges = judged_at_edges(e)
+    if edges:
+        e.edge_counters.watch(service, lambda: _route_backends(e, service))
+        e.routing.report_counters(service, True)
     try:
         return await _steps(rollouts, rollout, run, update)
     finally:
         e.routing.weighers.pop(service, None)
         e.canary.live.pop(service, None)
+        if edges:
+            e.routing.report_counters(service, False)
+            e.edge_counters.forget(service)
         if not e.stopping:
             await e.routing.push(service)
 
@@ -301,6 +309,7 @@ async def _steps(rollouts: Rollouts, rollout: Rollout, run: CanaryRun, update: U
     e = rollouts.engine
     service, target = rollout.service, rollout.target
     saved = await _saved(e, rollout)
+    resumed = rollout.step
     verb = "resumed" if rollout.step else "started"
     e.emit(
         f"canary.{verb}",
@@ -322,8 +331,11 @@ async def _steps(rollouts: Rollouts, rollout: Rollout, run: CanaryRun, update: U
         run.weight = step.weight
         await _sets(rollouts, rollout, run)
         await e.routing.push(service)
+        if saved.get("step") == index and rollout.step == resumed and judged_at_edges(e):
+            # The edges' totals went with the agent that counted them: a new baseline.
+            saved = {**saved, "baseline": _snapshot(await counters_of(e, service))}
         if saved.get("step") != index:
-            counters = (await e.io(e.router.counters)).get(service)
+            counters = await counters_of(e, service)
             saved = {"step": index, "pause_started": time.time(), "baseline": _snapshot(counters)}
             await e.db(e.state.rollout_step, service, target.number, index)
             await e.deployments.canary(rollout.deployment, service, saved)
@@ -415,7 +427,7 @@ async def _pause(
         await _sets(rollouts, rollout, run)
         await e.routing.push(service)
         view_dead = await _dead_canaries(rollouts, rollout)
-        counters = (await e.io(e.router.counters)).get(service)
+        counters = await counters_of(e, service)
         canary = window(counters, baseline, run.canary)
         stable = window(counters, baseline, run.stable)
         verdict = judge(update.analysis, canary, stable)
@@ -436,6 +448,8 @@ async def _pause(
                 else "passing"
             ),
         }
+        if judged_at_edges(e):
+            run.analysis["edges"] = e.edge_counters.describe(service)
         rollout.progress = {"canary": run.analysis}
         if view_dead:
             return f"canary instance {', '.join(view_dead)} died during step {index}"

@@ -48,6 +48,8 @@ def agent_command(home: Path, runtime: RuntimeChoice | None = None) -> list[str]
             argv += ["--runtime-host", runtime.host]
         if runtime.registry:
             argv += ["--runtime-registry", json.dumps(runtime.registry.to_json())]
+        if runtime.nodes:
+            argv += ["--runtime-nodes", json.dumps(dict(runtime.nodes))]
     return argv
 
 

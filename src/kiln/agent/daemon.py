@@ -29,6 +29,7 @@ from kiln.runtime.select import RuntimeChoice, read_choice, write_choice
 
 if TYPE_CHECKING:
     from kiln.agent.tls import Listen
+    from kiln.traffic.router import BackendCounters
 
 __all__ = ["Agent", "run_agent"]
 
@@ -240,6 +241,12 @@ class Agent:
                 self._route_watchers -= 1
         return routing.snapshot()
 
+    def edge_counters(
+        self, edge: str, generation: str, services: dict[str, dict[str, BackendCounters]]
+    ) -> dict[str, Any]:
+        """An edge's report: counted for the services under analysis, the rest ignored."""
+        return self._engine().edge_counters.record(edge, generation, services)
+
     async def wait_for_event(self, timeout: float) -> None:
         self._new_event.clear()
         stop = asyncio.create_task(self.stopping.wait())
@@ -376,6 +383,12 @@ def _api_server(agent: Agent, listen: Listen | None = None) -> Any:
 def check_choice(running: RuntimeChoice, wanted: RuntimeChoice) -> None:
     """One runtime per home: a kiln.toml that asks for another is refused, not obeyed
     halfway (instances on two runtimes that one agent would have to adopt)."""
+    if running != wanted and running.same_instances(wanted):
+        raise KilnError(
+            f"this KILN_HOME's agent runs the {running.describe()} runtime, but kiln.toml "
+            "gives other [runtime] nodes; restart the agent to use them (SIGTERM to it: its "
+            "instances keep running, and kiln up starts it again); nothing was changed"
+        )
     if running != wanted:
         raise KilnError(
             f"this KILN_HOME runs its instances on the {running.describe()} runtime, but "
@@ -395,8 +408,10 @@ def choose_runtime(home: Path, asked: RuntimeChoice | None) -> RuntimeChoice:
         if (home / "state.db").exists():
             from kiln.deploy.state import StateStore
 
+            same = (recorded or RuntimeChoice()).same_instances(asked)
             with StateStore(home / "state.db") as state:
-                if state.instances(live_only=True):
+                # Other node engines for the same swarm: the instances stay where they are.
+                if state.instances(live_only=True) and not same:
                     check_choice(recorded or RuntimeChoice(), asked)
         chosen = asked
     if chosen != recorded:

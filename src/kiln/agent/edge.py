@@ -1,10 +1,14 @@
 """Kiln's data plane on every node of a runtime that has nodes (Swarm): the agent bakes
-the edge image, gives the edges a viewer token and its CA, and asks the runtime to run
-them. The edges then pull their routes from this agent's network API.
+the edge image, gives the edges an edge token and its CA, and asks the runtime to run
+them. The edges then pull their routes from this agent's network API, and post their
+counters while a canary is judged.
 
 The edge's token is the one token the home keeps in the clear (``edge-token``, 0600):
 an edge service that got a new token at every agent restart would be rolled out again
-each time. It is a viewer token: it reads routes and status, and nothing else.
+each time. Its role is ``edge``: it reads the routes and posts counters, nothing else
+(not even status). An edge token kept from an older agent with the viewer role is
+revoked and replaced, which changes the edge service's fingerprint, so the edges roll
+onto the new one.
 """
 
 from __future__ import annotations
@@ -83,20 +87,20 @@ class EdgeDeployment:
         return self.runtime.ensure_edge(digest, self.url(), self.token(), listen.ca.read_bytes())
 
     def token(self) -> bytes:
-        """The edges' viewer token: the kept one while it is live, else a new one (the
-        old one revoked)."""
-        from kiln.agent.tokens import TokenStore
+        """The edges' token: the kept one while it is live and of the edge role, else a
+        new one (the old one revoked)."""
+        from kiln.agent.tokens import EDGE_ROLE, TokenStore
 
         tokens = TokenStore(self.home)
         path = self.home / EDGE_TOKEN_FILE
         with contextlib.suppress(FileNotFoundError):
             kept = path.read_text().strip()
             record = tokens.check(kept)
-            if record is not None and record.role == "viewer":
+            if record is not None and record.role == EDGE_ROLE:
                 return kept.encode()
             old = tokens.lookup(kept)
             if old is not None and old.revoked is None:
                 tokens.revoke(old.id)
-        _, raw = tokens.create("viewer", EDGE_TOKEN_NAME, None)
+        _, raw = tokens.create(EDGE_ROLE, EDGE_TOKEN_NAME, None)
         write_private(path, raw.encode())
         return raw.encode()

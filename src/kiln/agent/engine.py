@@ -95,8 +95,11 @@ class Engine:
 
         self.bluegreen = BlueGreen(self)
         from kiln.agent.canary import Canaries
+        from kiln.agent.edge_counters import EdgeCounters
 
         self.canary = Canaries(self)
+        self.edge_counters = EdgeCounters()
+        """What every node's edge counted of a service under analysis (swarm)."""
         from kiln.agent.drift import DriftChecker
 
         self.drift = DriftChecker(self)
@@ -345,15 +348,7 @@ class Engine:
     # plan, apply, rollback
 
     async def plan(self, body: dict[str, Any]) -> dict[str, Any]:
-        answer = plan_answer(body, await self.db(self.state.snapshot))
-        self._refuse_unjudged(Plan.from_json(answer["plan"]))
-        return answer
-
-    def _refuse_unjudged(self, plan: Plan) -> None:
-        """A strategy this runtime cannot carry out is refused when planned (docs/strategies.md)."""
-        from kiln.agent.canary import refuse_where_unjudged
-
-        refuse_where_unjudged(self.runtime.name, plan)
+        return plan_answer(body, await self.db(self.state.snapshot))
 
     async def apply(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Carry out exactly the plan: the instances it names are the ones replaced or
@@ -385,7 +380,6 @@ class Engine:
         if plan.base != await self.db(self.state.state_hash):
             raise Conflict("the state changed since this plan was made; run kiln plan again")
         await self.routing.check_listeners(plan)
-        self._refuse_unjudged(plan)
         await self._check_projects(plan, source)
         await self._check_policy(plan, source)
         # Every service is in the deployment from the start: one that ends quickly (a

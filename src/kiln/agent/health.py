@@ -18,7 +18,7 @@ from kiln.agent.lifecycle import IN_SERVICE, handle_of
 from kiln.deploy.health import ExecRunner, HealthState, HealthTracker, probe
 from kiln.deploy.state import InstanceRecord
 from kiln.errors import KilnError
-from kiln.runtime import Execer
+from kiln.runtime import Execer, ExitSuspect
 from kiln.spec.models import Health, Update
 
 if TYPE_CHECKING:
@@ -110,6 +110,8 @@ class HealthChecks:
             if rec.state not in IN_SERVICE:
                 return
             result = await probe(health, handle.host, handle.port, run)
+            if not result.ok and rec.state == "ready" and isinstance(e.runtime, ExitSuspect):
+                e.runtime.suspect_exit(handle)  # a dead one is replaced sooner than unhealthy
             before = tracker.state
             now = time.time()
             after = tracker.observe(result, now)

@@ -55,6 +55,7 @@ class Routing:
         self._pushers: dict[str, asyncio.Task[None]] = {}
         self.weighers: dict[str, Callable[[str], int]] = {}
         """Service → each backend's weight, while a canary splits its traffic."""
+        self._reporting: set[str] = set()
 
     @property
     def pushed(self) -> dict[str, Route]:
@@ -82,12 +83,21 @@ class Routing:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
+    def report_counters(self, service: str, on: bool) -> None:
+        """Ask the edges for ``service``'s counters (its canary is judged) or stop asking;
+        a new version, so every edge learns it at once."""
+        if on != (service in self._reporting):
+            (self._reporting.add if on else self._reporting.discard)(service)
+            self._bump()
+
     def snapshot(self) -> dict[str, Any]:
-        """The watch answer: epoch, version and every served route, by name."""
+        """The watch answer: epoch, version, every served route by name, and the services
+        whose counters the edges are to post (``report_counters``)."""
         return {
             "epoch": self.epoch,
             "version": self.version,
             "routes": [self._pushed[name].to_json() for name in sorted(self._pushed)],
+            "report_counters": sorted(self._reporting),
         }
 
     async def wait_for_change(self, epoch: str, version: int, timeout: float) -> None:

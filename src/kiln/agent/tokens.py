@@ -29,9 +29,11 @@ from kiln.paths import open_private, write_private
 
 __all__ = [
     "DEFAULT_EXPIRY",
+    "EDGE_ROLE",
     "ROLES",
     "TOKENS_FILE",
     "TOKEN_MAX",
+    "TOKEN_ROLES",
     "TokenRecord",
     "TokenStore",
     "parse_expiry",
@@ -41,6 +43,10 @@ __all__ = [
 TOKENS_FILE = "tokens.json"
 ROLES = ("viewer", "deployer", "admin")
 """Each role may do what the ones before it may."""
+EDGE_ROLE = "edge"
+"""The Swarm edge's role, outside that order: it may read the routes and post its
+counters (``kiln.agent.api.EDGE_ROUTES``), nothing else, not even what a viewer reads."""
+TOKEN_ROLES = (*ROLES, EDGE_ROLE)
 TOKEN_PREFIX = "kiln_"
 TOKEN_MAX = 128
 """A presented token longer than this is refused before it is hashed."""
@@ -173,8 +179,8 @@ class TokenStore:
         never); returns its record and the token (the only time it is known)."""
         if expires_in is not None and not 0 < expires_in <= MAX_EXPIRY_DAYS * 86400:
             raise KilnError(f"token lifetime: more than 0 s and at most {MAX_EXPIRY_DAYS}d")
-        if role not in ROLES:
-            raise KilnError(f"role {role!r}: use one of {', '.join(ROLES)}")
+        if role not in TOKEN_ROLES:
+            raise KilnError(f"role {role!r}: use one of {', '.join(TOKEN_ROLES)}")
         if len(name) > _NAME_MAX or not name.isprintable():
             raise KilnError(f"token name: at most {_NAME_MAX} printable characters")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)

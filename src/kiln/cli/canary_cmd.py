@@ -54,9 +54,16 @@ def canary_line(info: dict[str, Any]) -> str:
             f"p95 {shown}"
         )
 
-    return (
+    line = (
         f"canary step {canary.get('step')}/{canary.get('steps')} at {canary.get('weight')}% "
         f"({canary.get('elapsed')}/{canary.get('pause')}s): "
         f"canary {numbers(canary.get('canary') or {})} · "
         f"stable {numbers(canary.get('stable') or {})} · {canary.get('verdict')}"
     )
+    edges = canary.get("edges")
+    if isinstance(edges, dict):  # swarm: what every node's edge reported
+        line += f" · edges: {edges.get('reporting', 0)} reporting"
+        stale = edges.get("stale") or []
+        if stale:
+            line += f", stale {', '.join(str(name) for name in stale)}"
+    return line

@@ -27,6 +27,7 @@ class Role(enum.StrEnum):
     viewer = "viewer"
     deployer = "deployer"
     admin = "admin"
+    edge = "edge"
 
 
 def _store() -> Any:
@@ -38,7 +39,12 @@ def _store() -> Any:
 @token_app.command("create")
 def token_create(
     role: Annotated[
-        Role, typer.Option("--role", help="viewer (read), deployer (change), admin (exec, down).")
+        Role,
+        typer.Option(
+            "--role",
+            help="viewer (read), deployer (change), admin (exec, down); edge (a Swarm edge run "
+            "by hand: routes and counters only).",
+        ),
     ],
     name: Annotated[str, typer.Option("--name", help="What the token is for.")] = "",
     expires: Annotated[

@@ -70,7 +70,8 @@ def runtime_request(spec: Spec) -> dict[str, Any]:
             str(options.auth_file.absolute()) if options.auth_file else None,
             options.plain_http,
         )
-    return RuntimeChoice(runtime.kind, runtime.host, registry).to_json()
+    nodes = tuple(sorted((runtime.nodes or {}).items())) if runtime.kind == "swarm" else ()
+    return RuntimeChoice(runtime.kind, runtime.host, registry, nodes).to_json()
 
 
 def runtime_of(target: Path, env: str | None) -> RuntimeChoice:
@@ -145,16 +146,11 @@ def _plan_without_agent(home: Path, request: dict[str, Any]) -> dict[str, Any]:
         state = StateStore(db if db.exists() else Path(scratch) / "state.db")
         try:
             recorded, wanted = read_choice(home) or RuntimeChoice(), _choice(request)
-            if wanted and state.instances(live_only=True):
+            if wanted and not recorded.same_instances(wanted) and state.instances(live_only=True):
                 from kiln.agent.daemon import check_choice
 
                 check_choice(recorded, wanted)
-            answer = plan_answer(request, state.snapshot())
-            from kiln.agent.canary import refuse_where_unjudged
-            from kiln.deploy.plan import Plan
-
-            refuse_where_unjudged((wanted or recorded).kind, Plan.from_json(answer["plan"]))
-            return answer
+            return plan_answer(request, state.snapshot())
         finally:
             state.close()
 

@@ -12,7 +12,8 @@ agent is what must notice and heal):
 
 * ``kill``: SIGKILL of the instance's init (local), ``docker kill`` (docker), or its
   one-task service scaled to zero through the manager (swarm, whose tasks have no kill;
-  the other faults need the task's node and are refused there);
+  the other faults act through the task's node's engine, from ``[runtime] nodes``, and
+  are refused without it);
 * ``pause``: the instance frozen (``runc pause`` / ``docker pause``) for ``duration``;
 * ``drift``: a file written into the instance's root on disk, outside its writable
   paths (local: the overlay's upper dir in the shim's mount namespace; docker: the
@@ -54,7 +55,8 @@ __all__ = [
 
 FAULT_KINDS = ("kill", "pause", "drift", "latency")
 SWARM_FAULTS = ("kill",)
-"""What the swarm runtime can inject from the manager alone."""
+"""What the swarm runtime can inject from the manager alone (the others need the engine
+of the task's node: ``[runtime] nodes``)."""
 POLL = 0.1
 DRIFT_PREFIX = ".kiln-chaos-drift-"
 FULL_PACKET = 1514
@@ -395,6 +397,17 @@ class LocalInjector:
         return add_latency(f"/proc/{pid}/ns/net", delay)
 
 
+def swarm_nodes(home: Path) -> dict[str, str]:
+    """The home's ``[runtime] nodes`` as its agent recorded them in ``runtime.json``."""
+    from kiln.runtime.select import read_choice
+
+    with contextlib.suppress(KilnError):
+        choice = read_choice(home)
+        if choice is not None:
+            return dict(choice.nodes)
+    return {}
+
+
 def docker_host(home: Path) -> str | None:
     """The engine the home's agent drives (its ``--runtime-host``, else the host its first
     agent recorded in ``runtime.json``: a ``kiln agent --file`` has no flag), else None:
@@ -502,16 +515,19 @@ class DockerInjector:
 
 
 class SwarmInjector:
-    """Faults on the swarm runtime's tasks, through the manager the agent drives. Swarm
-    has no kill, pause or exec for a task, and a task's node need not be reachable from
-    here: a kill scales the instance's one-task service to zero, so its node stops the
-    task as the crash of an instance would end it, unasked by Kiln. The other faults
-    need the node itself and are refused before anything is injected."""
+    """Faults on the swarm runtime's tasks. Swarm has no kill, pause or exec for a task:
+    a kill scales the instance's one-task service to zero through the manager the agent
+    drives, so its node stops the task as the crash of an instance would end it, unasked
+    by Kiln. Pause, drift and latency act on the task's container through its node's
+    engine (``nodes``, the home's ``[runtime] nodes``), once the manager and that engine
+    agree it is this home's instance (:mod:`kiln.runtime.swarm_nodes`); without ``nodes``
+    they are refused before anything is injected."""
 
-    def __init__(self, host: str | None, home: Path) -> None:
+    def __init__(self, host: str | None, home: Path, nodes: dict[str, str] | None = None) -> None:
         import docker
 
         from kiln.oci.runc import home_tag
+        from kiln.runtime.swarm_nodes import NodeEngines
 
         self.api: Any = (
             docker.APIClient(base_url=host, version="auto")
@@ -520,17 +536,29 @@ class SwarmInjector:
         )
         self.prefix = f"kiln-{home_tag(home.absolute())}-"
         self.home = home
+        self.engines = NodeEngines(self.api, nodes, home_tag(home.absolute()))
+
+    def _service(self, iid: str) -> dict[str, Any]:
+        import docker.errors
+
+        name = self.prefix + iid
+        try:
+            service: dict[str, Any] = self.api.inspect_service(name)
+        except docker.errors.DockerException as e:
+            raise KilnError(f"instance {iid}: swarm service {name}: {e}") from e
+        _owned_by(
+            self.home, (service.get("Spec") or {}).get("Labels"), iid, f"swarm service {name}"
+        )
+        return service
 
     def kill(self, instance: dict[str, Any]) -> str:
         import docker
         import docker.errors
 
         iid = _instance_id(instance)
+        service = self._service(iid)
         name = self.prefix + iid
         try:
-            service = self.api.inspect_service(name)
-            labels = (service.get("Spec") or {}).get("Labels")
-            _owned_by(self.home, labels, iid, f"swarm service {name}")
             self.api.update_service(
                 service["ID"],
                 version=service["Version"]["Index"],
@@ -542,16 +570,69 @@ class SwarmInjector:
         return f"its swarm service {name} scaled to 0 through the manager (its task ended)"
 
     def _refuse(self, kind: str) -> KilnError:
-        return KilnError(f"chaos {kind}: the swarm runtime cannot {kind} a task")
+        return KilnError(
+            f"chaos {kind}: the swarm runtime cannot {kind} a task without [runtime] nodes "
+            "(each node's Engine API)"
+        )
+
+    def _container(self, instance: dict[str, Any], kind: str) -> Any:
+        """The instance's running task's container, through its node's engine."""
+        import docker.errors
+
+        if not self.engines:
+            raise self._refuse(kind)
+        iid = _instance_id(instance)
+        service = self._service(iid)
+        try:
+            tasks = self.api.tasks(filters={"service": service["ID"], "desired-state": "running"})
+        except docker.errors.DockerException as e:
+            raise KilnError(f"instance {iid}: the tasks of its swarm service: {e}") from e
+        running = [t for t in tasks if (t.get("Status") or {}).get("State") == "running"]
+        if not running:
+            raise KilnError(f"instance {iid}: its swarm task does not run; nothing injected")
+        return self.engines.container(iid, running[0], str(service["ID"]))
 
     def pause(self, instance: dict[str, Any]) -> tuple[str, Undo]:
-        raise self._refuse("pause")
+        import docker.errors
+
+        found = self._container(instance, "pause")
+        engine = found.engine
+        with engine._engine(str(instance["id"]), "pause the container"):
+            engine.api.pause(found.id)
+
+        def undo() -> None:
+            with contextlib.suppress(docker.errors.DockerException):
+                engine.api.unpause(found.id)
+
+        return f"docker pause {found.id[:12]} on swarm node {engine.node}", undo
 
     def drift(self, instance: dict[str, Any]) -> tuple[str, Undo]:
-        raise self._refuse("drift")
+        """A file written into the container's layer on disk, as on the docker runtime:
+        its root is read-only, which the Engine API's archive upload refuses, so the
+        node's engine must be on this machine."""
+        found = self._container(instance, "drift")
+        upper = ((found.attrs.get("GraphDriver") or {}).get("Data") or {}).get("UpperDir")
+        if not found.engine.local_engine or not upper or not Path(upper).is_dir():
+            raise KilnError(
+                f"instance {instance['id']}: the container's layer is not on this machine "
+                f"(swarm node {found.engine.node}; its root is read-only to the Engine API)"
+            )
+        name = f"{DRIFT_PREFIX}{secrets.token_hex(4)}"
+        (Path(upper) / name).write_text("written by kiln chaos drift\n")
+        return (
+            f"wrote /{name} into its layer on swarm node {found.engine.node}",
+            _remove_file(Path(upper) / name),
+        )
 
     def latency(self, instance: dict[str, Any], delay: float) -> tuple[str, Undo]:
-        raise self._refuse("latency")
+        found = self._container(instance, "latency")
+        key = (found.attrs.get("NetworkSettings") or {}).get("SandboxKey")
+        if not found.engine.local_engine or not key or not Path(key).exists():
+            raise KilnError(
+                f"instance {instance['id']}: its network namespace is not on this machine "
+                f"(swarm node {found.engine.node}): run kiln chaos latency where it is"
+            )
+        return add_latency(str(key), delay)
 
 
 def injector_for(runtime: str, home: Path, kind: str = "kill") -> Injector:
@@ -559,13 +640,14 @@ def injector_for(runtime: str, home: Path, kind: str = "kill") -> Injector:
         return LocalInjector(home)
     if runtime == "docker":
         return DockerInjector(docker_host(home), home)
-    if runtime == "swarm" and kind in SWARM_FAULTS:
-        return SwarmInjector(docker_host(home), home)
     if runtime == "swarm":
+        nodes = swarm_nodes(home)
+        if kind in SWARM_FAULTS or nodes:
+            return SwarmInjector(docker_host(home), home, nodes)
         raise KilnError(
-            f"kiln chaos {kind}: not supported on the swarm runtime (Swarm has no pause, exec "
-            "or file access for a task, and its node need not be reachable from here); "
-            "kill is"
+            f"kiln chaos {kind}: not supported on the swarm runtime without [runtime] nodes "
+            "(Swarm has no pause, exec or file access for a task; each node's Engine API "
+            "has); kill is"
         )
     raise KilnError(f"kiln chaos: not supported on the {runtime} runtime")
 

@@ -34,6 +34,7 @@ __all__ = [
     "EdgeHost",
     "Execer",
     "ExitNotifier",
+    "ExitSuspect",
     "Freezer",
     "HostResources",
     "InstanceHandle",
@@ -359,6 +360,18 @@ class ExitNotifier(Protocol):
 
 
 @runtime_checkable
+class ExitSuspect(Protocol):
+    """Optional: a runtime that learns of exits by looking (a swarm's tasks, listed through
+    its manager, which announces no task events) looks again at once when the agent has
+    reason to think an instance ended, instead of at its next period."""
+
+    def suspect_exit(self, handle: InstanceHandle) -> None:
+        """The instance stopped answering its health check: read its state soon. Never
+        blocks (the agent's event loop calls it)."""
+        ...
+
+
+@runtime_checkable
 class EdgeHost(Protocol):
     """Optional: a runtime of several nodes that runs Kiln's edge proxy on each of them,
     fed routes by the agent's route watch (the local and docker runtimes have one
@@ -376,8 +389,9 @@ class Freezer(Protocol):
     """Optional: quarantine. A frozen instance runs no instruction (cgroup freezer,
     ``docker pause``) while its memory, files and sockets stay for evidence; stopping
     or destroying it kills it without letting it run first. Swarm has no pause for a
-    task: the swarm runtime raises :class:`NotSupported` and quarantine there keeps the
-    logs and retires the instance at once."""
+    task: the swarm runtime pauses it through its node's engine (``[runtime] nodes``),
+    and without one raises :class:`NotSupported`, and quarantine there keeps the logs and
+    retires the instance at once."""
 
     def freeze(self, handle: InstanceHandle) -> None:
         """Every process of the instance stopped where it stands; returns once they are."""

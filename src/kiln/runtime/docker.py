@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 import docker
 import docker.errors
@@ -71,6 +71,7 @@ from kiln.runtime import (
     OutputTail,
     RuntimeFailure,
 )
+from kiln.runtime.procfacts import WRITABLE_TAR_MAX, tar_writable
 
 __all__ = [
     "DEFAULT_HOST",
@@ -513,6 +514,56 @@ class _LayerWalk:
             self.add(rel, "added", f"{kind}, {st.st_size} bytes")
 
 
+def _spool(stream: Iterable[bytes], into: IO[bytes], limit: int) -> int | None:
+    """Copy ``stream`` into ``into``; the bytes copied, or None once more than ``limit``
+    came (the rest is not read)."""
+    size = 0
+    for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            return None
+        into.write(chunk)
+    return size
+
+
+_T = TypeVar("_T")
+
+
+def _within(seconds: float, call: Callable[[], _T]) -> _T:
+    """``call()``, given up after ``seconds`` in all (``requests`` Timeout): a client's
+    timeout bounds each read, and an engine that answers every read at once but never
+    ends its answer (measured: 20 s of a byte every 0.2 s went through a 1 s timeout)
+    would hold the caller (a drift pass, an exec, a quarantine) as long as it likes.
+    The call's thread is left to end when the engine hangs up or a read times out."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as e:
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, name="kiln-engine-call", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise requests.exceptions.Timeout(f"did not answer within {seconds:g}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]  # type: ignore[no-any-return]
+
+
+def _runs_in(pid: int, container_id: str) -> bool:
+    """Whether ``pid`` is a process of this machine in the container's cgroup (an engine
+    in another pid namespace reports pids that mean something else here)."""
+    if pid <= 0:
+        return False
+    try:
+        return container_id in Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
+
+
 def _check_capabilities(who: str, cap_add: Iterable[str]) -> None:
     for cap in cap_add:
         try:
@@ -529,10 +580,17 @@ class EngineClient:
     tag: str
     host: str
     api_version: str
+    api: Any
     from_env = False
     """True where the engine comes from ``DOCKER_HOST`` with its TLS settings."""
+    local_engine = False
+    """True where the engine runs on this machine (a unix socket): its containers' layers
+    and processes can be read here."""
     engine_title = "the docker engine"
     """How messages name the engine (``the docker engine at HOST``)."""
+    archive_timeout: float | None = None
+    """Seconds one path's archive may take in all, where the engine is not trusted to
+    end it (a node's engine trickling it would hold a quarantine); None: no bound."""
 
     def _unreachable(self, who: str, error: BaseException) -> str:
         """One line saying the engine did not answer and what to do; each runtime's own."""
@@ -591,6 +649,213 @@ class EngineClient:
                 f"instance {handle.instance_id}: handle is for runtime {handle.runtime!r}, "
                 f"not {self.name!r}"
             )
+
+    def _pause(self, who: str, attrs: dict[str, Any]) -> None:
+        """``docker pause``: the engine's cgroup freezer on the container (once)."""
+        if (attrs.get("State") or {}).get("Paused"):
+            return
+        with self._engine(who, "pause the container"):
+            self.api.pause(attrs["Id"])
+
+    def _unpause(self, who: str, attrs: dict[str, Any]) -> None:
+        if not (attrs.get("State") or {}).get("Paused"):
+            return
+        with self._engine(who, "unpause the container"):
+            self.api.unpause(attrs["Id"])
+
+    def _evidence(
+        self,
+        who: str,
+        attrs: dict[str, Any],
+        address: str,
+        writable: builtins.list[str],
+        into: Path,
+    ) -> dict[str, Any]:
+        """The writable paths into ``into/writable.tar``, its processes as ``docker top``
+        lists them, its address and ports from inspect. The writable paths are tmpfs
+        mounts, which only the container's own mount namespace holds: the engine's
+        archive endpoint (``docker cp``) returns the empty directory beneath (measured
+        with Docker 20.10). So a frozen container of an engine on this machine is read
+        as the local runtime reads its instances, through ``/proc/PID/root`` (frozen, it
+        cannot swap a directory for a link while the walk reads it); otherwise the
+        archive endpoint is all there is."""
+        state = attrs.get("State") or {}
+        pid = int(state.get("Pid") or 0)
+        container_id = str(attrs["Id"])
+        if self.local_engine and state.get("Paused") and _runs_in(pid, container_id):
+            kept = tar_writable(
+                pid, writable, into / "writable.tar", None, lambda: _runs_in(pid, container_id)
+            )
+        else:
+            kept = self._archive_writable(who, str(attrs["Id"]), writable, into)
+        with self._engine(who, "list its processes"):
+            top = self.api.top(attrs["Id"])
+        titles = [str(t) for t in top.get("Titles") or []]
+        processes = [dict(zip(titles, row, strict=False)) for row in top.get("Processes") or []]
+        ports = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
+        return {
+            "processes": processes,
+            "network": {"address": address, "listening": sorted(ports)},
+            "writable": kept,
+        }
+
+    def _archive_writable(
+        self, who: str, container_id: str, writable: builtins.list[str], into: Path
+    ) -> dict[str, Any]:
+        """Each path as the archive endpoint gives it, one tar in the tar, at most
+        ``WRITABLE_TAR_MAX`` bytes in all (the instance controls what they hold: a path
+        past the bound is listed as cut, not kept)."""
+        stored = 0
+        refused: builtins.list[str] = []
+        cut: builtins.list[str] = []
+        with tarfile.open(into / "writable.tar", "w", format=tarfile.PAX_FORMAT) as out:
+            for path in writable:
+                with tempfile.TemporaryFile(dir=into) as spool:
+                    try:
+                        with self._engine(who, f"archive {path}"):
+                            size = self._spool_archive(container_id, path, spool, stored)
+                    except (KilnError, docker.errors.APIError):
+                        refused.append(path)
+                        continue
+                    if size is None:
+                        cut.append(path)
+                        continue
+                    spool.seek(0)
+                    info = tarfile.TarInfo(path.strip("/").replace("/", "_") + ".tar")
+                    info.size = size
+                    out.addfile(info, spool)
+                    stored += size
+        return {"bytes": stored, "cut": cut, "refused": refused}
+
+    def _spool_archive(
+        self, container_id: str, path: str, spool: IO[bytes], stored: int
+    ) -> int | None:
+        """One path's archive into ``spool`` (see :func:`_spool`), within
+        ``archive_timeout`` in all where it is set: a read of the stream waits for its
+        whole buffer, so only a bound on the whole copy holds an engine that trickles."""
+
+        def copy() -> int | None:
+            stream, _ = self.api.get_archive(container_id, path)
+            return _spool(stream, spool, WRITABLE_TAR_MAX - stored)
+
+        return copy() if self.archive_timeout is None else _within(self.archive_timeout, copy)
+
+    def _written(self, attrs: dict[str, Any]) -> builtins.list[FileDifference]:
+        """What was written into the container's root outside the mount points the
+        runtime and the engine made: read from its layer on this machine where it can
+        be, else ``docker diff`` (less the directories made to hold mount points and the
+        parents the engine lists above each change)."""
+        host_config = attrs.get("HostConfig") or {}
+        targets = {str(m.get("Destination") or "") for m in attrs.get("Mounts") or []}
+        targets |= {str(t) for t in host_config.get("Tmpfs") or {}}
+        targets |= set(_ENGINE_MOUNT_POINTS)
+        if host_config.get("Init"):
+            targets.add(DOCKER_INIT)
+        targets = {t.rstrip("/") for t in targets if t.startswith("/")}
+        holding_mounts = _with_parents(targets)
+        in_layer = self._layer_changes(attrs, targets, holding_mounts)
+        if in_layer is not None:
+            return in_layer
+        with self._engine(None, "diff the container"):
+            changes = self.api.diff(attrs["Id"]) or []
+        paths = [str(c.get("Path") or "") for c in changes]
+        above_changes = _with_parents(p.rpartition("/")[0] for p in paths)
+        found = []
+        for change, path in zip(changes, paths, strict=True):
+            if path in holding_mounts or path in above_changes or not path.startswith("/"):
+                continue
+            kind = _DIFF_KINDS.get(int(change.get("Kind") or 0), "changed")
+            found.append(FileDifference(path, kind, "in the container's layer (docker diff)"))
+        return sorted(found, key=lambda d: d.path)
+
+    def _layer_changes(
+        self, attrs: dict[str, Any], targets: set[str], holding_mounts: set[str]
+    ) -> builtins.list[FileDifference] | None:
+        """The container's writable layer read on this machine (overlay2's upper dir), or
+        None where it cannot be (a remote engine, another driver). The engine's diff of a
+        running container looks through the mounted overlay, whose caches hide a file
+        written into the layer from outside it (measured with Docker 20.10): the layer
+        itself does not. Directories are walked, not listed, unless empty or opaque; the
+        mount points the engine made there (``targets``, and the empty directories that
+        hold them) are not changes."""
+        driver = attrs.get("GraphDriver") or {}
+        data = driver.get("Data") or {}
+        if not self.local_engine or driver.get("Name") != "overlay2" or not data.get("UpperDir"):
+            return None
+        upper = Path(str(data["UpperDir"]))
+        lowers = [Path(p) for p in str(data.get("LowerDir") or "").split(":") if p]
+        if not upper.is_dir() or not os.access(upper, os.R_OK | os.X_OK):
+            return None  # not readable here (an agent in the docker group, not root)
+        walk = _LayerWalk(lowers, targets, holding_mounts)
+        try:
+            root_fd = os.open(upper, _OPEN_DIRECTORY)
+        except FileNotFoundError:
+            return []  # removed meanwhile: its watcher reports that
+        except OSError:
+            return None
+        try:
+            walk.directory(root_fd, "", 0)
+        except OSError:
+            return None  # a part it may not read: the engine's diff instead
+        finally:
+            os.close(root_fd)
+        found = sorted(walk.found, key=lambda d: d.path)
+        if walk.exhausted:
+            found.insert(
+                0,
+                FileDifference(
+                    "/", "changed", f"more than {MAX_LAYER_ENTRIES} entries: not read to the end"
+                ),
+            )
+        return found
+
+    def _exec_in(
+        self, who: str, container_id: str, argv: builtins.list[str], timeout: float
+    ) -> tuple[int, str]:
+        """Run ``argv`` in a running container of this engine; its output's tail is kept
+        (``OutputTail``); past ``timeout`` the command is killed (on an engine of this
+        machine) and RuntimeFailure raised."""
+        with self._engine(who, f"exec {argv[:1]!r}"):
+            exec_id = self.api.exec_create(container_id, list(argv), stdout=True, stderr=True)["Id"]
+        result: dict[str, Any] = {}
+        api = self.new_api(timeout=max(timeout, 1.0) + 5)
+
+        tail = OutputTail()
+
+        def run() -> None:
+            try:
+                for chunk in api.exec_start(exec_id, stream=True, demux=False):
+                    tail.add(chunk)
+            except Exception as e:
+                result["error"] = e
+            finally:
+                api.close()
+
+        worker = threading.Thread(target=run, name=f"kiln-exec-{who}", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            self._kill_exec(exec_id, container_id)
+            raise RuntimeFailure(f"instance {who}: exec {argv[0]!r} timed out after {timeout}s")
+        with self._engine(who, f"exec {argv[:1]!r}"):
+            if "error" in result:
+                raise result["error"]
+            code = self.api.exec_inspect(exec_id).get("ExitCode")
+        return int(code if code is not None else -1), tail.text()
+
+    def _kill_exec(self, exec_id: str, container_id: str) -> None:
+        """The Engine API cannot kill an exec: on an engine of this machine, kill its
+        process once /proc shows it in the container's cgroup."""
+        with contextlib.suppress(
+            docker.errors.DockerException, requests.exceptions.RequestException
+        ):
+            info = self.api.exec_inspect(exec_id)
+            pid = int(info.get("Pid") or 0)
+            if not self.local_engine or not info.get("Running") or pid <= 0:
+                return
+            with contextlib.suppress(OSError):
+                if container_id in Path(f"/proc/{pid}/cgroup").read_text():
+                    os.kill(pid, signals.SIGKILL)
 
 
 class DockerRuntime(EngineClient):
@@ -1242,18 +1507,13 @@ class DockerRuntime(EngineClient):
         attrs = self._attrs(handle)
         if attrs is None or self._state(attrs).status is not InstanceStatus.RUNNING:
             raise RuntimeFailure(f"instance {handle.instance_id}: not running, cannot freeze")
-        if (attrs.get("State") or {}).get("Paused"):
-            return
-        with self._engine(handle.instance_id, "pause the container"):
-            self.api.pause(attrs["Id"])
+        self._pause(handle.instance_id, attrs)
 
     def thaw(self, handle: InstanceHandle) -> None:
         self._check_handle(handle)
         attrs = self._attrs(handle)
-        if attrs is None or not (attrs.get("State") or {}).get("Paused"):
-            return
-        with self._engine(handle.instance_id, "unpause the container"):
-            self.api.unpause(attrs["Id"])
+        if attrs is not None:
+            self._unpause(handle.instance_id, attrs)
 
     def collect_evidence(
         self, handle: InstanceHandle, writable: builtins.list[str], into: Path
@@ -1264,31 +1524,7 @@ class DockerRuntime(EngineClient):
         attrs = self._attrs(handle)
         if attrs is None:
             raise RuntimeFailure(f"instance {handle.instance_id}: gone, no evidence")
-        stored = 0
-        refused: builtins.list[str] = []
-        with tarfile.open(into / "writable.tar", "w", format=tarfile.PAX_FORMAT) as out:
-            for path in writable:
-                try:
-                    with self._engine(handle.instance_id, f"archive {path}"):
-                        stream, _ = self.api.get_archive(attrs["Id"], path)
-                        data = b"".join(stream)
-                except (KilnError, docker.errors.APIError):
-                    refused.append(path)
-                    continue
-                info = tarfile.TarInfo(path.strip("/").replace("/", "_") + ".tar")
-                info.size = len(data)
-                out.addfile(info, io.BytesIO(data))
-                stored += len(data)
-        with self._engine(handle.instance_id, "list its processes"):
-            top = self.api.top(attrs["Id"])
-        titles = [str(t) for t in top.get("Titles") or []]
-        processes = [dict(zip(titles, row, strict=False)) for row in top.get("Processes") or []]
-        ports = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
-        return {
-            "processes": processes,
-            "network": {"address": handle.address, "listening": sorted(ports)},
-            "writable": {"bytes": stored, "refused": refused},
-        }
+        return self._evidence(handle.instance_id, attrs, handle.address, writable, into)
 
     def destroy(self, handle: InstanceHandle) -> None:
         """Stop if needed, copy the last of its output into the log store, then remove
@@ -1373,75 +1609,6 @@ class DockerRuntime(EngineClient):
                 ids.add(found)
         return ids
 
-    def _written(self, attrs: dict[str, Any]) -> builtins.list[FileDifference]:
-        """What was written into the container's root outside the mount points the
-        runtime and the engine made: read from its layer on this machine where it can
-        be, else ``docker diff`` (less the directories made to hold mount points and the
-        parents the engine lists above each change)."""
-        host_config = attrs.get("HostConfig") or {}
-        targets = {str(m.get("Destination") or "") for m in attrs.get("Mounts") or []}
-        targets |= {str(t) for t in host_config.get("Tmpfs") or {}}
-        targets |= set(_ENGINE_MOUNT_POINTS)
-        if host_config.get("Init"):
-            targets.add(DOCKER_INIT)
-        targets = {t.rstrip("/") for t in targets if t.startswith("/")}
-        holding_mounts = _with_parents(targets)
-        in_layer = self._layer_changes(attrs, targets, holding_mounts)
-        if in_layer is not None:
-            return in_layer
-        with self._engine(None, "diff the container"):
-            changes = self.api.diff(attrs["Id"]) or []
-        paths = [str(c.get("Path") or "") for c in changes]
-        above_changes = _with_parents(p.rpartition("/")[0] for p in paths)
-        found = []
-        for change, path in zip(changes, paths, strict=True):
-            if path in holding_mounts or path in above_changes or not path.startswith("/"):
-                continue
-            kind = _DIFF_KINDS.get(int(change.get("Kind") or 0), "changed")
-            found.append(FileDifference(path, kind, "in the container's layer (docker diff)"))
-        return sorted(found, key=lambda d: d.path)
-
-    def _layer_changes(
-        self, attrs: dict[str, Any], targets: set[str], holding_mounts: set[str]
-    ) -> builtins.list[FileDifference] | None:
-        """The container's writable layer read on this machine (overlay2's upper dir), or
-        None where it cannot be (a remote engine, another driver). The engine's diff of a
-        running container looks through the mounted overlay, whose caches hide a file
-        written into the layer from outside it (measured with Docker 20.10): the layer
-        itself does not. Directories are walked, not listed, unless empty or opaque; the
-        mount points the engine made there (``targets``, and the empty directories that
-        hold them) are not changes."""
-        driver = attrs.get("GraphDriver") or {}
-        data = driver.get("Data") or {}
-        if not self.local_engine or driver.get("Name") != "overlay2" or not data.get("UpperDir"):
-            return None
-        upper = Path(str(data["UpperDir"]))
-        lowers = [Path(p) for p in str(data.get("LowerDir") or "").split(":") if p]
-        if not upper.is_dir() or not os.access(upper, os.R_OK | os.X_OK):
-            return None  # not readable here (an agent in the docker group, not root)
-        walk = _LayerWalk(lowers, targets, holding_mounts)
-        try:
-            root_fd = os.open(upper, _OPEN_DIRECTORY)
-        except FileNotFoundError:
-            return []  # removed meanwhile: its watcher reports that
-        except OSError:
-            return None
-        try:
-            walk.directory(root_fd, "", 0)
-        except OSError:
-            return None  # a part it may not read: the engine's diff instead
-        finally:
-            os.close(root_fd)
-        found = sorted(walk.found, key=lambda d: d.path)
-        if walk.exhausted:
-            found.insert(
-                0,
-                FileDifference(
-                    "/", "changed", f"more than {MAX_LAYER_ENTRIES} entries: not read to the end"
-                ),
-            )
-        return found
-
     def recover(self, handle: InstanceHandle) -> bool:
         """True iff the container still runs and carries this home's labels and the
         handle's instance id; then its log follower resumes where the log stops."""
@@ -1520,51 +1687,10 @@ class DockerRuntime(EngineClient):
         capabilities, seccomp and no-new-privileges); past ``timeout`` the command is
         killed (on an engine of this machine) and RuntimeFailure raised."""
         self._check_handle(handle)
-        who = handle.instance_id
         attrs = self._attrs(handle)
         if attrs is None or self._state(attrs).status is not InstanceStatus.RUNNING:
-            raise RuntimeFailure(f"instance {who}: not running, cannot exec")
-        with self._engine(who, f"exec {argv[:1]!r}"):
-            exec_id = self.api.exec_create(attrs["Id"], list(argv), stdout=True, stderr=True)["Id"]
-        result: dict[str, Any] = {}
-        api = self.new_api(timeout=max(timeout, 1.0) + 5)
-
-        tail = OutputTail()
-
-        def run() -> None:
-            try:
-                for chunk in api.exec_start(exec_id, stream=True, demux=False):
-                    tail.add(chunk)
-            except Exception as e:
-                result["error"] = e
-            finally:
-                api.close()
-
-        worker = threading.Thread(target=run, name=f"kiln-exec-{who}", daemon=True)
-        worker.start()
-        worker.join(timeout)
-        if worker.is_alive():
-            self._kill_exec(exec_id, attrs["Id"])
-            raise RuntimeFailure(f"instance {who}: exec {argv[0]!r} timed out after {timeout}s")
-        with self._engine(who, f"exec {argv[:1]!r}"):
-            if "error" in result:
-                raise result["error"]
-            code = self.api.exec_inspect(exec_id).get("ExitCode")
-        return int(code if code is not None else -1), tail.text()
-
-    def _kill_exec(self, exec_id: str, container_id: str) -> None:
-        """The Engine API cannot kill an exec: on an engine of this machine, kill its
-        process once /proc shows it in the container's cgroup."""
-        with contextlib.suppress(
-            docker.errors.DockerException, requests.exceptions.RequestException
-        ):
-            info = self.api.exec_inspect(exec_id)
-            pid = int(info.get("Pid") or 0)
-            if not self.local_engine or not info.get("Running") or pid <= 0:
-                return
-            with contextlib.suppress(OSError):
-                if container_id in Path(f"/proc/{pid}/cgroup").read_text():
-                    os.kill(pid, signals.SIGKILL)
+            raise RuntimeFailure(f"instance {handle.instance_id}: not running, cannot exec")
+        return self._exec_in(handle.instance_id, str(attrs["Id"]), argv, timeout)
 
     def close(self) -> None:
         """Stop the log followers and the engine client; containers keep running."""

@@ -9,18 +9,22 @@ themselves, and its files may be links anywhere).
 
 from __future__ import annotations
 
+import itertools
 import os
 import posixpath
 import stat
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kiln.runtime import RuntimeFailure
 
 __all__ = [
     "FREEZE_TIMEOUT",
+    "WRITABLE_DEPTH_MAX",
+    "WRITABLE_ENTRIES_MAX",
     "WRITABLE_TAR_MAX",
     "cgroup_pids",
     "freeze_cgroup",
@@ -34,7 +38,13 @@ __all__ = [
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 FREEZE_TIMEOUT = 5.0
 WRITABLE_TAR_MAX = 256 * 1024**2
-"""An evidence tar holds at most this much file content; the rest is listed as cut."""
+"""An evidence tar is at most this large, headers included; the rest is listed as cut."""
+WRITABLE_ENTRIES_MAX = 100_000
+"""Entries an evidence tar holds at most (and names read from one directory)."""
+WRITABLE_DEPTH_MAX = 128
+"""Directories nested deeper than this under a writable path are listed as cut."""
+_HEADER_COST = 3 * tarfile.BLOCKSIZE
+"""A member's header, its PAX header and the PAX records' block, at least."""
 PROCESSES_MAX = 4096
 _TCP_LISTEN = "0A"
 
@@ -155,41 +165,200 @@ def _safe_path(path: str) -> str | None:
     return normal
 
 
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_TAR_TYPES = {
+    stat.S_IFDIR: tarfile.DIRTYPE,
+    stat.S_IFLNK: tarfile.SYMTYPE,
+    stat.S_IFIFO: tarfile.FIFOTYPE,
+    stat.S_IFCHR: tarfile.CHRTYPE,
+    stat.S_IFBLK: tarfile.BLKTYPE,
+}
+
+
+def _open_inside(root_fd: int, path: str) -> int:
+    """``path`` under the root, one component at a time, none of them a link."""
+    fd = os.dup(root_fd)
+    try:
+        for part in path.strip("/").split("/"):
+            next_fd = os.open(part, _OPEN_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Exactly:
+    """A file read as exactly ``size`` bytes: cut if it grew, padded with zeros if it
+    shrank (an unfrozen writer), so the tar's header never lies about what follows."""
+
+    def __init__(self, content: BinaryIO, size: int) -> None:
+        self.content = content
+        self.left = size
+
+    def read(self, n: int = -1, /) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.content.read(n) if n else b""
+        data += bytes(n - len(data))
+        self.left -= n
+        return data
+
+
+class _WritableTar:
+    """One evidence tar, bounded in entries, depth and bytes written (content and
+    headers: a million empty files must not fill the agent's disk)."""
+
+    def __init__(self, tar: tarfile.TarFile, limit: int) -> None:
+        self.tar = tar
+        self.limit = limit
+        self.stored = self.files = 0
+        self.cut: list[str] = []
+        self.hardlinks: dict[tuple[int, int], str] = {}
+
+    def add(self, dir_fd: int, name: str, arcname: str, st: os.stat_result) -> None:
+        """One entry, read relative to its directory's descriptor: a link is stored as
+        a link, a fifo or device as a header, a regular file only if the file opened is
+        the one stat saw (never through a link, never blocking)."""
+        kind = stat.S_IFMT(st.st_mode)
+        info = tarfile.TarInfo(arcname)
+        info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        info.mtime = int(st.st_mtime)
+        size = 0
+        key = (st.st_dev, st.st_ino)
+        if kind == stat.S_IFREG and st.st_nlink > 1 and key in self.hardlinks:
+            info.type, info.linkname = tarfile.LNKTYPE, self.hardlinks[key]
+        elif kind == stat.S_IFREG:
+            size = st.st_size
+        elif kind in _TAR_TYPES:
+            info.type = _TAR_TYPES[kind]
+            if kind == stat.S_IFLNK:
+                info.linkname = os.readlink(name, dir_fd=dir_fd)
+            elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+                info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        else:
+            return  # a socket: nothing a tar holds
+        cost = _HEADER_COST + len(arcname.encode(errors="surrogateescape")) * 2
+        cost += len(info.linkname) * 2 + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        if self.tar.offset + cost > self.limit or self.files >= WRITABLE_ENTRIES_MAX:
+            self.cut.append("/" + arcname)
+            return
+        if size == 0 or info.type != tarfile.REGTYPE:
+            self.tar.addfile(info)
+        else:
+            fd = os.open(name, _OPEN_FILE, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as content:
+                opened = os.fstat(content.fileno())
+                if (opened.st_dev, opened.st_ino) != key or not stat.S_ISREG(opened.st_mode):
+                    return
+                info.size = size
+                self.tar.addfile(info, _Exactly(content, size))
+            self.stored += size
+        if kind == stat.S_IFREG and st.st_nlink > 1:
+            self.hardlinks.setdefault(key, arcname)
+        self.files += 1
+
+    def walk(self, top_fd: int, top: str) -> None:
+        """The tree under ``top_fd`` (already added; closed here), depth first without
+        recursion; each directory opened from its parent's descriptor, never through a
+        link, so at most one descriptor per level of depth is open."""
+        stack = [(top_fd, top, self._directory(top_fd, top, 0))]
+        try:
+            while stack:
+                dir_fd, arcdir, below = stack[-1]
+                if not below:
+                    os.close(dir_fd)
+                    stack.pop()
+                    continue
+                name = below.pop(0)
+                try:
+                    child_fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+                except OSError:
+                    continue
+                arcname = f"{arcdir}/{name}"
+                stack.append((child_fd, arcname, self._directory(child_fd, arcname, len(stack))))
+        finally:
+            for dir_fd, _, _ in stack:
+                os.close(dir_fd)
+
+    def _directory(self, dir_fd: int, arcdir: str, depth: int) -> list[str]:
+        """Add one directory's entries; the subdirectories to walk into."""
+        try:
+            with os.scandir(dir_fd) as entries:
+                names = sorted(e.name for e in itertools.islice(entries, WRITABLE_ENTRIES_MAX + 1))
+        except OSError:
+            return []
+        below: list[str] = []
+        for name in names:
+            arcname = f"{arcdir}/{name}"
+            if self.files >= WRITABLE_ENTRIES_MAX:
+                self.cut.append("/" + arcname)
+                break
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and depth >= WRITABLE_DEPTH_MAX:
+                self.cut.append("/" + arcname)
+                continue
+            before = len(self.cut)
+            try:
+                self.add(dir_fd, name, arcname, st)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and len(self.cut) == before:
+                below.append(name)
+        return below
+
+
 def tar_writable(
-    pid: int, paths: list[str], out: Path, limit: int = WRITABLE_TAR_MAX
+    pid: int,
+    paths: list[str],
+    out: Path,
+    limit: int | None = None,
+    still_the_instance: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Each writable path as the instance sees it, into the tar ``out``; links are stored
     as links, never followed. Returns what was stored, what was cut (past ``limit``
-    bytes of content) and which paths were refused (relative, ``..``, a link, absent)."""
-    root = f"/proc/{pid}/root"
-    stored = files = 0
-    cut: list[str] = []
+    bytes written, :data:`WRITABLE_TAR_MAX` by default, or past the entry and depth
+    bounds) and which paths were refused (relative, ``..``, a link, absent).
+
+    The instance's root is opened once: every read is relative to it, so a pid that
+    ends and is reused meanwhile cannot turn the walk into another process's files;
+    ``still_the_instance``, asked after it is open, says whether the pid was still the
+    instance's (else everything is refused)."""
     refused: list[str] = []
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in paths:
-            safe = _safe_path(path)
-            top = root + safe if safe is not None else ""
-            if not top or not os.path.lexists(top) or os.path.islink(top):
-                refused.append(path)
-                continue
-            for directory, dirs, names in os.walk(top, followlinks=False):
-                dirs.sort()
-                links = [d for d in dirs if os.path.islink(os.path.join(directory, d))]
-                for name in [".", *sorted(names), *links]:
-                    full = os.path.normpath(os.path.join(directory, name))
-                    try:
-                        info = os.lstat(full)
-                    except OSError:
-                        continue
-                    size = info.st_size if stat.S_ISREG(info.st_mode) else 0
-                    arcname = full[len(root) :].lstrip("/")
-                    if stored + size > limit:
-                        cut.append("/" + arcname)
-                        continue
-                    try:
-                        tar.add(full, arcname=arcname, recursive=False)
-                    except OSError:
-                        continue
-                    stored += size
-                    files += 1
-    return {"files": files, "bytes": stored, "cut": cut[:100], "refused": refused}
+        bounded = _WritableTar(tar, WRITABLE_TAR_MAX if limit is None else limit)
+        try:
+            root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return {"files": 0, "bytes": 0, "cut": [], "refused": list(paths)}
+        try:
+            if still_the_instance is not None and not still_the_instance():
+                return {"files": 0, "bytes": 0, "cut": [], "refused": list(paths)}
+            for path in paths:
+                safe = _safe_path(path)
+                try:
+                    if safe is None:
+                        raise FileNotFoundError(path)
+                    top_fd = _open_inside(root_fd, safe)
+                except OSError:
+                    refused.append(path)
+                    continue
+                try:
+                    bounded.add(top_fd, ".", safe.lstrip("/"), os.fstat(top_fd))
+                except OSError:
+                    os.close(top_fd)
+                    refused.append(path)
+                    continue
+                bounded.walk(top_fd, safe.lstrip("/"))  # closes top_fd
+        finally:
+            os.close(root_fd)
+    return {
+        "files": bounded.files,
+        "bytes": bounded.stored,
+        "cut": bounded.cut[:100],
+        "refused": refused,
+    }

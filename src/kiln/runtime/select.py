@@ -7,7 +7,7 @@ local-only project never loads the Docker SDK.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,15 @@ RUNTIME_KINDS = ("local", "docker", "swarm")
 
 
 def open_runtime(
-    home: Path, kind: str = "local", host: str | None = None, registry: Registry | None = None
+    home: Path,
+    kind: str = "local",
+    host: str | None = None,
+    registry: Registry | None = None,
+    nodes: dict[str, str] | None = None,
 ) -> Runtime:
     """A runtime for ``home``: ``local`` (runc on this machine), ``docker`` (the engine at
     ``host``, default ``DOCKER_HOST`` or /run/docker.sock) or ``swarm`` (the manager at
-    ``host``, images pushed to ``registry``)."""
+    ``host``, images pushed to ``registry``, each node's own engine in ``nodes``)."""
     if kind == "local":
         if host is not None:
             raise KilnError(f'runtime host {host!r} is only used with kind = "docker" or "swarm"')
@@ -55,7 +59,7 @@ def open_runtime(
             auth_file=Path(registry.auth_file) if registry.auth_file else None,
             plain_http=registry.plain_http,
         )
-        return SwarmRuntime(home, host, registry.path, options)
+        return SwarmRuntime(home, host, registry.path, options, nodes=nodes)
     raise KilnError(f"unknown runtime kind {kind!r}: use one of {', '.join(RUNTIME_KINDS)}")
 
 
@@ -97,21 +101,35 @@ class RuntimeChoice:
     kind: str = "local"
     host: str | None = None
     registry: Registry | None = None
+    nodes: tuple[tuple[str, str], ...] = ()
+    """A swarm's ``[runtime] nodes``: (node, its engine's address), sorted; a tuple so
+    that the choice stays hashable."""
 
     def open(self, home: Path) -> Runtime:
-        return open_runtime(home, self.kind, self.host, self.registry)
+        return open_runtime(
+            home, self.kind, self.host, self.registry, dict(self.nodes) if self.nodes else None
+        )
+
+    def same_instances(self, other: RuntimeChoice) -> bool:
+        """Whether both reach the same instances: the same runtime, engine and registry,
+        whatever node engines (``nodes``) each reaches a swarm's tasks through."""
+        return replace(self, nodes=()) == replace(other, nodes=())
 
     def describe(self) -> str:
         where = f" at {self.host}" if self.host else ""
         via = f" (images via {self.registry.path})" if self.registry else ""
-        return self.kind + where + via
+        engines = f" with the engines of nodes {', '.join(n for n, _ in self.nodes)}"
+        return self.kind + where + via + (engines if self.nodes else "")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "kind": self.kind,
             "host": self.host,
             "registry": self.registry.to_json() if self.registry else None,
         }
+        if self.nodes:
+            data["nodes"] = dict(self.nodes)
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> RuntimeChoice:
@@ -119,10 +137,14 @@ class RuntimeChoice:
         if not isinstance(data, dict):
             return cls()
         host = data.get("host")
+        nodes = data.get("nodes")
         return cls(
             str(data.get("kind") or "local"),
             str(host) if host else None,
             Registry.from_json(data.get("registry")),
+            tuple(sorted((str(k), str(v)) for k, v in nodes.items()))
+            if isinstance(nodes, dict)
+            else (),
         )
 
 

@@ -27,7 +27,10 @@ What lives where:
 
 Swarm's events API has no task events, so one watcher thread lists the home's
 tasks once a second while any instance is watched (:meth:`exit_fd`): one call
-for all instances, and nothing at all when none runs.
+for all instances, and nothing at all when none runs. What the manager does
+announce near a task's end (a container dying on its own node, a node or
+service update), and a failed health check (:meth:`suspect_exit`), switch it to
+quick listings for a moment, so a death is seen as soon as the manager records it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import re
 import signal as signals
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +84,7 @@ from kiln.runtime.docker import (
     _engine_reason,
     log_meta,
 )
+from kiln.runtime.swarm_nodes import NodeEngines, TaskContainer
 
 __all__ = ["EDGE_CA_SECRET", "EDGE_TOKEN_SECRET", "LABEL_SECRET", "SwarmRuntime"]
 
@@ -96,6 +101,13 @@ STOP_MARGIN = 15.0
 WATCH_PERIOD = 1.0
 """How often the watcher lists the tasks while an instance is watched: a death is seen
 within this (well inside one health interval)."""
+START_POLL = 0.05
+"""How often a starting task is read: the instance's start (what a recovery and a rollout
+wait on) is seen within this of Swarm's, and only while something starts."""
+HINT_POLL = 0.1
+"""How often the watcher lists the tasks just after the manager announced a change."""
+HINT_WINDOW = 2.0
+"""How long quick listings follow an event: a task's end reaches the manager within it."""
 LOG_DRAIN_TIMEOUT = 5.0
 POOL_SIZE = 64
 _TERMINAL = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
@@ -121,9 +133,11 @@ class SwarmRuntime(EngineClient):
     """One-task services of a Docker Swarm, labelled as this home's.
 
     ``host`` is a manager's Engine API (None: ``DOCKER_HOST`` or the local socket);
-    ``registry`` is where images go for every node to pull. Connects at once: an
-    engine that does not answer, is not in a swarm or is not a manager is a
-    RuntimeFailure naming it and what to do.
+    ``registry`` is where images go for every node to pull; ``nodes`` maps a node (its
+    hostname, id or address) to its own Engine API, through which exec, freeze, evidence
+    and the file drift check reach a task (:mod:`kiln.runtime.swarm_nodes`); without it
+    they are refused. Connects at once: an engine that does not answer, is not in a swarm
+    or is not a manager is a RuntimeFailure naming it and what to do.
     """
 
     name = "swarm"
@@ -135,6 +149,7 @@ class SwarmRuntime(EngineClient):
         host: str | None = None,
         registry: str | None = None,
         registry_options: RegistryOptions | None = None,
+        nodes: Mapping[str, str] | None = None,
     ) -> None:
         self.home = home.absolute()
         self.tag = home_tag(self.home)
@@ -174,8 +189,9 @@ class SwarmRuntime(EngineClient):
                 f"swarm runtime: the docker engine at {self.host} is a swarm worker; point "
                 "[runtime] host at a manager (`docker node ls` there lists them)"
             )
+        self.node_engines = NodeEngines(self.api, nodes, self.tag)
         self.capabilities = Capabilities(
-            exec=False,
+            exec=bool(self.node_engines),
             signal=False,
             volumes=False,
             secrets=True,
@@ -192,6 +208,11 @@ class SwarmRuntime(EngineClient):
         self._watched: dict[str, _Watched] = {}
         self._watch_wake = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._hinted_until = 0.0
+        self._stopping: set[str] = set()
+        """Services this runtime scaled to zero itself: their tasks run until they end."""
+        self._hints: threading.Thread | None = None
+        self._hint_stream: Any = None
         self._closed = False
 
     # -- names and errors
@@ -415,9 +436,14 @@ class SwarmRuntime(EngineClient):
         who = spec.instance_id
         deadline = time.monotonic() + START_TIMEOUT
         last = "new"
+        node_checked = time.monotonic()
         while time.monotonic() < deadline:
             with self._engine(who, "read its task"):
                 tasks = self.api.tasks(filters={"service": service_id})
+            # One call per poll: whether its node went down is asked once a period.
+            check_node = time.monotonic() - node_checked >= WATCH_PERIOD
+            if check_node:
+                node_checked = time.monotonic()
             for task in tasks:
                 status = task.get("Status") or {}
                 state = str(status.get("State") or "")
@@ -431,7 +457,7 @@ class SwarmRuntime(EngineClient):
                         return handle
                 node_id = str(task.get("NodeID") or "")
                 with self._engine(who, "read its node"):
-                    lost = self._node_down(node_id)
+                    lost = check_node and self._node_down(node_id)
                 if lost:
                     # Placed on a node that was lost before the task ran: with restart
                     # condition none Swarm never moves it, so this start fails now and
@@ -440,7 +466,7 @@ class SwarmRuntime(EngineClient):
                         f"instance {who}: its node {self._node_address(node_id) or node_id} "
                         "went down before its task ran"
                     )
-            time.sleep(0.2)
+            time.sleep(START_POLL)
         raise RuntimeFailure(
             f"instance {who}: its task was not running after {START_TIMEOUT:.0f}s (last state "
             f"{last}); see `docker service ps {self.service_name(who)}` on the manager"
@@ -499,6 +525,21 @@ class SwarmRuntime(EngineClient):
             return
         copier, thread = follower
         thread.join(timeout)
+        if thread.is_alive():
+            copier.cancel()
+            thread.join(LOG_DRAIN_TIMEOUT)
+
+    def _drain_logs(self, service: dict[str, Any]) -> None:
+        """Swarm never ends a service's follow stream (it waits for more tasks), so waiting
+        for the follower would hold every destroy for LOG_DRAIN_TIMEOUT: it is cut at once,
+        and a copy without follow, which ends with what the node holds, takes the rest
+        (cut after LOG_DRAIN_TIMEOUT when the node does not answer)."""
+        service_id = str(service["ID"])
+        self._end_follower(service_id, 0.0)
+        copier = LogCopier(self, service_id, self._meta(service), False, "/services/{0}/logs")
+        thread = threading.Thread(target=copier.run, name="kiln-logs-drain", daemon=True)
+        thread.start()
+        thread.join(LOG_DRAIN_TIMEOUT)
         if thread.is_alive():
             copier.cancel()
             thread.join(LOG_DRAIN_TIMEOUT)
@@ -575,13 +616,22 @@ class SwarmRuntime(EngineClient):
     def inspect(self, handle: InstanceHandle) -> InstanceState:
         """RUNNING while its task runs on a node the manager sees; EXITED once the task
         ended or its node is down (the instance is lost to Kiln either way); GONE when
-        the service is."""
+        the service is. A service scaled to zero behind Kiln's back (not by :meth:`stop`)
+        is EXITED at once: Swarm never runs its task again, and its node takes seconds to
+        stop it (a task on an overlay network waits 2 s for gossip, then its grace)."""
         self._check_handle(handle)
         service = self._service(handle)
         if service is None:
             return InstanceState(InstanceStatus.GONE, None, None)
+        if self._scaled_to_zero(service) and str(service["ID"]) not in self._stopping:
+            return InstanceState(InstanceStatus.EXITED, None, None)
         with self._engine(handle.instance_id, "read its node"):
             return self._task_state(self._task(handle, service))
+
+    @staticmethod
+    def _scaled_to_zero(service: dict[str, Any]) -> bool:
+        mode = ((service.get("Spec") or {}).get("Mode") or {}).get("Replicated") or {}
+        return mode.get("Replicas") == 0
 
     def wait(self, handle: InstanceHandle, timeout: float) -> InstanceState:
         deadline = time.monotonic() + max(timeout, 0.0)
@@ -605,6 +655,8 @@ class SwarmRuntime(EngineClient):
             state = self._task_state(self._task(handle, service))
         if state.status is not InstanceStatus.RUNNING:
             return state
+        with self._guard:
+            self._stopping.add(str(service["ID"]))
         with self._engine(handle.instance_id, "scale its service to zero"):
             self.api.update_service(
                 service["ID"],
@@ -624,12 +676,14 @@ class SwarmRuntime(EngineClient):
         if service is not None:
             if self.inspect(handle).status is InstanceStatus.RUNNING:
                 self.stop(handle, 0.0)
-            self._end_follower(str(service["ID"]), LOG_DRAIN_TIMEOUT)
+            self._drain_logs(service)
             with (
                 self._engine(handle.instance_id, "remove its service"),
                 contextlib.suppress(docker.errors.NotFound),
             ):
                 self.api.remove_service(service["ID"])
+            with self._guard:
+                self._stopping.discard(str(service["ID"]))
         self._notify(handle.instance_id)
         self._remove_secrets(handle.instance_id)
 
@@ -648,8 +702,10 @@ class SwarmRuntime(EngineClient):
         """Through the manager: the service and task are the ones started, the service
         was never updated in place (``docker service update``: Kiln's only update is its
         scale to zero when it stops one), and the task's spec runs the revision's image
-        by digest with its labels and env. A task's files are not checked: that needs
-        its node's engine, which the manager does not expose (docs/drift.md)."""
+        by digest with its labels and env. With [runtime] nodes, the task's files too,
+        through its node's engine as the docker runtime checks its containers' (its layer
+        on this machine, else ``docker diff``); without it they are not checked: the
+        manager does not expose them (docs/drift.md)."""
         self._check_handle(handle)
         service = self._service(handle)
         if service is None or service["ID"] != handle.data.get("service_id", service["ID"]):
@@ -681,6 +737,14 @@ class SwarmRuntime(EngineClient):
         for key, value in sorted(expected.env.items()):
             if env.get(key) != value:
                 return DriftFinding("config", f"env {key} is not the revision's")
+        if not self.node_engines:
+            return None
+        found = self._on_node(handle, "read a task's files")
+        files = found.engine._written(found.attrs) if found is not None else []
+        if files:
+            return DriftFinding(
+                "files", f"{len(files)} file(s) written into its root", tuple(files)
+            )
         return None
 
     def recover(self, handle: InstanceHandle) -> bool:
@@ -828,7 +892,13 @@ class SwarmRuntime(EngineClient):
         labels = {LABEL_HOME: self.tag, LABEL_EDGE: fingerprint}
         container = docker.types.ContainerSpec(
             reference,
-            env=[f"KILN_EDGE_AGENT={agent_url}", f"KILN_EDGE_STATE={EDGE_STATE}"],
+            env=[
+                f"KILN_EDGE_AGENT={agent_url}",
+                f"KILN_EDGE_STATE={EDGE_STATE}",
+                # Swarm's templates: each node's name and ID (hostnames may repeat).
+                "KILN_EDGE_NAME={{.Node.Hostname}}",
+                "KILN_EDGE_NODE_ID={{.Node.ID}}",
+            ],
             labels=labels,
             mounts=[
                 docker.types.Mount(
@@ -965,16 +1035,30 @@ class SwarmRuntime(EngineClient):
         return fd
 
     def _watch(self) -> None:
-        """Lists the home's tasks every WATCH_PERIOD while anything is watched; ends when
-        nothing is. A manager that does not answer wakes nobody (the health checks see
-        what the instances themselves do)."""
+        """Lists the home's tasks every WATCH_PERIOD while anything is watched, every
+        HINT_POLL for HINT_WINDOW after a hint from the manager's events (:meth:`_hint`);
+        ends when nothing is watched. A task on a node the manager sees down is reported
+        at the period only, as before hints: its health checks, failing at once, may
+        replace it as unhealthy first, and a lost node is not the app's death (which the
+        meltdown breaker counts). A manager that does not answer wakes nobody (the
+        health checks see what the instances themselves do)."""
+        full_listing = 0.0
         while True:
             with self._guard:
                 if self._closed or not self._watched:
                     self._watcher = None
+                    self._end_hints()
                     return
                 watched = list(self._watched.items())
+                if self._hints is None or not self._hints.is_alive():
+                    self._hints = threading.Thread(
+                        target=self._hint, name="kiln-swarm-events", daemon=True
+                    )
+                    self._hints.start()
             ended: builtins.list[str] = []
+            full = time.monotonic() - full_listing >= WATCH_PERIOD
+            if full:
+                full_listing = time.monotonic()
             with contextlib.suppress(RuntimeFailure, KeyError, TypeError):
                 tasks = self._home_tasks()
                 with self._engine(None, "list nodes"):
@@ -985,13 +1069,69 @@ class SwarmRuntime(EngineClient):
                     if task is None or task["ID"] != entry.handle.data.get("task_id"):
                         ended.append(instance_id)
                         continue
+                    if not full and str(task.get("NodeID") or "") in down:
+                        continue
+                    if (  # Swarm was told to end it (not by stop): inspect tells why
+                        str(task.get("DesiredState")) in _TERMINAL
+                        and str(task.get("ServiceID")) not in self._stopping
+                    ):
+                        ended.append(instance_id)
+                        continue
                     with self._engine(instance_id, "read its node"):
                         if self._task_state(task, down).status is not InstanceStatus.RUNNING:
                             ended.append(instance_id)
             for instance_id in ended:
                 self._notify(instance_id)
-            self._watch_wake.wait(WATCH_PERIOD)
+            hinted = time.monotonic() < self._hinted_until
+            self._watch_wake.wait(HINT_POLL if hinted else WATCH_PERIOD)
             self._watch_wake.clear()
+
+    def _hint(self) -> None:
+        """Swarm has no task events, but the manager announces what comes with a task's
+        end: a container of the home dying on the manager's own node, a node's update (its
+        state, or its network attachments when its last task of the home's network ends),
+        a service updated or removed. Each opens a window of quick listings (the manager
+        records the task's end a few hundred ms after its node saw it); the listing, not
+        the event, decides. Ends when the watcher closes the stream, or on any error (the
+        watcher opens another within WATCH_PERIOD)."""
+        with contextlib.suppress(Exception):
+            api = self.new_api()
+            try:
+                stream = api.events(
+                    decode=True,
+                    filters={
+                        "type": ["container", "node", "service"],
+                        "event": ["die", "update", "remove"],
+                    },
+                )
+                with self._guard:
+                    if self._closed or self._hints is not threading.current_thread():
+                        stream.close()
+                        return
+                    self._hint_stream = stream
+                for event in stream:
+                    if self._hints is not threading.current_thread():
+                        return
+                    attributes = (event.get("Actor") or {}).get("Attributes") or {}
+                    if event.get("Type") == "container" and attributes.get(LABEL_HOME) != self.tag:
+                        continue
+                    self._hinted_until = time.monotonic() + HINT_WINDOW
+                    self._watch_wake.set()
+            finally:
+                api.close()
+
+    def suspect_exit(self, handle: InstanceHandle) -> None:
+        """A watched instance failed a health check: quick listings, as after an event."""
+        if handle.instance_id in self._watched:
+            self._hinted_until = time.monotonic() + HINT_WINDOW
+            self._watch_wake.set()
+
+    def _end_hints(self) -> None:
+        """Close the event stream under the hint thread (called holding ``_guard``)."""
+        stream, self._hint_stream, self._hints = self._hint_stream, None, None
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
 
     def _notify(self, instance_id: str) -> None:
         with self._guard:
@@ -1001,24 +1141,78 @@ class SwarmRuntime(EngineClient):
                 os.eventfd_write(fd, 1)
             os.close(fd)
 
+    # -- through the node's own engine ([runtime] nodes)
+
+    def _on_node(self, handle: InstanceHandle, doing: str) -> TaskContainer | None:
+        """The instance's running task's container, through its node's engine and checked
+        as the instance's; None when the instance is gone or no longer runs."""
+        self._check_handle(handle)
+        if not self.node_engines:
+            raise NotSupported(
+                f"instance {handle.instance_id}: the swarm runtime cannot {doing} without "
+                "[runtime] nodes (each node's Engine API): the manager's has no call for it"
+            )
+        service = self._service(handle)
+        if service is None:
+            return None
+        task = self._task(handle, service)
+        with self._engine(handle.instance_id, "read its node"):
+            if task is None or self._task_state(task).status is not InstanceStatus.RUNNING:
+                return None
+        return self.node_engines.container(handle.instance_id, task, str(service["ID"]))
+
+    def exec(
+        self, handle: InstanceHandle, argv: builtins.list[str], timeout: float
+    ) -> tuple[int, str]:
+        """Run ``argv`` in the task's container through its node's engine (the app's
+        user, env and capabilities), as the docker runtime does."""
+        found = self._on_node(handle, "exec into a task")
+        if found is None:
+            raise RuntimeFailure(f"instance {handle.instance_id}: not running, cannot exec")
+        return found.engine._exec_in(handle.instance_id, found.id, argv, timeout)
+
     def freeze(self, handle: InstanceHandle) -> None:
-        """Swarm has no pause for a task (its API updates or removes services only), and a
-        task's node need not be reachable: quarantine on swarm keeps logs and facts, and
-        the instance is retired at once."""
-        raise NotSupported(
-            f"instance {handle.instance_id}: the swarm runtime cannot freeze a task "
-            "(Swarm has no pause); quarantine keeps its logs only"
-        )
+        """``docker pause`` of the task's container on its node. Swarm itself has no pause
+        for a task: without [runtime] nodes quarantine keeps the logs and facts, and the
+        instance is retired at once."""
+        if not self.node_engines:
+            raise NotSupported(
+                f"instance {handle.instance_id}: the swarm runtime cannot freeze a task "
+                "(Swarm has no pause); quarantine keeps its logs only (set [runtime] nodes "
+                "to freeze it through its node's engine)"
+            )
+        found = self._on_node(handle, "freeze a task")
+        if found is None:
+            raise RuntimeFailure(f"instance {handle.instance_id}: not running, cannot freeze")
+        found.engine._pause(handle.instance_id, found.attrs)
 
     def thaw(self, handle: InstanceHandle) -> None:
-        raise NotSupported(f"instance {handle.instance_id}: the swarm runtime cannot thaw a task")
+        if not self.node_engines:
+            raise NotSupported(
+                f"instance {handle.instance_id}: the swarm runtime cannot thaw a task"
+            )
+        found = self._on_node(handle, "thaw a task")
+        if found is not None:
+            found.engine._unpause(handle.instance_id, found.attrs)
 
     def collect_evidence(
         self, handle: InstanceHandle, writable: builtins.list[str], into: Path
     ) -> dict[str, Any]:
-        raise NotSupported(
-            f"instance {handle.instance_id}: the swarm runtime cannot read a task's files"
+        """The writable paths, processes and ports of the task's container, read through
+        its node's engine as the docker runtime reads its own."""
+        if not self.node_engines:
+            raise NotSupported(
+                f"instance {handle.instance_id}: the swarm runtime cannot read a task's files "
+                "without [runtime] nodes (each node's Engine API)"
+            )
+        found = self._on_node(handle, "read a task's files")
+        if found is None:
+            raise RuntimeFailure(f"instance {handle.instance_id}: gone, no evidence")
+        facts = found.engine._evidence(
+            handle.instance_id, found.attrs, handle.address, writable, into
         )
+        facts["network"]["node"] = found.engine.node
+        return facts
 
     def close(self) -> None:
         """Stop the log followers, the watcher and the client; instances keep running."""
@@ -1026,6 +1220,7 @@ class SwarmRuntime(EngineClient):
             self._closed = True
             followers = list(self._followers.values())
             self._followers.clear()
+            self._end_hints()
         self._watch_wake.set()
         for instance_id in list(self._watched):
             self._notify(instance_id)
@@ -1033,4 +1228,5 @@ class SwarmRuntime(EngineClient):
             copier.cancel()
         for _, thread in followers:
             thread.join(LOG_DRAIN_TIMEOUT)
+        self.node_engines.close()
         self.client.close()

@@ -476,7 +476,8 @@ def _check_references(spec: Spec, found: _Found) -> None:
 
 def _check_runtime(spec: Spec, found: _Found) -> None:
     """``host`` names a Docker Engine (or a Swarm manager): it means nothing to the local
-    runtime; ``registry`` is where a Swarm's nodes pull from, and a Swarm needs one."""
+    runtime; ``registry`` is where a Swarm's nodes pull from, and a Swarm needs one;
+    ``nodes`` (each node's engine) is what lets exec reach a Swarm task."""
     runtime = spec.runtime
     env = found.env
 
@@ -495,6 +496,10 @@ def _check_runtime(spec: Spec, found: _Found) -> None:
         found.add(
             where("registry"), f'is only used with kind = "swarm"; kind is "{runtime.kind}"{origin}'
         )
+    if runtime.nodes is not None and runtime.kind != "swarm":
+        found.add(
+            where("nodes"), f'is only used with kind = "swarm"; kind is "{runtime.kind}"{origin}'
+        )
     if runtime.kind == "swarm" and runtime.registry is None:
         found.add(
             kind_from,
@@ -503,26 +508,20 @@ def _check_runtime(spec: Spec, found: _Found) -> None:
         )
     if runtime.kind == "swarm":
         for name, service in spec.services.items():
-            if service.health.exec is not None:
+            if service.health.exec is not None and not runtime.nodes:
                 found.add(
                     ("services", name, "health", "exec"),
-                    f'cannot run on kind = "swarm"{origin}: Swarm offers no exec into a task '
-                    "through its manager; use http or tcp",
-                )
-            if service.update.strategy == "canary":
-                found.add(
-                    ("services", name, "update", "strategy"),
-                    f'"canary" cannot run on kind = "swarm"{origin}: its analysis reads the '
-                    "agent's proxy counters, and on swarm requests come in through every "
-                    'node\'s edge proxy, which the agent does not count; use "blue-green" '
-                    'or "rolling"',
+                    f'cannot run on kind = "swarm"{origin} without [runtime] nodes: Swarm '
+                    "offers no exec into a task through its manager; give each node's Engine "
+                    "API in nodes, or use http or tcp",
                 )
             check = service.update.pre_promotion
-            if check is not None and check.exec is not None:
+            if check is not None and check.exec is not None and not runtime.nodes:
                 found.add(
                     ("services", name, "update", "pre_promotion", "exec"),
-                    f'cannot run on kind = "swarm"{origin}: Swarm offers no exec into a task '
-                    "through its manager; use http",
+                    f'cannot run on kind = "swarm"{origin} without [runtime] nodes: Swarm '
+                    "offers no exec into a task through its manager; give each node's Engine "
+                    "API in nodes, or use http",
                 )
 
 

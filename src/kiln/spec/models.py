@@ -620,16 +620,34 @@ def _registry_path(value: Any) -> Any:
 
 RegistryPath = Annotated[str, BeforeValidator(_registry_path)]
 
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,252}$")
+
+
+def _node_name(value: object) -> object:
+    if isinstance(value, str) and not _NODE_NAME.match(value):
+        raise ValueError(
+            f"{shown(value)} is not a swarm node's hostname, node id or address "
+            "(letters, digits, . _ : -)"
+        )
+    return value
+
+
+NodeName = Annotated[str, BeforeValidator(_node_name)]
+"""A swarm node as ``[runtime] nodes`` names it: its hostname (``docker node ls``), its
+node id, or the address the manager lists for it."""
+
 
 class RuntimeTarget(_Model):
     """``[runtime]``: where the project's instances run. ``local`` is runc on this
     machine; ``docker`` a Docker Engine at ``host`` (default ``DOCKER_HOST`` or
     ``unix:///run/docker.sock``); ``swarm`` a Docker Swarm whose manager is ``host``,
-    with images pushed to ``registry`` for every node to pull."""
+    with images pushed to ``registry`` for every node to pull, and ``nodes`` the Engine
+    API of each node (exec, quarantine, file drift and chaos act on a task's node)."""
 
     kind: Literal["local", "docker", "swarm"] = "local"
     host: EngineHost | None = None
     registry: RegistryPath | None = None
+    nodes: dict[NodeName, EngineHost] | None = None
 
 
 class RuntimeTargetOverlay(_Model):
@@ -638,6 +656,7 @@ class RuntimeTargetOverlay(_Model):
     kind: Literal["local", "docker", "swarm"] | None = None
     host: EngineHost | None = None
     registry: RegistryPath | None = None
+    nodes: dict[NodeName, EngineHost] | None = None
 
 
 _REGISTRY_HOST = r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$"

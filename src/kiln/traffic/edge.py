@@ -8,6 +8,11 @@ changed. While the agent cannot be reached, refuses the token or answers nonsens
 the last routes keep being served (they are also written to the state directory,
 so a restarted edge serves them before the agent answers).
 
+While the routes name services under analysis (``report_counters``: a canary runs),
+the edge posts its HAProxy's counters of those services to ``POST /v1/edge/counters``
+every :data:`REPORT_EVERY` seconds, and once more when a service leaves the list: the
+agent judges the canary from every node's counters. Otherwise it posts nothing.
+
 Only the standard library and Kiln's stdlib-only modules are imported: the edge
 image holds Debian's python3 and a copy of the kiln source, nothing from PyPI.
 """
@@ -19,8 +24,10 @@ import json
 import logging
 import os
 import re
+import secrets
 import select
 import signal
+import socket
 import ssl
 import stat
 import sys
@@ -35,14 +42,16 @@ from urllib.parse import urlencode, urlsplit
 from kiln.errors import KilnError
 from kiln.paths import private_dirs, write_private
 from kiln.traffic.haproxy import HAProxyRouter, RouterSettings
-from kiln.traffic.router import Router
+from kiln.traffic.router import BackendCounters, Router
 from kiln.traffic.routes import Route, RouteError
 
 __all__ = [
+    "REPORT_EVERY",
     "AgentError",
     "Edge",
     "EdgeSettings",
     "RouteSet",
+    "counters_report",
     "fetch_routes",
     "main",
     "parse_answer",
@@ -61,6 +70,12 @@ _EPOCH = re.compile(r"[0-9a-f]{1,64}")
 """What the agent makes (``secrets.token_hex``) and takes back in ``after``."""
 MAX_VERSION = 10**19 - 1
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{1,4096}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+"""An edge's name (its node's hostname) and a service's, as routes name them."""
+REPORT_EVERY = 1.0
+"""Seconds between two counter reports while a service is under analysis: a failing
+canary is seen by the agent within about this (its analysis reads every 0.25 s)."""
+COUNTERS_PATH = "/v1/edge/counters"
 
 ENV_AGENT = "KILN_EDGE_AGENT"
 ENV_TOKEN_FILE = "KILN_EDGE_TOKEN_FILE"
@@ -69,6 +84,8 @@ ENV_STATE = "KILN_EDGE_STATE"
 ENV_BIND = "KILN_EDGE_BIND"
 ENV_WAIT = "KILN_EDGE_WAIT"
 ENV_RETRY_MAX = "KILN_EDGE_RETRY_MAX"
+ENV_NAME = "KILN_EDGE_NAME"
+ENV_NODE_ID = "KILN_EDGE_NODE_ID"
 DEFAULT_TOKEN_FILE = "/run/secrets/kiln-edge-token"
 DEFAULT_CA_FILE = "/run/secrets/kiln-agent-ca"
 DEFAULT_STATE = "/var/lib/kiln-edge"
@@ -95,6 +112,8 @@ class EdgeSettings:
     bind: str = "0.0.0.0"
     wait: int = 30
     retry_max: float = 10.0
+    name: str = "edge"
+    """Which edge posts counters (the node's hostname in Swarm), for ``kiln status``."""
 
     @property
     def host(self) -> str:
@@ -124,12 +143,23 @@ class EdgeSettings:
             bind=env.get(ENV_BIND) or "0.0.0.0",
             wait=_number(env, ENV_WAIT, 30, 1, MAX_WAIT),
             retry_max=float(_number(env, ENV_RETRY_MAX, 10, 0.1, 300)),
+            name=edge_name(env.get(ENV_NAME) or socket.gethostname(), env.get(ENV_NODE_ID, "")),
         )
         for what, path in (("token", settings.token_file), ("CA", settings.ca_file)):
             if not path.is_file():
                 raise KilnError(f"{what} file {path} does not exist")
         read_token(settings.token_file)
         return settings
+
+
+def edge_name(hostname: str, node_id: str = "") -> str:
+    """The name the edge's reports carry: its node's hostname (the first label, in NAME's
+    characters; an odd hostname must not keep the edge from serving), then the start of
+    the node's Swarm ID when known, since nodes may share a hostname."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", hostname.split(".")[0])[:48].strip("-_") or "edge"
+    node = re.sub(r"[^A-Za-z0-9]", "", node_id)[:12]
+    name = f"{host}-{node}" if node else host
+    return name if NAME.fullmatch(name) else "edge"
 
 
 def _number(env: Mapping[str, str], key: str, default: float, low: float, high: float) -> Any:
@@ -168,6 +198,8 @@ class RouteSet:
     epoch: str
     version: int
     routes: dict[str, Route]
+    report: frozenset[str] = frozenset()
+    """The services whose counters the agent asks for (a canary of each is judged)."""
 
     @property
     def cursor(self) -> str:
@@ -178,6 +210,7 @@ class RouteSet:
             "epoch": self.epoch,
             "version": self.version,
             "routes": [self.routes[n].to_json() for n in sorted(self.routes)],
+            "report_counters": sorted(self.report),
         }
 
 
@@ -214,7 +247,72 @@ def parse_answer(body: bytes) -> RouteSet:
             )
         routes[route.name] = route
         ports[route.listen] = route.name
-    return RouteSet(epoch, version, routes)
+    # Absent from an older agent's answer: nothing to report.
+    report = data.get("report_counters", [])
+    if not isinstance(report, list) or not all(
+        isinstance(n, str) and NAME.fullmatch(n) for n in report
+    ):
+        raise AgentError("invalid", "report_counters must be a list of service names")
+    return RouteSet(epoch, version, routes, frozenset(report))
+
+
+def counters_report(
+    edge: str, generation: str, services: dict[str, dict[str, BackendCounters]]
+) -> dict[str, Any]:
+    """The body of ``POST /v1/edge/counters``: per service and backend the counts that
+    only grow, latency as its histogram (buckets in ms), so the agent can add them up."""
+    return {
+        "edge": edge,
+        "generation": generation,
+        "services": {
+            service: {
+                bid: {
+                    "requests": b.requests,
+                    "responses": dict(b.responses),
+                    "errors": b.errors,
+                    "active": b.active,
+                    "latency": {str(ms): n for ms, n in sorted(b.latency.counts.items())},
+                }
+                for bid, b in sorted(backends.items())
+            }
+            for service, backends in sorted(services.items())
+        },
+    }
+
+
+def post_counters(settings: EdgeSettings, body: dict[str, Any]) -> None:
+    """One report to the agent; an ``AgentError`` when it was not taken."""
+    token = read_token(settings.token_file)
+    try:
+        context = ssl.create_default_context(cafile=str(settings.ca_file))
+    except (OSError, ssl.SSLError) as e:
+        raise AgentError("tls", f"CA file {settings.ca_file}: unusable ({e})") from None
+    conn = http.client.HTTPSConnection(settings.host, settings.port, context=context, timeout=10)
+    try:
+        conn.request(
+            "POST",
+            COUNTERS_PATH,
+            body=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        detail = resp.read(4096).decode(errors="replace")
+        if resp.status in (401, 403):
+            raise AgentError(
+                "auth", f"the agent refused the counters (HTTP {resp.status}: {detail})"
+            )
+        if resp.status != 200:
+            raise AgentError(f"http-{resp.status}", f"the agent answered HTTP {resp.status}")
+    except ssl.SSLCertVerificationError as e:
+        raise AgentError(
+            "tls", f"the agent's certificate is not trusted ({e.verify_message})"
+        ) from None
+    except (OSError, http.client.HTTPException) as e:
+        raise AgentError(
+            "unreachable", f"the agent is unreachable ({e or type(e).__name__})"
+        ) from None
+    finally:
+        conn.close()
 
 
 def fetch_routes(settings: EdgeSettings, after: RouteSet | None) -> RouteSet:
@@ -287,11 +385,16 @@ class Edge:
         self._received: RouteSet | None = None
         self._wake = threading.Event()
         self._agent_state = ""
+        self.generation = secrets.token_hex(8)
+        """New per process: the agent sees a restarted edge's counts begin again."""
+        self._report_wake = threading.Event()
+        self._report_state = ""
 
     def request_stop(self) -> None:
         """From a signal handler: the main loop stops HAProxy gracefully and returns."""
         self.stopping.set()
         self._wake.set()
+        self._report_wake.set()
 
     # -- the watch (its own thread) --------------------------------------
 
@@ -315,6 +418,48 @@ class Edge:
             with self._lock:
                 self._received = answer
             self._wake.set()
+            if after is None or answer.report != after.report:
+                self._report_wake.set()
+
+    # -- the counter reports (their own thread) ------------------------------
+
+    def _report(self) -> None:
+        """Idle (no wake-up at all) while no service is under analysis; else a report
+        every ``REPORT_EVERY`` seconds, and a last one for a service that left the list."""
+        last: frozenset[str] = frozenset()
+        while not self.stopping.is_set():
+            with self._lock:
+                wanted = self._received.report if self._received is not None else frozenset()
+            if not wanted and not last:
+                self._report_wake.wait()
+                self._report_wake.clear()
+                continue
+            self._report_once(wanted | last)
+            last = wanted
+            if wanted:
+                self._report_wake.wait(REPORT_EVERY)
+                self._report_wake.clear()
+
+    def _report_once(self, services: frozenset[str]) -> None:
+        try:
+            counters = self.router.counters()
+        except KilnError as e:
+            self._reported("counters", f"reading haproxy's counters failed: {e}")
+            return
+        picked = {s: counters[s].backends for s in sorted(services) if s in counters}
+        body = counters_report(self.settings.name, self.generation, picked)
+        try:
+            post_counters(self.settings, body)
+        except AgentError as e:
+            self._reported(e.kind, f"counters of {', '.join(sorted(services))} not taken: {e}")
+            return
+        self._reported("ok", f"reporting the counters of {', '.join(sorted(services))}")
+
+    def _reported(self, state: str, message: str) -> None:
+        """One line per change of the reports' state, none per report."""
+        if state != self._report_state:
+            self._report_state = state
+            (log.info if state == "ok" else log.warning)("%s", message)
 
     def _agent(self, state: str, message: str) -> None:
         """One line per change of the agent's state, none per retry."""
@@ -341,6 +486,8 @@ class Edge:
             log.info("haproxy %s; no routes yet, asking %s", how, self.settings.agent)
         watcher = threading.Thread(target=self._watch, name="edge-watch", daemon=True)
         watcher.start()
+        reporter = threading.Thread(target=self._report, name="edge-report", daemon=True)
+        reporter.start()
         applied: RouteSet | None = None
         failing = ""
         retry_at = 0.0
@@ -432,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv:
         print(
             f"usage: python3 -m kiln.traffic.edge (settings from {ENV_AGENT}, {ENV_TOKEN_FILE}, "
-            f"{ENV_CA_FILE}, {ENV_STATE}, {ENV_BIND}, {ENV_WAIT}, {ENV_RETRY_MAX})",
+            f"{ENV_CA_FILE}, {ENV_STATE}, {ENV_BIND}, {ENV_WAIT}, {ENV_RETRY_MAX}, {ENV_NAME}, "
+            f"{ENV_NODE_ID})",
             file=sys.stderr,
         )
         return 0 if argv[0] in ("-h", "--help") else 2

@@ -115,6 +115,12 @@ PEER_COMMAND = (
 )
 PEER_HEALTH = "wget -q -O /dev/null http://127.0.0.1:$(cat /tmp/port)/healthz"
 PEER_OPTIONS = ("--network", "host", "--user", "0")
+PEER_AS_KILN = (
+    # What the swarm runtime gives each of Kiln's tasks (runtime/swarm.py ``_create``).
+    "--network", "peer-net", "--publish", "mode=host,target=8080", "--user", "65534:65534",
+    "--read-only", "--init", "--cap-drop", "ALL",
+)  # fmt: skip
+PEER_TASK_HEALTH = "wget -q -O /dev/null http://127.0.0.1:8080/healthz"
 
 TOML = """\
 [project]
@@ -676,9 +682,12 @@ def swarm_peer_local(args: argparse.Namespace, figures: Figures) -> None:
 
 
 def swarm_runtime_table(cluster: Any) -> str:
+    """The cluster's manager and registry, and each node's engine (``[runtime] nodes``:
+    the file drift check and ``kiln chaos drift``/``pause`` reach a task through it)."""
+    nodes = "".join(f'"{n.address}" = "{n.host}"\n' for n in cluster.nodes)
     return (
         f'\n[runtime]\nkind = "swarm"\nhost = "{cluster.manager.host}"\n'
-        f'registry = "{cluster.registry}/bench"\n\n'
+        f'registry = "{cluster.registry}/bench"\n\n[runtime.nodes]\n{nodes}\n'
         f'[registries."{cluster.registry}"]\nca = "{cluster.registry_ca}"\n'
     )
 
@@ -715,16 +724,20 @@ def edge_answers(address: str, port: int) -> bool:
     return False
 
 
-def kiln_on_swarm(args: argparse.Namespace, figures: Figures, cluster: Any, root: Path) -> str:
-    """Blue/green through the edge of node 2, ``kiln chaos kill``, a max_age churn;
-    returns the image the peer runs."""
+def kiln_on_swarm(
+    args: argparse.Namespace, figures: Figures, cluster: Any, root: Path
+) -> list[str]:
+    """Blue/green through the edge of node 2, ``kiln chaos kill``, ``drift`` and
+    ``pause``, a max_age churn; returns the images of Kiln's revisions, which the peer
+    updates through in the same order."""
     home, project, listen = root / "home", root / "p", free_port()
     max_age = max(20.0, churn_max_age(args.replicas))
     bluegreen = update_table(
         strategy='"blue-green"', blue_hold='"2s"', min_healthy_time=f'"{MIN_HEALTHY}s"'
     )
     runtime = swarm_runtime_table(cluster)
-    make_project(project, service_toml("swarm", args.replicas, listen, bluegreen, runtime))
+    drift = 'drift_interval = "1s"\n'
+    make_project(project, service_toml("swarm", args.replicas, listen, drift + bluegreen, runtime))
     edge = cluster.nodes[1].address
     numbers: dict[str, Any] = {}
     with swarm_agent(home, project, cluster) as client:
@@ -733,6 +746,7 @@ def kiln_on_swarm(args: argparse.Namespace, figures: Figures, cluster: Any, root
         if up.returncode != 0:
             raise SystemExit(f"kiln up on swarm failed:\n{up.stderr[-2000:]}")
         wait_for(lambda: edge_answers(edge, listen), 300, "the edge of node 2", poll=0.5)
+        images = [f"{cluster.registry}/bench/web@{svc.ready()[0]['digest']}"]
         failed, sent, switch = 0, 0, []
         for run in range(args.runs):
             with LoadGenerator(edge, listen, workers=WORKERS) as load:
@@ -743,6 +757,7 @@ def kiln_on_swarm(args: argparse.Namespace, figures: Figures, cluster: Any, root
                 raise SystemExit(f"blue/green on swarm failed:\n{out.stderr[-2000:]}")
             [switched] = svc.events("bluegreen.switched", began)
             switch.append(switched["ts"] - svc.deployment_began(switched, began))
+            images.append(f"{cluster.registry}/bench/web@{svc.ready()[0]['digest']}")
             failed, sent = failed + load.report.failed, sent + load.report.sent
             print(
                 f"  swarm blue/green {run + 1}: switched {switch[-1]:.2f} s after the "
@@ -775,7 +790,14 @@ def kiln_on_swarm(args: argparse.Namespace, figures: Figures, cluster: Any, root
         report = run_chaos(plan, home, status=client.status)
         numbers["kill_recovery_s"] = chaos_report("swarm kiln chaos kill (scaled to 0)", report)
         numbers.update(kill_failed=report.failed, kill_sent=report.sent)
-        image = f"{cluster.registry}/bench/web@{svc.ready()[0]['digest']}"
+        for kind in ("drift", "pause"):
+            plan = ChaosPlan(kind=kind, service="web", count=args.faults, every=1.0, probe=1.0,
+                             duration=1.0)  # fmt: skip
+            report = run_chaos(plan, home, status=client.status)
+            numbers[f"{kind}_recovery_s"] = chaos_report(f"swarm kiln chaos {kind}", report)
+            numbers.update({f"{kind}_failed": report.failed, f"{kind}_sent": report.sent})
+            if kind == "drift":
+                numbers["drift_detected"] = sum(bool(f.detected) for f in report.faults)
 
         churn = (
             (project / "kiln.toml")
@@ -793,7 +815,7 @@ def kiln_on_swarm(args: argparse.Namespace, figures: Figures, cluster: Any, root
                        churn_replacements=len(aged), max_age_s=max_age)  # fmt: skip
         print(f"  swarm max_age {max_age:g}s: {len(aged)} replacements; {load.report.summary()}")
     figures.numbers["swarm"] = numbers
-    return image
+    return images
 
 
 def swarm_canaries(
@@ -864,11 +886,15 @@ def swarm_canaries(
 
 
 def swarm_peer_on_cluster(
-    args: argparse.Namespace, cluster: Any, image: str
+    args: argparse.Namespace, cluster: Any, images: list[str]
 ) -> tuple[list[float], list[float]]:
-    """Swarm's own service of Kiln's image, as Kiln is configured: update times and
+    """Swarm's own service of Kiln's images, run as Kiln runs a task (an overlay network,
+    a host-mode port, the image's user, read-only root, init, no capability) and updated
+    through the same revisions, each pulled afresh as Kiln's were: update times and
     SIGKILL recoveries."""
     live = [n for n in cluster.nodes if n.index not in cluster.cut_nodes]
+    for node in live:
+        node.docker("image", "prune", "--all", "--force")
 
     def healthy() -> list[str]:
         return [c for node in live for c in swarm_healthy_tasks(node.docker, "peer")]
@@ -878,24 +904,28 @@ def swarm_peer_on_cluster(
         node.docker("kill", "-s", "KILL", container)
 
     manager = cluster.manager
+    manager.docker("network", "create", "--driver", "overlay", "peer-net")
     swarm_service_create(
-        manager.docker, "peer", image, args.replicas,
-        health_cmd=PEER_HEALTH, interval=HEALTH_INTERVAL, timeout=1.0, retries=3,
+        manager.docker, "peer", images[0], args.replicas,
+        health_cmd=PEER_TASK_HEALTH, interval=HEALTH_INTERVAL, timeout=1.0, retries=3,
         parallelism=args.replicas, monitor=MIN_HEALTHY, stop_grace=STOP_GRACE,
-        env={"GREETING": "v0"}, extra=PEER_OPTIONS, command=PEER_COMMAND,
+        env={"PORT": "8080"}, extra=PEER_AS_KILN,
     )  # fmt: skip
     try:
         wait_for(lambda: len(healthy()) == args.replicas, 300, "swarm peer healthy", poll=0.3)
         updates = []
         for n in range(args.runs):
             start = time.perf_counter()
-            manager.docker("service", "update", "--detach=false", "--env-add", f"V={n}", "peer")
+            manager.docker("service", "update", "--detach=false", "--image", images[n + 1], "peer")
             updates.append(time.perf_counter() - start)
             print(f"  swarm peer start-first update {n + 1}: {updates[-1]:.2f} s", flush=True)
         kills = kill_recoveries(healthy, kill, args.replicas, args.faults, SETTLE)
         print(f"  swarm peer SIGKILL recovery: {spread(kills)}", flush=True)
     finally:
         manager.docker("service", "rm", "peer")
+        wait_for(lambda: not healthy(), 60, "the swarm peer's tasks gone", poll=0.3)
+        with contextlib.suppress(RuntimeError):
+            manager.docker("network", "rm", "peer-net")
     return updates, kills
 
 
@@ -906,8 +936,8 @@ def swarm_section(args: argparse.Namespace, figures: Figures) -> None:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-swarm-") as tmp:
         cluster = start_cluster()
         try:
-            image = kiln_on_swarm(args, figures, cluster, Path(tmp))
-            updates, kills = swarm_peer_on_cluster(args, cluster, image)
+            images = kiln_on_swarm(args, figures, cluster, Path(tmp))
+            updates, kills = swarm_peer_on_cluster(args, cluster, images)
         finally:
             cluster.stop()
     k = figures.numbers["swarm"]
@@ -957,7 +987,19 @@ def swarm_section(args: argparse.Namespace, figures: Figures) -> None:
         f"({canary['good_promoted']}/{args.runs} promoted)",
         "no peer on this machine",
     )
-    figures.add("swarm", "drift: a file in a task", "not checked on swarm (docs/drift.md)", "-")
+    figures.add(
+        "swarm",
+        "kiln chaos drift (a file in a task's root, 1 s interval) → replaced",
+        f"{spread(k['drift_recovery_s'])}; {k['drift_detected']} found as drift; "
+        f"{k['drift_failed']} of {k['drift_sent']} failed",
+        "no drift check in Swarm",
+    )
+    figures.add(
+        "swarm",
+        "kiln chaos pause 1 s (through the node's engine): recovery",
+        f"{spread(k['pause_recovery_s'])}; {k['pause_failed']} of {k['pause_sent']} failed",
+        "swarm: no pause for a task",
+    )
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace, Figures], None]] = {

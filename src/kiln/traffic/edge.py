@@ -19,6 +19,7 @@ image holds Debian's python3 and a copy of the kiln source, nothing from PyPI.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -33,7 +34,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,15 +281,37 @@ def counters_report(
     }
 
 
-def post_counters(settings: EdgeSettings, body: dict[str, Any]) -> None:
-    """One report to the agent; an ``AgentError`` when it was not taken."""
+@contextlib.contextmanager
+def _agent_connection(
+    settings: EdgeSettings, timeout: float
+) -> Iterator[tuple[http.client.HTTPSConnection, str]]:
+    """A TLS connection to the agent (trusting only its CA) and the edge's token; what
+    goes wrong on it is an ``AgentError`` that says what: TLS, or unreachable."""
     token = read_token(settings.token_file)
     try:
         context = ssl.create_default_context(cafile=str(settings.ca_file))
     except (OSError, ssl.SSLError) as e:
         raise AgentError("tls", f"CA file {settings.ca_file}: unusable ({e})") from None
-    conn = http.client.HTTPSConnection(settings.host, settings.port, context=context, timeout=10)
+    conn = http.client.HTTPSConnection(
+        settings.host, settings.port, context=context, timeout=timeout
+    )
     try:
+        yield conn, token
+    except ssl.SSLCertVerificationError as e:
+        raise AgentError(
+            "tls", f"the agent's certificate is not trusted ({e.verify_message})"
+        ) from None
+    except (OSError, http.client.HTTPException) as e:
+        raise AgentError(
+            "unreachable", f"the agent is unreachable ({e or type(e).__name__})"
+        ) from None
+    finally:
+        conn.close()
+
+
+def post_counters(settings: EdgeSettings, body: dict[str, Any]) -> None:
+    """One report to the agent; an ``AgentError`` when it was not taken."""
+    with _agent_connection(settings, 10) as (conn, token):
         conn.request(
             "POST",
             COUNTERS_PATH,
@@ -303,32 +326,14 @@ def post_counters(settings: EdgeSettings, body: dict[str, Any]) -> None:
             )
         if resp.status != 200:
             raise AgentError(f"http-{resp.status}", f"the agent answered HTTP {resp.status}")
-    except ssl.SSLCertVerificationError as e:
-        raise AgentError(
-            "tls", f"the agent's certificate is not trusted ({e.verify_message})"
-        ) from None
-    except (OSError, http.client.HTTPException) as e:
-        raise AgentError(
-            "unreachable", f"the agent is unreachable ({e or type(e).__name__})"
-        ) from None
-    finally:
-        conn.close()
 
 
 def fetch_routes(settings: EdgeSettings, after: RouteSet | None) -> RouteSet:
     """One long poll: the agent's routes once they differ from ``after`` (or at once)."""
-    token = read_token(settings.token_file)
-    try:
-        context = ssl.create_default_context(cafile=str(settings.ca_file))
-    except (OSError, ssl.SSLError) as e:
-        raise AgentError("tls", f"CA file {settings.ca_file}: unusable ({e})") from None
     query = {"wait": str(settings.wait)}
     if after is not None:
         query["after"] = after.cursor
-    conn = http.client.HTTPSConnection(
-        settings.host, settings.port, context=context, timeout=settings.wait + 15
-    )
-    try:
+    with _agent_connection(settings, settings.wait + 15) as (conn, token):
         conn.request(
             "GET",
             f"/v1/routes?{urlencode(query)}",
@@ -343,16 +348,6 @@ def fetch_routes(settings: EdgeSettings, after: RouteSet | None) -> RouteSet:
         if length is not None and (not length.isdigit() or int(length) > MAX_ANSWER):
             raise AgentError("invalid", f"answer of {length} bytes refused (max {MAX_ANSWER})")
         body = resp.read(MAX_ANSWER + 1)
-    except ssl.SSLCertVerificationError as e:
-        raise AgentError(
-            "tls", f"the agent's certificate is not trusted ({e.verify_message})"
-        ) from None
-    except (OSError, http.client.HTTPException) as e:
-        raise AgentError(
-            "unreachable", f"the agent is unreachable ({e or type(e).__name__})"
-        ) from None
-    finally:
-        conn.close()
     return parse_answer(body)
 
 

@@ -53,7 +53,7 @@ NAMESPACES = list(PID_NAMESPACE)
 _HOOKS = [
     '--setup-hook=mkdir -p "$1"/var/cache/apt/archives',
     "--setup-hook=sync-in /cache/debs /var/cache/apt/archives",
-    "--customize-hook=sync-out /var/cache/apt/archives /cache/debs",
+    "--customize-hook=sync-out /var/cache/apt/archives /cache/.debs-landing-1",
     "--customize-hook=chroot \"$1\" sh -c 'dpkg-query -W -f='\"'\"'${Package}\\n'\"'\"' "
     "| xargs apt-mark auto >/dev/null'",
     '--customize-hook=if [ -f "$1"/var/lib/apt/extended_states ]; then '
@@ -80,7 +80,11 @@ def real_bake(test: F) -> F:
 
 def test_mmdebstrap_builds_the_minimal_base_in_namespaces_that_die_with_it() -> None:
     argv = mmdebstrap_argv(
-        "bookworm", "amd64", output=Path("/s/rootfs"), deb_cache=Path("/cache/debs")
+        "bookworm",
+        "amd64",
+        output=Path("/s/rootfs"),
+        deb_cache=Path("/cache/debs"),
+        landing=Path("/cache/.debs-landing-1"),
     )
     assert argv == [
         *NAMESPACES,
@@ -105,6 +109,7 @@ def test_mmdebstrap_from_the_lock_pins_every_base_package() -> None:
         "amd64",
         output=Path("/s/rootfs"),
         deb_cache=Path("/cache/debs"),
+        landing=Path("/cache/.debs-landing-1"),
         pins={"base-files": "12.4+deb12u5", "apt": "2.6.1"},
     )
     tail = argv[len(NAMESPACES) + 7 :]
@@ -121,6 +126,7 @@ def test_mmdebstrap_from_a_usrmerge_lock_builds_as_it_was_resolved() -> None:
         "amd64",
         output=Path("/s/rootfs"),
         deb_cache=Path("/cache/debs"),
+        landing=Path("/cache/.debs-landing-1"),
         pins={"perl": "5.36.0-7+deb12u3", "usrmerge": "35"},
         merged_usr_hook=False,
     )

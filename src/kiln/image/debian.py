@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shlex
 import shutil
 import tomllib
@@ -313,12 +314,17 @@ def mmdebstrap_argv(
     *,
     output: Path,
     deb_cache: Path,
+    landing: Path,
     pins: Mapping[str, str] | None = None,
     merged_usr_hook: bool = True,
     mirror: str = DEBIAN_MIRROR,
 ) -> list[str]:
     """The mmdebstrap command for the minimal base of ``suite``; with ``pins`` every
     package is the pinned version.
+
+    It reads the machine's ``deb_cache`` and writes what it downloaded into ``landing``,
+    never into the cache: mmdebstrap's sync-out rewrites files in place, and another
+    bake may be installing from the same file (:func:`keep_downloads` moves them in).
 
     ``output`` is the directory mmdebstrap builds the tree in (absent or
     empty). It runs in its own pid and mount namespaces (:func:`isolated`),
@@ -345,7 +351,7 @@ def mmdebstrap_argv(
     argv += [
         '--setup-hook=mkdir -p "$1"/var/cache/apt/archives',
         f"--setup-hook=sync-in {cache} /var/cache/apt/archives",
-        f"--customize-hook=sync-out /var/cache/apt/archives {cache}",
+        f"--customize-hook=sync-out /var/cache/apt/archives {shlex.quote(str(landing))}",
         f"--customize-hook={marks}",
         f"--customize-hook=if [ -f {states} ]; then perl -00 -e 'print sort <>' "
         f"< {states} > {states}.sorted && mv {states}.sorted {states}; fi",
@@ -355,6 +361,23 @@ def mmdebstrap_argv(
         mirror,
     ]
     return isolated(argv)
+
+
+def landing_dir(deb_cache: Path) -> Path:
+    """A new private directory beside ``deb_cache`` (the same file system, so a rename
+    moves a file in at once) for one download: not inside it, where a concurrent
+    mmdebstrap's sync-in would copy it into that base's tree."""
+    landing = deb_cache.parent / f".debs-landing-{os.getpid()}-{secrets.token_hex(4)}"
+    landing.mkdir(mode=0o700)
+    return landing
+
+
+def keep_downloads(landing: Path, deb_cache: Path) -> None:
+    """Move each ``.deb`` of ``landing`` into ``deb_cache`` by rename (same file system),
+    so a reader of the cache sees the whole file or none."""
+    for deb in landing.glob("*.deb"):
+        if deb.is_file() and not deb.is_symlink():
+            os.replace(deb, deb_cache / deb.name)
 
 
 def finish_tree(root: Path, epoch: int) -> None:

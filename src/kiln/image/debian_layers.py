@@ -465,11 +465,13 @@ class _DebianBake:
             scratch = private / "tmp"
             scratch.mkdir(mode=0o700)
             self.r.deb_cache.mkdir(parents=True, exist_ok=True)
+            landing = debian.landing_dir(self.r.deb_cache)
             argv = debian.mmdebstrap_argv(
                 base.suite,
                 base.architecture,
                 output=out,
                 deb_cache=self.r.deb_cache,
+                landing=landing,
                 pins=pins,
                 merged_usr_hook=self.hook,
             )
@@ -483,7 +485,11 @@ class _DebianBake:
                 f"building the minimal base debian:{base.suite}/{base.architecture} with "
                 f"mmdebstrap ({kept}; log: {self.r.log})"
             )
-            self._run(argv, "mmdebstrap", env=debian.build_env(self.r.epoch, scratch))
+            try:
+                self._run(argv, "mmdebstrap", env=debian.build_env(self.r.epoch, scratch))
+                debian.keep_downloads(landing, self.r.deb_cache)
+            finally:
+                shutil.rmtree(landing, ignore_errors=True)
             installed = debian.installed_packages(out)
             if not installed:
                 raise KilnError(f"{self.r.where}.from: mmdebstrap left no dpkg status in {out}")
@@ -559,8 +565,8 @@ class _DebianBake:
         with self._apt_lock():
             env = apt.env(tree.fs / debian.DPKG_STATUS, self.r.epoch)
             self._update_lists(apt, env)
-            landing = self.r.deb_cache / f".download-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            landing.mkdir(parents=True)
+            self.r.deb_cache.mkdir(parents=True, exist_ok=True)
+            landing = debian.landing_dir(self.r.deb_cache)
             try:
                 code, lines = self._command(apt.download_argv(missing), env, cwd=landing)
                 if code != 0:
@@ -570,8 +576,7 @@ class _DebianBake:
                         f"{debian.DEBIAN_MIRROR}; if the mirror moved on, run "
                         "`kiln bake --update-lock`:\n" + "\n".join(lines[-TAIL_LINES:])
                     )
-                for deb in landing.glob("*.deb"):
-                    os.replace(deb, self.r.deb_cache / deb.name)
+                debian.keep_downloads(landing, self.r.deb_cache)
             finally:
                 shutil.rmtree(landing, ignore_errors=True)
         still = debian.missing_debs(self.r.deb_cache, packages, self.base.architecture)

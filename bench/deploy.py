@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import docker, median_p95, private_dockerd, swarm_service_create
+from _common import (
+    docker,
+    median_p95,
+    private_dockerd,
+    swarm_healthy_tasks,
+    swarm_service_create,
+)
 
 from kiln.agent.client import AgentClient, start_background
 from kiln.observe.load import LoadGenerator
@@ -275,29 +281,13 @@ def swarm(host: str, archive: Path, replicas: int, runs: int, kills: int) -> dic
         )
     recoveries = []
     for n in range(kills):
-        ids = docker(
-            host,
-            "ps",
-            "-q",
-            "--filter",
-            f"label=com.docker.swarm.service.name={name}",
-            "--filter",
-            "health=healthy",
-        ).stdout.split()
+        ids = swarm_healthy_tasks(lambda *argv: docker(host, *argv).stdout, name)
         victim = ids[0]
         pid = int(docker(host, "inspect", "-f", "{{.State.Pid}}", victim).stdout)
         start = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         while True:
-            healthy = docker(
-                host,
-                "ps",
-                "-q",
-                "--filter",
-                f"label=com.docker.swarm.service.name={name}",
-                "--filter",
-                "health=healthy",
-            ).stdout.split()
+            healthy = swarm_healthy_tasks(lambda *argv: docker(host, *argv).stdout, name)
             if len(healthy) >= replicas and victim not in healthy:
                 recoveries.append(time.monotonic() - start)
                 break

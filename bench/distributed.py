@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import median_p95, swarm_service_create
+from _common import median_p95, swarm_healthy_tasks, swarm_service_create
 
 from kiln.image.digest import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST, canonical_json
 from kiln.image.layer import layer_from_dir
@@ -439,14 +439,7 @@ def _healthy(cluster: Any, name: str) -> list[str]:
     for node in cluster.nodes:
         if node.index in cluster.cut_nodes:
             continue
-        found += node.docker(
-            "ps",
-            "-q",
-            "--filter",
-            f"label=com.docker.swarm.service.name={name}",
-            "--filter",
-            "health=healthy",
-        ).split()
+        found += swarm_healthy_tasks(node.docker, name)
     return found
 
 

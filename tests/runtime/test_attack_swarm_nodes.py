@@ -22,10 +22,10 @@ from typing import Any
 import docker
 import pytest
 from sandboxes import image_spec_factory
+from test_swarm_nodes import open_swarm
 
 from dockerd import image_from_trees
 from kiln.errors import KilnError
-from kiln.image.registry import RegistryOptions
 from kiln.image.store import ImageStore
 from kiln.observe.chaos import SwarmInjector
 from kiln.runtime import InstanceHandle, RuntimeFailure, swarm_nodes
@@ -39,16 +39,6 @@ pytestmark = [
 ]
 
 PORT = 8080
-
-
-def open_swarm(home: Path, cluster: SwarmCluster, nodes: dict[str, str]) -> SwarmRuntime:
-    return SwarmRuntime(
-        home,
-        cluster.manager.host,
-        f"{cluster.registry}/kiln",
-        RegistryOptions(ca_file=cluster.registry_ca),
-        nodes=nodes,
-    )
 
 
 @pytest.fixture(scope="module")
